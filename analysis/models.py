@@ -102,6 +102,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_sha256(path: Path) -> str:
+    """sha256 of the GGUF, remembered per (path, size, mtime) so a reload skips hashing 98 MB."""
+    stat = path.stat()
+    memo = cache_root() / "models" / "gguf-sha256.json"
+    stamp = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp in known:
+        return known[stamp]
+    digest = file_sha256(path)
+    known[stamp] = digest
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, memo)
+    return digest
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -148,7 +168,7 @@ def embedded_model_dir() -> tuple[Path, str]:
     """Folder with the embedded model as safetensors + tokenizer, keyed by the GGUF's hash.
     The first call dequantises the GGUF (about 15 s); later calls reuse the folder."""
     gguf = embedded_gguf_path()
-    digest = file_sha256(gguf)
+    digest = gguf_sha256(gguf)
     target = cache_root() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target, digest
@@ -222,14 +242,14 @@ def _info(name, source, revision, model, device, attn, context) -> ModelInfo:
         rope={k: v for k, v in rope.items() if isinstance(v, (int, float, str, bool, type(None)))})
 
 
-def _check_causal_lm(path_or_id: str, local_only: bool) -> None:
+def _check_causal_lm(path_or_id: str, local_only: bool, from_hub: bool) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         cfg = AutoConfig.from_pretrained(path_or_id, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001 - turned into an actionable message
-        if local_only:
+        if not from_hub:
             raise ModelLoadError(f"{path_or_id!r} is not a model folder transformers can read "
                                  f"({exc.__class__.__name__}: {str(exc).splitlines()[0]}). Point "
                                  "--model at a folder with config.json and weights.") from exc
@@ -237,10 +257,19 @@ def _check_causal_lm(path_or_id: str, local_only: bool) -> None:
             f"could not reach Hugging Face model {path_or_id!r} ({str(exc).splitlines()[0]}). "
             "Check the id, connect to the internet (or pre-download it with `huggingface-cli "
             "download`), or pass a local path; leave --model empty for the embedded model.") from exc
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(cfg, "architectures", None) or []
+    generative = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not generative):
         raise ModelLoadError(f"{path_or_id!r} is a {cfg.model_type!r} model, not a causal language "
                              "model; FAEDKV compresses the KV cache of decoder-only LMs (Llama, "
                              "Qwen, Mistral, ...).")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else that contains a separator is a path."""
+    if os.path.exists(name) or name.startswith((".", "~", os.path.sep)):
+        return True
+    return name.count("/") > 1 or os.path.sep != "/" and os.path.sep in name
 
 
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -272,7 +301,8 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
         net.to(device)
         info = _info(name, "tiny", "seed=0", net, device, attn, net.config.max_position_embeddings)
         return LoadedModel(net, tokenizer, info)
-    elif os.path.sep in name or name.startswith(".") or os.path.exists(name):
+    elif _looks_like_path(name):
+        name = os.path.expanduser(name)
         if not os.path.isdir(name):
             raise ModelLoadError(f"model path {name!r} does not exist. Give an existing folder, a "
                                  "Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct', or "
@@ -285,7 +315,7 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
         local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         revision = "hub"
 
-    _check_causal_lm(path, local_only)
+    _check_causal_lm(path, local_only, from_hub=source == "hub")
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)

@@ -1,0 +1,158 @@
+"""`python -m analysis store list|show|delete|reindex --out results/`.
+
+Wire it into a CLI with
+
+    sub = parser.add_subparsers(dest="command")
+    add_store_commands(sub)
+    args = parser.parse_args()
+    raise SystemExit(args.func(args))       # each store command sets `func`; returns an exit code
+
+`python -m analysis.cli_store ...` runs the same commands on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from analysis.store import ResultsStore, StoreError
+
+DEFAULT_OUT = "results"
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain text table: a header, a rule, one line per row; columns padded to fit."""
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _metrics_summary(metrics: dict | None, width: int = 60) -> str:
+    """The top-level numbers of a run's metrics, e.g. "accuracy=0.8 samples=40"."""
+    if not metrics:
+        return ""
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    text = " ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _short_time(stamp: str | None) -> str:
+    return (stamp or "")[:19].replace("T", " ")
+
+
+def cmd_list(args) -> int:
+    store = ResultsStore(args.out)
+    rows = store.runs(kind=args.kind, limit=args.limit)
+    if not rows:
+        print(f"no runs in {store.root}" + (f" of kind {args.kind!r}" if args.kind else ""))
+        return 0
+    table = [{"run": f"{r['kind']}-{r['key']}", "status": r["status"],
+              "cells": f"{r['cells_done']}/{r['cells_total'] if r['cells_total'] is not None else '?'}",
+              "created": _short_time(r["created"]), "updated": _short_time(r["updated"]),
+              "metrics": _metrics_summary(r["metrics"])} for r in rows]
+    print(format_table(table, ["run", "status", "cells", "created", "updated", "metrics"]))
+    return 0
+
+
+def cmd_show(args) -> int:
+    store = ResultsStore(args.out)
+    run = store.get(args.key)
+    done = run.done()
+    total = run.cells_total
+    print(format_table([
+        {"field": "run", "value": run.name},
+        {"field": "path", "value": str(run.path)},
+        {"field": "status", "value": run.status},
+        {"field": "error", "value": run.error},
+        {"field": "created", "value": _short_time(run.created)},
+        {"field": "cells", "value": f"{len(done)}/{total if total is not None else '?'}"},
+        {"field": "arrays", "value": ", ".join(run.array_names())},
+        {"field": "predictions", "value": f"{len(run.read_predictions())} rows"},
+    ], ["field", "value"]))
+    print("\nconfig:")
+    print(yaml.safe_dump(run.config, sort_keys=True, default_flow_style=False).rstrip())
+    metrics = run.metrics()
+    print("\nmetrics:")
+    print(json.dumps(metrics, indent=2) if metrics is not None else "(none yet)")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    store = ResultsStore(args.out)
+    for key in args.keys:
+        store.delete(key)
+        print(f"deleted {key}")
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    store = ResultsStore(args.out)
+    good, bad = store.scan()
+    n = store.reindex()
+    print(f"indexed {n} run(s) in {store.index_path}")
+    if bad:
+        print(f"skipped {len(bad)} broken folder(s):")
+        print(format_table([{"folder": p.name, "problem": reason} for p, reason in bad],
+                           ["folder", "problem"]))
+    return 1 if bad else 0
+
+
+def _guard(func):
+    """Store errors are user errors: print the message (it says what to do), exit 2."""
+    def wrapped(args) -> int:
+        try:
+            return func(args)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    wrapped.__name__ = func.__name__
+    return wrapped
+
+
+def add_store_commands(subparsers) -> argparse.ArgumentParser:
+    """Add `store list|show|delete|reindex` to an argparse subparsers object; each leaf sets
+    `func(args) -> exit code`. Returns the `store` parser."""
+    store = subparsers.add_parser("store", help="list, inspect, delete or reindex stored runs",
+                                  description="Inspect the results store (runs, cells, metrics).")
+    sub = store.add_subparsers(dest="store_command", metavar="{list,show,delete,reindex}")
+    sub.required = True
+
+    def leaf(name: str, help_text: str, func):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--out", default=DEFAULT_OUT,
+                       help=f"results folder (default: {DEFAULT_OUT}/)")
+        p.set_defaults(func=_guard(func))
+        return p
+
+    p = leaf("list", "list runs, newest first", cmd_list)
+    p.add_argument("--kind", default=None, help="only runs of this kind (needle, suite, ppl, ...)")
+    p.add_argument("--limit", type=int, default=200, help="at most this many rows (default 200)")
+    p = leaf("show", "show one run: status, cells, config, metrics", cmd_show)
+    p.add_argument("key", help="run key (16 hex digits) or <kind>-<key>")
+    p = leaf("delete", "delete runs (their folders and index rows)", cmd_delete)
+    p.add_argument("keys", nargs="+", help="run keys (16 hex digits) or <kind>-<key>")
+    leaf("reindex", "rebuild index.sqlite from the run folders", cmd_reindex)
+    return store
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.cli_store")
+    add_store_commands(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "store":
+        argv.insert(0, "store")  # `python -m analysis.cli_store list` == `... store list`
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

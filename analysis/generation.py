@@ -1,0 +1,201 @@
+"""Compressed generation: one context, one question, one press; the answer and the cache sizes.
+
+    text, cache_lengths = answer(loaded, press, context, question, max_new_tokens=32,
+                                 query_mode="query_agnostic", answer_prefix="The pass key is")
+    result = generate(loaded, GenerateParams(method=MethodSpec(name="snapkv", compression_ratio=0.75)))
+
+Generation runs kvpress's own "kv-press-text-generation" pipeline
+(`kvpress.KVPressTextGenerationPipeline`), so prompts and decoding match kvpress exactly:
+
+- the chat template is applied to the context; the template is split after the user turn's
+  content, so the compressed prefill is `<template head> + context` and the uncompressed tail
+  is `question + <end of user turn, assistant header> + answer_prefix`;
+- the press hooks every attention layer during the prefill of the context only;
+- the tail is fed at positions continuing from the ORIGINAL context length (not the compressed
+  one), then greedy decoding (argmax, no sampling: deterministic) for up to max_new_tokens,
+  stopping at the model's EOS; the answer is the decoded new tokens (without the prefix);
+- PyramidKV leaves layers of different lengths, and transformers sizes one attention mask
+  for all layers; for such caches the question is fed one token at a time (`feed_one_by_one`),
+  which computes the same causal result without a mask;
+- the context is never truncated (kvpress would cut it at the tokenizer's model_max_length,
+  silently dropping a needle or the question).
+
+We pass our own `DynamicCache`; kvpress trims the answer's tokens off it after decoding, so
+afterwards it holds exactly the compressed prefill: its per-layer lengths are the recorded
+`cache_lengths`, checked against the method's budget (`analysis.methods.check_cache_lengths`:
+a press that did not compress raises `CompressionError`).
+
+Prompt modes (`query_mode`):
+- "query_agnostic" (kvpress's default): the press sees only the context; the question comes
+  after compression.
+- "query_aware" (as SnapKV's own evaluation: the question is part of the compressed prompt):
+  the compressed context is `context + "\\n\\n" + question`, so the press's observation window
+  ends on the question; after compression the question is asked again exactly as in the
+  query-agnostic mode (same tail, same answer prefix). The two modes therefore differ only in
+  what the press observed; the prompt of the query-aware mode is the question's length longer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+
+from analysis.methods import attention_for, build_press, check_cache_lengths, method_label
+from analysis.params import QUERY_MODES, GenerateParams
+
+# kvpress truncates contexts longer than this; we never want that (see the module docstring).
+NO_TRUNCATION = 10 ** 12
+QUERY_SEPARATOR = "\n\n"
+
+_PIPELINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def uneven(cache) -> bool:
+    """True when the layers' caches differ in length (PyramidKV's per-layer budgets)."""
+    return len({cache.get_seq_length(i) for i in range(len(cache))}) > 1
+
+
+def feed_one_by_one(model, ids, cache, first_position: int) -> None:
+    """Feed ids (1, n) one token per forward pass at positions first_position, ...
+
+    transformers builds one attention mask for all layers, sized by layer 0's cache, so a
+    multi-token forward over a cache whose layers differ in length fails (sdpa) or mis-masks
+    (eager). A single-token query needs no mask: every layer attends to all of its cache, and
+    the result equals a causal multi-token pass."""
+    import torch
+
+    for j in range(ids.shape[1]):
+        model(input_ids=ids[:, j:j + 1], past_key_values=cache,
+              position_ids=torch.tensor([[first_position + j]], device=ids.device))
+
+
+def text_pipeline(loaded):
+    """kvpress's text-generation pipeline over the loaded model (one per model), which feeds
+    the question token by token when the compressed cache is uneven across layers."""
+    from kvpress import KVPressTextGenerationPipeline
+
+    class Pipeline(KVPressTextGenerationPipeline):
+        def generate_answer(self, question_ids, cache, context_length, max_new_tokens):
+            if uneven(cache) and question_ids.shape[1] > 1:
+                # kvpress's own loop then continues from the last question token.
+                feed_one_by_one(self.model, question_ids[:, :-1], cache, context_length)
+                shift = question_ids.shape[1] - 1
+                return super().generate_answer(question_ids[:, -1:], cache,
+                                               context_length + shift, max_new_tokens)
+            return super().generate_answer(question_ids, cache, context_length, max_new_tokens)
+
+    pipe = _PIPELINES.get(loaded.model)
+    if pipe is None or pipe.tokenizer is not loaded.tokenizer:
+        pipe = Pipeline(model=loaded.model, tokenizer=loaded.tokenizer)
+        _PIPELINES[loaded.model] = pipe
+    return pipe
+
+
+def compressed_context(context: str, question: str, query_mode: str) -> str:
+    """The text the press compresses: the context, plus the question when query-aware."""
+    if query_mode not in QUERY_MODES:
+        raise ValueError(f"unknown query_mode {query_mode!r}; use one of {', '.join(QUERY_MODES)}")
+    if query_mode == "query_aware" and question:
+        return context + QUERY_SEPARATOR + question
+    return context
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    cache_lengths: list[int]            # per layer, read from the cache after the prefill
+    expected_cache_lengths: list[int]   # per layer, the method's budget
+    prompt_tokens: int                  # tokens prefilled under the press (template + context)
+    seconds: float
+
+
+def prompt_ids(loaded, context: str, question: str, query_mode: str,
+               answer_prefix: str | None = None) -> dict:
+    """kvpress's tokenization of the prompt: {"context_ids": (1, T), "questions_ids": [(1, Q)]}."""
+    pipe = text_pipeline(loaded)
+    return pipe.preprocess(compressed_context(context, question, query_mode), [question],
+                           answer_prefix or "", NO_TRUNCATION)
+
+
+def answer_details(loaded, press, context: str, question: str, max_new_tokens: int = 32,
+                   query_mode: str = "query_agnostic", answer_prefix: str | None = None) -> Answer:
+    """Prefill `context` under `press` (None: full cache), ask `question`, decode greedily."""
+    import torch
+    from transformers import DynamicCache
+
+    pipe = text_pipeline(loaded)
+    text = compressed_context(context, question, query_mode)
+    prompt_tokens = int(prompt_ids(loaded, context, question, query_mode,
+                                   answer_prefix)["context_ids"].shape[1])
+    cache = DynamicCache()
+    start = time.perf_counter()
+    with attention_for(press, loaded.model), torch.inference_mode():
+        out = pipe(text, question=question, answer_prefix=answer_prefix or None, press=press,
+                   max_new_tokens=max_new_tokens, cache=cache, max_context_length=NO_TRUNCATION)
+    seconds = time.perf_counter() - start
+    lengths = [int(cache.get_seq_length(i)) for i in range(len(cache))]
+    expected = check_cache_lengths(press, loaded.model, prompt_tokens, lengths)
+    return Answer(out["answer"], lengths, expected, prompt_tokens, seconds)
+
+
+def answer(loaded, press, context: str, question: str, max_new_tokens: int = 32,
+           query_mode: str = "query_agnostic", answer_prefix: str | None = None
+           ) -> tuple[str, list[int]]:
+    """(answer text, per-layer cache lengths after the compressed prefill); see answer_details."""
+    a = answer_details(loaded, press, context, question, max_new_tokens, query_mode, answer_prefix)
+    return a.text, a.cache_lengths
+
+
+def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
+    """Per-layer reconstruction error a FAEDKV press reports after compressing (None for
+    presses that do not report one)."""
+    stats = getattr(press, "last_stats", None)
+    if not stats:
+        return None
+    return [None if i not in stats else float(stats[i]["reconstruction_error"])
+            for i in range(num_layers)]
+
+
+def generate(loaded, params: GenerateParams) -> dict:
+    """One interactive generation (the server's "generate" job): the prompt of `params.prompt`
+    (a needle sample built from its seed, or free text) answered under `params.method`, and,
+    with compare_full, under the full cache too (skipped when the method is full)."""
+    from analysis.tasks import needle as needle_task
+
+    prompt = params.prompt
+    sample = None
+    if prompt.kind == "needle":
+        sample = needle_task.make_sample(loaded.tokenizer, prompt.needle, prompt.context_length,
+                                         prompt.depth, prompt.seed)
+        context, question, prefix = sample.context, sample.question, sample.answer_prefix
+    else:
+        context, question, prefix = prompt.text, prompt.question or "", None
+    press = build_press(params.method, loaded.model)
+    main = answer_details(loaded, press, context, question, params.max_new_tokens,
+                          params.query_mode, prefix)
+    full = None
+    if params.compare_full and press is not None:
+        full = answer_details(loaded, None, context, question, params.max_new_tokens,
+                              params.query_mode, prefix)
+    result = {
+        "method": params.method.model_dump(mode="json"),
+        "method_label": method_label(params.method),
+        "query_mode": params.query_mode,
+        "answer": main.text,
+        "full_answer": (main.text if press is None else full.text) if params.compare_full else None,
+        "cache_lengths": main.cache_lengths,
+        "expected_cache_length": main.expected_cache_lengths,
+        "reconstruction_error": reconstruction_errors(press, len(main.cache_lengths)),
+        "prompt_tokens": main.prompt_tokens,
+        "seconds": main.seconds,
+        "seconds_full": (main.seconds if press is None else full.seconds)
+        if params.compare_full else None,
+    }
+    if sample is not None:
+        result.update(needle=sample.needle_text, answer_prefix=sample.answer_prefix,
+                      expected_answer=sample.expected, question=sample.question,
+                      needle_positions=list(sample.needle_positions),
+                      score=needle_task.score(sample, main.text),
+                      full_score=needle_task.score(sample, result["full_answer"])
+                      if result["full_answer"] is not None else None)
+    return result

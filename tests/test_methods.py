@@ -1,0 +1,149 @@
+"""Method registry: every method builds, really compresses to its budget, and says what it needs."""
+import dataclasses
+
+import pytest
+import torch
+from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress
+
+from analysis import methods
+from analysis.generation import answer_details, prompt_ids
+from analysis.models import load_model
+from analysis.params import METHODS, MethodSpec
+from analysis.tasks import needle
+
+COMPRESSING = [m for m in METHODS if m != "full"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random-llama", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sample(tiny):
+    return needle.make_sample(tiny.tokenizer, "sentence", 320, 50, seed=1)
+
+
+def test_registry_is_exactly_the_params_method_list():
+    assert tuple(methods.REGISTRY) == METHODS
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_every_method_really_compresses_to_its_budget(tiny, sample, name):
+    spec = MethodSpec(name=name, compression_ratio=0.5)
+    press = methods.build_press(spec, tiny.model)
+    a = answer_details(tiny, press, sample.context, sample.question, 3, "query_agnostic",
+                       sample.answer_prefix)
+    assert len(a.cache_lengths) == tiny.info.num_layers
+    assert a.cache_lengths == a.expected_cache_lengths
+    assert all(n < a.prompt_tokens for n in a.cache_lengths)
+    # The same total budget for everyone (pyramidkv spreads it unevenly over layers).
+    assert abs(sum(a.cache_lengths) / len(a.cache_lengths) - a.prompt_tokens / 2) <= 4
+    assert tiny.model.config._attn_implementation == "sdpa"     # restored after H2O
+
+
+def test_full_keeps_everything(tiny, sample):
+    assert methods.build_press(MethodSpec(name="full"), tiny.model) is None
+    a = answer_details(tiny, None, sample.context, sample.question, 2, "query_agnostic")
+    assert a.cache_lengths == [a.prompt_tokens] * tiny.info.num_layers
+
+
+def test_h2o_needs_eager_and_gets_it_only_for_the_call(tiny):
+    assert methods.method_requirements(MethodSpec(name="h2o")) == {"attn_implementation": "eager"}
+    assert methods.method_requirements(MethodSpec(name="snapkv")) == {"attn_implementation": None}
+    press = ObservedAttentionPress(compression_ratio=0.5)
+    ids = torch.arange(10, 110).unsqueeze(0)
+    from transformers import DynamicCache
+
+    # Without the switch, sdpa returns no attention weights and the press cannot score.
+    with pytest.raises(AssertionError, match="eager"), torch.no_grad(), press(tiny.model):
+        tiny.model.model(input_ids=ids, past_key_values=DynamicCache())
+    seen = []
+    with methods.attention_for(press, tiny.model):
+        seen.append(tiny.model.config._attn_implementation)
+        cache = DynamicCache()
+        with torch.no_grad(), press(tiny.model):
+            tiny.model.model(input_ids=ids, past_key_values=cache)
+    assert seen == ["eager"] and tiny.model.config._attn_implementation == "sdpa"
+    assert cache.get_seq_length(0) == 50
+
+
+def test_a_press_that_silently_does_not_compress_is_an_error(tiny, sample):
+    @dataclasses.dataclass
+    class Lazy(SnapKVPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            return keys, values
+
+    with pytest.raises(methods.CompressionError, match="did not apply its budget"):
+        answer_details(tiny, Lazy(compression_ratio=0.5), sample.context, sample.question, 2)
+
+
+def test_query_aware_puts_the_question_inside_the_compressed_prefill(tiny, sample):
+    seen = {}
+
+    @dataclasses.dataclass
+    class Recording(KnormPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if module.layer_idx == 0:
+                seen["tokens"] = keys.shape[2]
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    q = sample.question
+    agnostic = prompt_ids(tiny, sample.context, q, "query_agnostic")["context_ids"][0]
+    aware = prompt_ids(tiny, sample.context, q, "query_aware")["context_ids"][0]
+    assert q not in tiny.tokenizer.decode(agnostic)
+    assert tiny.tokenizer.decode(aware).rstrip().endswith(q)
+    a = answer_details(tiny, Recording(compression_ratio=0.5), sample.context, q, 2, "query_aware")
+    assert seen["tokens"] == a.prompt_tokens == len(aware)
+    b = answer_details(tiny, Recording(compression_ratio=0.5), sample.context, q, 2, "query_agnostic")
+    assert seen["tokens"] == b.prompt_tokens == len(agnostic) < len(aware)
+
+
+def test_unknown_params_and_full_with_a_ratio_are_errors(tiny):
+    with pytest.raises(ValueError, match="window_size, kernel_size"):
+        methods.build_press(MethodSpec(name="snapkv", compression_ratio=0.5, params={"w": 3}),
+                            tiny.model)
+    with pytest.raises(ValueError, match="compression_ratio must be 0"):
+        methods.build_press(MethodSpec(name="full", compression_ratio=0.5), tiny.model)
+
+
+def test_params_reach_the_press_and_labels_tell_specs_apart(tiny):
+    spec = MethodSpec(name="snapkv", compression_ratio=0.5, params={"window_size": 16})
+    assert methods.build_press(spec, tiny.model).window_size == 16
+    press = methods.build_press(MethodSpec(name="dct_iterative", compression_ratio=0.5), tiny.model)
+    assert press.variant == "dct-iterative"
+    labels = {methods.method_label(s) for s in [
+        MethodSpec(name="faedkv", compression_ratio=0.5),
+        MethodSpec(name="faedkv", compression_ratio=0.5, params={"variant": "resample"}),
+        MethodSpec(name="faedkv", compression_ratio=0.5, params={"sink_tokens": 8}),
+        MethodSpec(name="faedkv", compression_ratio=0.5, params={"key_space": "pre_rope"}),
+        MethodSpec(name="faedkv", compression_ratio=0.75)]}
+    assert len(labels) == 5
+    assert methods.method_label(MethodSpec(name="faedkv", compression_ratio=0.5,
+                                           params={"sink_tokens": 4})) == "faedkv-iwdft@0.5"
+
+
+def test_question_fed_token_by_token_equals_one_pass(tiny, sample):
+    """The path used for uneven (PyramidKV) caches computes what one causal pass computes."""
+    from transformers import DynamicCache
+
+    from analysis.generation import feed_one_by_one
+
+    ids = torch.tensor([needle.haystack.encode(tiny.tokenizer, sample.context)[:200]])
+    q = torch.tensor([needle.haystack.encode(tiny.tokenizer, sample.question)])
+    logits = []
+    for one_by_one in (False, True):
+        cache = DynamicCache()
+        with torch.no_grad():
+            with SnapKVPress(compression_ratio=0.5)(tiny.model):
+                tiny.model.model(input_ids=ids, past_key_values=cache)
+            pos = 200
+            if one_by_one:
+                feed_one_by_one(tiny.model, q[:, :-1], cache, pos)
+                out = tiny.model(input_ids=q[:, -1:], past_key_values=cache,
+                                 position_ids=torch.tensor([[pos + q.shape[1] - 1]]))
+            else:
+                out = tiny.model(input_ids=q, past_key_values=cache,
+                                 position_ids=torch.arange(pos, pos + q.shape[1])[None])
+        logits.append(out.logits[0, -1])
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)

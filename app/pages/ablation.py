@@ -1,0 +1,166 @@
+"""Ablation: the loss increase when one frequency chunk of one layer is removed, and the plans
+derived from it (each layer keeps its chunks with the largest loss increase)."""
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:    # AppTest runs a page file on its own
+    sys.path.insert(0, ROOT)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from analysis.params import AblateParams  # noqa: E402
+from app import figures, plans, state, ui  # noqa: E402
+
+PAGE = "ablation"
+JOB = "ablation.job"
+ARRAYS = "ablation"
+MEASURES = {"continuation": ("delta_mean", "delta_sem", "Δ NLL of the continuation"),
+            "needle": ("needle_delta_mean", "needle_delta_sem", "Δ NLL of the needle answer")}
+
+
+def compute_form(layers: int, context: int) -> None:
+    with st.form("ablation.compute"):
+        st.markdown(f"**Compute an ablation**: for each layer and chunk, remove that chunk (keys "
+                    f"and values, all heads) and measure the loss increase. {layers} layers × "
+                    "chunks + 1 forward passes per text: minutes on the embedded model.")
+        c1, c2, c3, c4 = st.columns(4)
+        chunks = c1.number_input("chunks", 2, 256, 22)
+        target = c2.selectbox("remove from", ("kv", "keys", "values"))
+        prefix = c3.number_input("prefix tokens", 64, context, min(2048, context), step=256)
+        cont = c4.number_input("continuation tokens", 8, 4096, 256, step=64)
+        c1, c2, c3, c4 = st.columns(4)
+        texts = c1.number_input("texts", 1, 49, 3)
+        needle = c2.number_input("needle samples", 0, 50, 2, help="0: skip the needle measure")
+        sink = c3.number_input("sink tokens", 0, 4096, 4)
+        window = c4.number_input("recent window", 0, 65536, 64)
+        if st.form_submit_button("Compute ablation", type="primary", icon=":material/play_arrow:"):
+            params = ui.call("checking the parameters", AblateParams, chunks=int(chunks),
+                             target=target, prefix_tokens=int(prefix), continuation_tokens=int(cont),
+                             num_texts=int(texts), needle_samples=int(needle), sink_tokens=int(sink),
+                             window=int(window))
+            job = ui.submit("ablate", params) if params is not None else None
+            if job:
+                st.session_state[JOB] = job["id"]
+
+
+def _select(job: dict) -> None:
+    if job.get("run_key"):
+        st.session_state.pop(f"{PAGE}.run", None)
+        st.session_state.get(state._MEMORY, {}).get(PAGE, {}).pop("run", None)
+        st.query_params["run"] = job["run_key"]
+
+
+def plan_comparison(metrics: dict) -> pd.DataFrame | None:
+    """The run's comparison of plans (rows of {plan, ratio, metric...}), when it has one."""
+    table = metrics.get("plan_comparison")
+    if isinstance(table, list) and table and isinstance(table[0], dict):
+        return pd.DataFrame(table)
+    return None
+
+
+def stored_plans(metrics: dict) -> pd.DataFrame | None:
+    """The plans the ablation job derived (metrics "plans" / "needle_plans": ratio -> plan JSON)."""
+    rows = []
+    for measure, field in (("continuation", "plans"), ("needle", "needle_plans")):
+        for ratio, plan in (metrics.get(field) or {}).items():
+            layers = plan.get("layers") or []
+            rows.append({"measure": measure, "kept ratio": ratio, "name": plan.get("name"),
+                         "chunks per layer": len(layers[0]) if layers and isinstance(layers[0], list) else None,
+                         "layer 0 keeps": " ".join(map(str, layers[0])) if layers else "",
+                         "plan JSON": json.dumps(plan)})
+    return pd.DataFrame(rows) if rows else None
+
+
+def main() -> None:
+    health = ui.page_setup("Ablation", "Which frequency chunks does each layer need? Red: removing "
+                           "the chunk raises the loss (keep it); blue: removing it helps.")
+    if health is None:
+        st.stop()
+    info = health.get("model") or {}
+    summaries = [r for r in ui.runs("ablate") if r.get("status") == "complete"]
+    with st.expander("Compute an ablation", expanded=not summaries, icon=":material/add_chart:"):
+        compute_form(int(info.get("num_layers") or 1), int(info.get("context_length") or 8192))
+        ui.job_panel(JOB, on_done=_select)
+    if not summaries:
+        ui.empty_state("No ablation run in the store yet: compute one above (or ship "
+                       "assets/results).")
+        return
+    summary = ui.pick_run(PAGE, "ablation", summaries)
+    data = ui.arrays(summary["key"], ARRAYS)
+    if data is None:
+        return
+    params = ui.run_params(summary)
+    measures = [m for m, (mean, _, _) in MEASURES.items() if mean in data]
+    c1, c2 = st.columns([2, 3])
+    measure = c1.segmented_control("loss", measures, key=state.bind(
+        PAGE, "measure", measures[0], valid=state.options_valid(measures))) or measures[0]
+    ratio = c2.slider("plan: fraction of chunks kept per layer", 0.05, 1.0, step=0.05,
+                      key=state.bind(PAGE, "ratio", 0.25, float, lambda v: 0 < v <= 1))
+    state.sync(PAGE, {"run": summary["key"], "measure": measure, "ratio": ratio})
+    mean_name, sem_name, what = MEASURES[measure]
+    mean = np.asarray(data[mean_name], dtype=float)                  # (ablated layers, chunks)
+    sem = np.asarray(data[sem_name], dtype=float) if sem_name in data else None
+    layers = [int(l) for l in data["layers"]] if "layers" in data else list(range(mean.shape[0]))
+    num_layers = int(info.get("num_layers") or len(layers))
+    text = (f"{params.get('num_texts', '?')} essays, {params.get('prefix_tokens', '?')}+"
+            f"{params.get('continuation_tokens', '?')} tokens" if measure == "continuation" else
+            f"{params.get('needle_samples', '?')} needle samples")
+    prov = ui.provenance(model=ui.run_model(summary), text=text,
+                         method=f"remove one chunk from {params.get('target', 'kv')} "
+                                f"(sink {params.get('sink_tokens', '?')}, window "
+                                f"{params.get('window', '?')})",
+                         budget="lossless except the removed chunk")
+    config = {"run": summary["key"], "params": params, "measure": measure}
+    fig = figures.ablation_heatmap(mean, sem, what=what, layers=layers)
+    frame = pd.DataFrame([{"layer": l, "chunk": c, "delta_mean": mean[i, c],
+                           "delta_sem": None if sem is None else sem[i, c]}
+                          for i, l in enumerate(layers) for c in range(mean.shape[1])])
+    ui.show_figure("ablation-heatmap", f"Loss increase when one chunk is removed ({measure})",
+                   fig, prov, frame, config)
+
+    st.subheader("Derived plan")
+    scores = plans.fill_layers(mean, layers, num_layers)
+    mask = plans.from_scores(scores, ratio)
+    name = f"ablation-{measure}-{ratio:g}"
+    if len(layers) < num_layers:
+        st.caption(f"Only layers {layers} were ablated: every other layer takes the scores of its "
+                   "nearest ablated layer.")
+    plan_prov = {**prov, "method": f"plan {name}", "budget": f"{mask.sum(axis=1)[0]} of "
+                 f"{mask.shape[1]} chunks per layer", "ratio": None}
+    fig = figures.mask_heatmap(mask, scores=scores, score_name=what)
+    ui.show_figure("ablation-plan", f"Plan: each layer keeps its {mask.sum(axis=1)[0]} chunks with "
+                   "the largest loss increase", fig, plan_prov,
+                   pd.DataFrame({"layer": range(mask.shape[0]),
+                                 "kept_chunks": [" ".join(map(str, np.flatnonzero(r))) for r in mask]}),
+                   {**config, "plan": plans.to_json_dict(mask, name)})
+    c1, c2 = st.columns([1, 3])
+    c1.download_button("Download plan JSON", plans.to_json(mask, name), on_click="ignore",
+                       file_name=f"plan_{name}_{ui.run_model(summary)}.json", mime="application/json",
+                       icon=":material/download:", key="ablation.plan_json")
+    if c2.button("Open in the frequency lab", icon=":material/tune:", key="ablation.to_lab"):
+        st.session_state["lab.mask"] = mask
+        st.session_state["lab.plan_name"] = name
+        st.session_state["lab.version"] = st.session_state.get("lab.version", 0) + 1
+        st.switch_page(str(Path(__file__).with_name("frequency_lab.py")))
+
+    metrics = run_metrics(summary)
+    table = plan_comparison(metrics)
+    if table is not None:
+        st.subheader("Plan comparison")
+        st.dataframe(table, hide_index=True, width="stretch")
+    table = stored_plans(metrics)
+    if table is not None:
+        with st.expander("Plans stored with this run (computed by the ablation job)"):
+            st.dataframe(table, hide_index=True, width="stretch")
+
+
+def run_metrics(summary: dict) -> dict:
+    return summary.get("metrics") or {}
+
+
+main()

@@ -1,0 +1,109 @@
+"""Token contribution: how much each original token still contributes to the compressed cache."""
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:    # AppTest runs a page file on its own
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from analysis.params import METHODS, ContribParams  # noqa: E402
+from app import figures, state, ui  # noqa: E402
+
+PAGE = "contribution"
+JOB = "contrib.job"
+SUMMARIES = ("one_minus_gini", "oldest_over_newest", "min_over_max")
+SUMMARY_HELP = ("1 − Gini of the contributions (1: every token equal); mean contribution of the "
+                "oldest tenth over the newest tenth; smallest over largest contribution.")
+DEFAULT_METHODS = ["faedkv", "dct_iterative", "streaming_llm", "snapkv"]
+
+
+def compute_form(context: int) -> None:
+    with st.form("contrib.compute"):
+        st.markdown("**Compute contributions**: the norm of each original token's column in the "
+                    "linear map from the full cache to the compressed one.")
+        c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
+        methods = c1.multiselect("methods", [m for m in METHODS if m != "full"],
+                                 default=DEFAULT_METHODS)
+        ratio = c2.number_input("compression ratio", 0.0, 0.95, 0.75, step=0.05)
+        length = c3.number_input("context (tokens)", 64, context, min(2048, context), step=256)
+        seed = c4.number_input("text seed", 0, 10_000, 0)
+        if st.form_submit_button("Compute contributions", type="primary", icon=":material/play_arrow:"):
+            if not methods:
+                st.error("Pick at least one method.")
+                return
+            params = ui.call("checking the parameters", ContribParams,
+                             methods=[{"name": m, "compression_ratio": float(ratio)} for m in methods],
+                             context_length=int(length), text_seed=int(seed))
+            job = ui.submit("contrib", params) if params is not None else None
+            if job:
+                st.session_state[JOB] = job["id"]
+
+
+def _select(job: dict) -> None:
+    if job.get("run_key"):
+        st.session_state.pop(f"{PAGE}.run", None)
+        st.session_state.get(state._MEMORY, {}).get(PAGE, {}).pop("run", None)
+        st.query_params["run"] = job["run_key"]
+
+
+def curves_and_summary(run: dict) -> tuple[dict, pd.DataFrame]:
+    """({label: contribution over positions}, summary table indexed by label) of a contrib run:
+    one record per method with its label ("method"), "contribution" and the summaries."""
+    curves, rows = {}, {}
+    for record in run.get("records") or []:
+        label = record["method"]
+        if record.get("contribution") is not None:
+            curves[label] = np.asarray(record["contribution"], dtype=float)
+        rows[label] = {k: record[k] for k in SUMMARIES if record.get(k) is not None}
+    return curves, pd.DataFrame.from_dict(rows, orient="index")
+
+
+def main() -> None:
+    health = ui.page_setup("Token contribution", "FAEDKV's claim: every past token contributes "
+                           "equally to the compressed cache, unlike eviction (drops tokens) and "
+                           "iterative compression (blurs old tokens more).")
+    if health is None:
+        st.stop()
+    context = int((health.get("model") or {}).get("context_length") or 8192)
+    summaries = [r for r in ui.runs("contrib") if r.get("status") == "complete"]
+    with st.expander("Compute contributions", expanded=not summaries, icon=":material/add_chart:"):
+        compute_form(context)
+        ui.job_panel(JOB, on_done=_select)
+    if not summaries:
+        ui.empty_state("No contribution run in the store yet: compute one above.")
+        return
+    summary = ui.pick_run(PAGE, "contrib", summaries)
+    state.sync(PAGE, {"run": summary["key"]})
+    run = ui.run(summary["key"])
+    if run is None:
+        return
+    curves, table = curves_and_summary(run)
+    params = ui.run_params(summary)
+    ratios = sorted({float(m.get("compression_ratio", 0)) for m in params.get("methods", [])})
+    ratio = ratios[0] if len(ratios) == 1 else None
+    prov = ui.provenance(model=ui.run_model(summary),
+                         text=f"essays seed {params.get('text_seed', 0)}, "
+                              f"{params.get('context_length', '?')} tokens",
+                         method=", ".join(curves) or ", ".join(table.index),
+                         budget=ui.budget_text(ratio) if ratio is not None else "", ratio=ratio)
+    config = {"run": summary["key"], "params": params}
+    if curves:
+        longest = max(len(c) for c in curves.values())
+        frame = pd.DataFrame({k: np.pad(v, (0, longest - len(v)), constant_values=np.nan)
+                              for k, v in curves.items()}).rename_axis("position").reset_index()
+        ui.show_figure("contribution-lines", "Contribution of each original token", 
+                       figures.contribution_lines(curves), prov, frame, config)
+    if not table.empty:
+        ui.show_figure("contribution-summary", "Equality of contributions (1 = every token equal)",
+                       figures.summary_bars(table), prov, table.rename_axis("method").reset_index(),
+                       config)
+        st.caption(SUMMARY_HELP)
+    if not curves and table.empty:
+        ui.empty_state("This run holds no contribution records.")
+
+
+main()

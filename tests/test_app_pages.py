@@ -1,0 +1,371 @@
+"""The Streamlit pages' logic, driven by AppTest with a fake backend client injected.
+
+The fake answers like the REST API (DEVELOPERS.md, "Backend REST API") from small in-memory
+runs, and records every request, so a test can check what a widget edit sends.
+"""
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.client import BackendError
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app"
+LAYERS, HEADS, CHUNKS, GRID = 3, 2, 22, 33
+
+HEALTH = {"status": "ok", "commit": "abc123", "queue": {"queued": 0, "running": None},
+          "model": {"name": "tiny-random-llama", "source": "tiny", "revision": "seed=0",
+                    "dtype": "bfloat16", "device": "cpu", "num_layers": LAYERS,
+                    "num_attention_heads": 4, "num_kv_heads": HEADS, "head_dim": 16,
+                    "context_length": 8192}}
+
+
+def summary(key, kind, task, metrics=None, status="complete", cells=1):
+    return {"key": key, "kind": kind, "status": status, "created": "2026-11-28T15:00:00",
+            "updated": "2026-11-28T15:01:00", "cells_done": cells, "cells_total": cells,
+            "config": {"model": {"name": "tiny-random-llama"}, "task": task}, "metrics": metrics}
+
+
+def spectra_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"freqs": np.linspace(0, 0.5, GRID).tolist(),
+            "energy": rng.random((LAYERS, HEADS, 2, 2, 2, GRID)).tolist(),
+            "chunk_energy": rng.random((LAYERS, HEADS, 2, 2, 2, CHUNKS)).tolist()}
+
+
+def needle_records():
+    out = []
+    for label, method in (("full", "full"), ("snapkv@0.75", "snapkv")):
+        for length in (256, 512):
+            for depth in (0.0, 50.0, 100.0):
+                out.append({"method": method, "label": label, "ratio": 0.75, "length": length,
+                            "depth": depth, "sample": 0, "exact": int(depth != 50.0 or label == "full"),
+                            "partial": 1.0, "rouge_l": 0.5, "prediction": "42", "expected": "42"})
+    return out
+
+
+class FakeClient:
+    """In-memory backend: the client's methods, the REST API's answers, every call recorded."""
+
+    def __init__(self, runs=None, arrays=None, records=None, fail=None):
+        self.calls = []
+        self._runs = runs or []
+        self._arrays = arrays or {}
+        self._records = records or {}
+        self.fail = fail or {}          # method name -> BackendError to raise
+        self.jobs = {}
+
+    def _log(self, name, *args):
+        self.calls.append((name, args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def health(self):
+        self._log("health")
+        return HEALTH
+
+    def runs(self, kind=None, limit=200):
+        self._log("runs", kind, limit)
+        return [r for r in self._runs if kind is None or r["kind"] == kind][:limit]
+
+    def run(self, key):
+        self._log("run", key)
+        found = next(r for r in self._runs if r["key"] == key)
+        return {**found, "records": self._records.get(key, [])}
+
+    def array(self, key, name):
+        self._log("array", key, name)
+        return self._arrays[(key, name)]
+
+    def submit(self, kind, params):
+        self._log("submit", kind, params)
+        job = {"id": f"job{len(self.jobs)}", "kind": kind, "params": params, "status": "queued",
+               "progress": {"done": 0, "total": 4}, "run_key": None, "result": None,
+               "error": None}
+        self.jobs[job["id"]] = job
+        return job
+
+    def job(self, job_id):
+        self._log("job", job_id)
+        return self.jobs[job_id]
+
+    def cancel(self, job_id):
+        self._log("cancel", job_id)
+        self.jobs[job_id]["status"] = "cancelled"
+        return self.jobs[job_id]
+
+    def generate(self, params):
+        self._log("generate", params)
+        n = LAYERS
+        return {"method": params["method"], "method_label": "faedkv-iwdft@0.5",
+                "answer": "compressed says 7", "full_answer": "full says 42",
+                "cache_lengths": [1024] * n, "expected_cache_length": [1024] * n,
+                "reconstruction_error": [0.1, 0.2, 0.3], "prompt_tokens": 2048,
+                "seconds": 1.25, "seconds_full": 0.75, "question": "What is the number?",
+                "expected_answer": "42", "answer_prefix": "The number is",
+                "score": {"exact": 0, "partial": 0.0, "rouge_l": 0.0},
+                "full_score": {"exact": 1, "partial": 1.0, "rouge_l": 1.0}}
+
+    def called(self, name):
+        return [args for n, args in self.calls if n == name]
+
+
+def app_for(page, fake, timeout=30):
+    at = AppTest.from_file(str(APP / page), default_timeout=timeout)
+    at.session_state["faedkv_client"] = fake
+    return at.run()
+
+
+def no_exception(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def values(data):
+    """A plotly JSON array: plain list, or a typed array {"dtype", "bdata", "shape"}."""
+    if isinstance(data, dict) and "bdata" in data:
+        flat = np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"])
+        shape = [int(n) for n in str(data.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape)
+    return np.asarray(data)
+
+
+def chart(at, i):
+    return json.loads(at.get("plotly_chart")[i].proto.spec)
+
+
+def texts(elements):
+    return " ".join(e.value for e in elements)
+
+
+# ----------------------------------------------------------------------------- overview
+
+def test_overview_shows_model_runs_and_links():
+    fake = FakeClient(runs=[summary("a" * 16, "needle", {})])
+    at = app_for("Home.py", fake)
+    no_exception(at)
+    assert "tiny-random-llama" in [m.value for m in at.metric]
+    assert "cpu · bfloat16" in [m.value for m in at.metric]
+    assert at.dataframe[0].value["kind"].tolist() == ["needle"]
+    assert "FAEDKV" in texts(at.markdown)
+
+
+def test_overview_backend_error_is_a_message_not_a_traceback():
+    fake = FakeClient(fail={"health": BackendError("missing or wrong bearer token", 401)})
+    at = app_for("Home.py", fake)
+    no_exception(at)
+    message = texts(at.error)
+    assert "missing or wrong bearer token" in message and "FAEDKV_TOKEN" in message
+
+
+# ----------------------------------------------------------------------------- spectra
+
+def test_spectra_without_runs_offers_to_compute_and_submits_the_job():
+    fake = FakeClient()
+    at = app_for("pages/spectra.py", fake)
+    no_exception(at)
+    assert "No spectra run" in texts(at.info)
+    at.number_input[0].set_value(4096)
+    at.button[0].click().run()
+    no_exception(at)
+    (kind, params), = fake.called("submit")
+    assert kind == "spectra" and params["num_tokens"] == 4096 and params["chunks"] == 22
+
+
+def test_spectra_plots_the_chosen_layers_and_keeps_them_in_the_url():
+    key = "b" * 16
+    fake = FakeClient(runs=[summary(key, "spectra", {"num_tokens": 512, "text_seed": 0,
+                                                     "chunks": CHUNKS})],
+                      arrays={(key, "spectra"): spectra_arrays()})
+    at = app_for("pages/spectra.py", fake)
+    no_exception(at)
+    assert len(at.get("plotly_chart")) == 3
+    at.multiselect(key="spectra.layers").set_value([0, 2]).run()
+    no_exception(at)
+    assert at.query_params["layers"] == "0,2" and at.query_params["run"] == key
+    heatmap = chart(at, 0)
+    assert list(heatmap["data"][0]["y"]) == ["L0", "L2"]
+    assert "tiny-random-llama" in heatmap["layout"]["title"]["subtitle"]["text"]
+
+
+# ----------------------------------------------------------------------------- frequency lab
+
+def _lab(fake):
+    at = app_for("pages/frequency_lab.py", fake)
+    no_exception(at)
+    return at
+
+
+def test_lab_reruns_generation_with_the_edited_plan():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.button(key="lab.run") is not None
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    (body,), = fake.called("generate")
+    plan = body["method"]["params"]["plan"]
+    assert body["method"]["name"] == "faedkv" and body["compare_full"] is True
+    assert plan["chunks"] == CHUNKS and plan["layers"] == [list(range(11))] * LAYERS
+    assert "full says 42" in texts(at.markdown) and "compressed says 7" in texts(at.markdown)
+
+    # drop chunks 0 and 1 in every layer: the next request carries the edited plan
+    at.multiselect(key="lab.bulk").set_value([0, 1]).run()
+    at.button(key="lab.drop_all").click().run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    plan = fake.called("generate")[-1][0]["method"]["params"]["plan"]
+    assert plan["layers"] == [list(range(2, 11))] * LAYERS and plan["name"] == "custom"
+    assert at.query_params["plan"].startswith("22:")
+
+
+def test_lab_ratio_and_method_reach_the_request():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.selectbox(key="lab.method").set_value("snapkv").run()
+    at.slider(key="lab.ratio").set_value(0.75).run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    (body,), = fake.called("generate")
+    assert body["method"] == {"name": "snapkv", "compression_ratio": 0.75, "params": {}}
+    assert at.query_params["method"] == "snapkv"
+
+
+def test_lab_backend_error_shows_the_servers_message():
+    fake = FakeClient(fail={"generate": BackendError(
+        "prompt of 9000 tokens exceeds the model's context (8192); lower the length", 422)})
+    at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert "exceeds the model's context" in texts(at.error)
+
+
+# ----------------------------------------------------------------------------- needle
+
+def test_needle_starts_a_grid_of_methods_times_ratios():
+    fake = FakeClient()
+    at = app_for("pages/needle.py", fake)
+    no_exception(at)
+    at.multiselect(key="needle.methods").set_value(["faedkv", "snapkv"])
+    at.multiselect(key="needle.ratios").set_value([0.5, 0.75])
+    at.multiselect(key="needle.lengths").set_value([512])
+    at.button[0].click().run()
+    no_exception(at)
+    (kind, params), = fake.called("submit")
+    assert kind == "needle" and params["lengths"] == [512]
+    assert [(m["name"], m["compression_ratio"]) for m in params["methods"]] == [
+        ("faedkv", 0.5), ("faedkv", 0.75), ("snapkv", 0.5), ("snapkv", 0.75)]
+    assert any("needle grid queued" in (p.proto.text or "") for p in at.get("progress"))
+    assert fake.called("job")
+
+
+def test_needle_shows_a_finished_grid_per_method():
+    key = "c" * 16
+    fake = FakeClient(runs=[summary(key, "needle", {"needle": "sentence", "lengths": [256, 512],
+                                                    "depths": [0, 50, 100], "samples": 1,
+                                                    "methods": [{"name": "snapkv",
+                                                                 "compression_ratio": 0.75}]},
+                                    cells=12)],
+                      records={key: needle_records()})
+    at = app_for("pages/needle.py", fake)
+    no_exception(at)
+    spec = chart(at, 0)
+    assert values(spec["data"][1]["z"]).tolist() == [[1, 1], [0, 0], [1, 1]]   # snapkv misses 50%
+    assert [a["text"] for a in spec["layout"]["annotations"]][:2] == ["full", "snapkv@0.75"]
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def test_ablation_heatmap_and_derived_plan():
+    key = "d" * 16
+    delta = np.zeros((LAYERS, CHUNKS))
+    delta[:, 5] = 1.0
+    delta[:, 9] = 0.5
+    fake = FakeClient(runs=[summary(key, "ablate", {"num_texts": 3, "prefix_tokens": 512,
+                                                    "continuation_tokens": 64, "target": "kv"})],
+                      arrays={(key, "ablation"): {"delta_mean": delta.tolist(),
+                                                  "delta_sem": (delta / 10).tolist(),
+                                                  "layers": list(range(LAYERS))}})
+    at = app_for("pages/ablation.py", fake)
+    no_exception(at)
+    at.slider(key="ablation.ratio").set_value(0.1).run()       # ceil(2.2) = 3 chunks per layer
+    no_exception(at)
+    kept = values(chart(at, 1)["data"][0]["z"]).astype(bool)
+    assert kept.sum(axis=1).tolist() == [3] * LAYERS and kept[:, 5].all() and kept[:, 9].all()
+    assert at.query_params["ratio"] == "0.1"
+
+
+def test_ablation_of_some_layers_fills_the_plan_from_the_nearest_layer():
+    key = "f" * 16
+    delta = np.zeros((2, CHUNKS))
+    delta[0, 3] = delta[1, 7] = 1.0                      # layer 0 needs chunk 3, layer 2 chunk 7
+    fake = FakeClient(runs=[summary(key, "ablate", {"layers": [0, 2]})],
+                      arrays={(key, "ablation"): {"delta_mean": delta.tolist(),
+                                                  "delta_sem": delta.tolist(), "layers": [0, 2]}})
+    at = app_for("pages/ablation.py", fake)
+    no_exception(at)
+    assert list(chart(at, 0)["data"][0]["y"]) == ["0", "2"]
+    kept = values(chart(at, 1)["data"][0]["z"]).astype(bool)
+    assert kept.shape == (LAYERS, CHUNKS)
+    assert kept[0, 3] and kept[1, 3] and kept[2, 7] and not kept[1, 7]    # layer 1 ties: lower
+
+
+def test_ablation_without_runs_submits_an_ablate_job():
+    fake = FakeClient()
+    at = app_for("pages/ablation.py", fake)
+    no_exception(at)
+    at.button[0].click().run()
+    (kind, params), = fake.called("submit")
+    assert kind == "ablate" and params["chunks"] == 22
+
+
+# ----------------------------------------------------------------------------- contribution
+
+def test_contribution_lines_and_summaries():
+    key = "e" * 16
+    records = [{"method": "faedkv-iwdft@0.75", "contribution": [1.0] * 64, "one_minus_gini": 1.0,
+                "oldest_over_newest": 1.0, "min_over_max": 1.0},
+               {"method": "streaming_llm@0.75", "contribution": [1.0] * 4 + [0.0] * 40 + [1.0] * 20,
+                "one_minus_gini": 0.3, "oldest_over_newest": 0.0, "min_over_max": 0.0}]
+    fake = FakeClient(runs=[summary(key, "contrib", {"context_length": 64, "text_seed": 0,
+                                                     "methods": [{"name": "faedkv",
+                                                                  "compression_ratio": 0.75}]})],
+                      records={key: records})
+    at = app_for("pages/token_contribution.py", fake)
+    no_exception(at)
+    lines, bars = chart(at, 0), chart(at, 1)
+    assert [t["name"] for t in lines["data"]] == ["faedkv-iwdft@0.75", "streaming_llm@0.75"]
+    assert values(bars["data"][1]["y"])[0] == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- export
+
+def test_export_page_lists_session_figures():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    page = AppTest.from_file(str(APP / "pages" / "export_all.py"), default_timeout=30)
+    page.session_state["faedkv_client"] = fake
+    page.session_state["_figures"] = at.session_state["_figures"]
+    page.run()
+    no_exception(page)
+    stems = texts(page.markdown)
+    assert "lab-cache-lengths_tiny-random-llama_faedkv-iwdft@0.5_r0.5" in stems
+    assert "lab-reconstruction-error" in stems
+
+
+def test_export_page_without_figures_says_what_to_do():
+    at = app_for("pages/export_all.py", FakeClient())
+    no_exception(at)
+    assert "No figure yet" in texts(at.info)
+
+
+def test_app_modules_do_not_import_torch():
+    code = ("import sys; sys.path.insert(0, %r); import app.ui, app.figures, app.export, "
+            "app.state, app.plans; print('torch' in sys.modules)" % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

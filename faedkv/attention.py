@@ -1,0 +1,106 @@
+"""An sdpa attention function for compressed caches, registered through transformers'
+AttentionInterface (no model code is patched):
+
+- **mass correction**: a slot stands for about t/M tokens, so its logit gets + log(tokens per
+  slot) (the press stores the per-column bias on the attention module, like kvpress stores
+  `masked_key_indices`; a fresh prefill clears it);
+- **per-layer cache lengths**: transformers builds one causal mask from layer 0's cache length;
+  when a layer's cache is longer or shorter (PerLayerCompressionPress), the mask is re-aligned to
+  that layer's keys, bottom-right (the new queries see every cached column and each other
+  causally). Left padding cannot be re-aligned this way and raises.
+
+`use_faedkv_attention(config)` switches an sdpa model to it (its mask function is sdpa's, and
+with no bias and equal lengths it calls sdpa unchanged, so outputs are identical).
+"""
+from __future__ import annotations
+
+import kvpress  # noqa: F401 - patches the registered functions at import; do it before we register
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+FAEDKV_SDPA = "faedkv_sdpa"
+BIAS_ATTR = "faedkv_column_bias"
+
+
+def realign_mask(mask: torch.Tensor, key_len: int) -> torch.Tensor:
+    """Bottom-right re-alignment of a (..., q, K0) mask to key_len columns."""
+    built_len = mask.shape[-1]
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    if key_len < built_len:
+        dropped = visible[..., : built_len - key_len]
+        if not bool(dropped.all()):
+            raise ValueError("per-layer cache lengths with a padded batch are not supported: "
+                             "run unpadded prompts (batch size 1 or equal lengths)")
+        return mask[..., built_len - key_len:]
+    if not bool(visible[..., :1].all()):
+        raise ValueError("per-layer cache lengths with a padded batch are not supported: "
+                         "run unpadded prompts (batch size 1 or equal lengths)")
+    extra = mask[..., :1].expand(*mask.shape[:-1], key_len - built_len)
+    return torch.cat([extra, mask], dim=-1)
+
+
+def column_bias(module, key_len: int, dtype, device) -> torch.Tensor | None:
+    """(key_len,) additive bias from the module's recorded (start, bias) slot columns, or None."""
+    recorded = getattr(module, BIAS_ATTR, None)
+    if recorded is None:
+        return None
+    start, bias = recorded
+    if start + bias.shape[-1] > key_len:  # the cache was cut below the slots: nothing to correct
+        return None
+    full = torch.zeros(key_len, dtype=dtype, device=device)
+    full[start:start + bias.shape[-1]] = bias.to(device=device, dtype=dtype)
+    return full
+
+
+def causal_bool_mask(q_len: int, key_len: int, device) -> torch.Tensor:
+    """(1, 1, q, key_len) bottom-right causal mask (query i sees columns <= key_len - q + i)."""
+    rows = torch.arange(q_len, device=device).unsqueeze(-1) + (key_len - q_len)
+    return (torch.arange(key_len, device=device) <= rows)[None, None]
+
+
+def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    q_len, key_len = query.shape[-2], key.shape[-2]
+    if q_len == key_len:
+        # A fresh prefill: the previous compression's slots are gone.
+        setattr(module, BIAS_ATTR, None)
+    if attention_mask is not None and attention_mask.shape[-1] != key_len:
+        attention_mask = realign_mask(attention_mask, key_len)
+    bias = column_bias(module, key_len, query.dtype, query.device)
+    if bias is not None:
+        if attention_mask is None:
+            attention_mask = causal_bool_mask(q_len, key_len, query.device)
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
+                                         ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+        attention_mask = attention_mask + bias
+    # Look sdpa up at call time so kvpress's own wrapper (head-wise masking) stays in the chain.
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+
+
+AttentionInterface.register(FAEDKV_SDPA, faedkv_sdpa_attention)
+AttentionMaskInterface.register(FAEDKV_SDPA, sdpa_mask)
+
+
+def use_faedkv_attention(config) -> None:
+    """Switch a model config (shared by its attention layers) from sdpa to faedkv_sdpa."""
+    current = getattr(config, "_attn_implementation", None)
+    if current == FAEDKV_SDPA:
+        return
+    if current not in ("sdpa", None):
+        raise ValueError(f"FAEDKV's attention hook (mass correction, per-layer cache lengths) wraps "
+                         f"sdpa, but the model uses {current!r}; load it with "
+                         "attn_implementation='sdpa'")
+    config._attn_implementation = FAEDKV_SDPA
+
+
+def restore_sdpa(config) -> None:
+    """Undo `use_faedkv_attention`."""
+    if getattr(config, "_attn_implementation", None) == FAEDKV_SDPA:
+        config._attn_implementation = "sdpa"
+
+
+def record_slot_bias(module, start: int, tokens_per_slot: torch.Tensor) -> None:
+    """Store + log(tokens per slot) for the columns [start, start + M) of this layer."""
+    setattr(module, BIAS_ATTR, (start, torch.log(tokens_per_slot.double().clamp(min=1e-12)).float()))

@@ -1,0 +1,339 @@
+"""FAEDKVCache: a transformers Cache for generation with a fixed FAEDKV budget.
+
+Per layer it keeps the first `sink_tokens` tokens exact, the middle as M ring rows, and the last
+`window` tokens exact; attention sees
+
+    [ sink (S) ][ slots (M) ][ window (W) ]      S + M + W rows, constant
+
+The prefill of T tokens attends exactly (the model sees all T keys) and is then stored
+compressed with M = round((1 - ratio) * T) - S - W (the press's budget). Every later call of
+q tokens first folds the q oldest window tokens into the middle, then appends its own tokens,
+so decoding keeps exactly S + M + W rows. A call's own tokens are never folded before it
+attends to them: when q > W the window holds q rows until the next call folds the excess.
+
+The middle is stored in the time domain, which holds the same information as the IWDFT state
+(spec: S_t = fft(sums by distance) / t): per layer ONE buffer `means (2, batch, kv_heads, M,
+head_dim)` (keys, values) in the cache's dtype whose row r is the MEAN of the middle tokens with
+index i = r (mod M) (ring order), and `folded`; the counts per row follow from `folded`. Means,
+not sums: a bf16 running mean stays accurate where a bf16 sum would not. Folding a token updates
+one row (O(head_dim) per head, one lerp kernel): no FFT, nothing done to the other rows.
+
+Attention over cached post-RoPE keys does not depend on their order, so the slots are handed in
+ring order: slot_r = mean_r * count_r * M / folded, which is the spec's slot at distance
+(folded - r) mod M. A plan masks the ring's spectrum (masks are conjugate-symmetric, so masking
+commutes with the reversal and shift from ring to distance order). [sink | slots | window] is
+written into a fresh tensor on every call and not kept, so only one layer's copy is alive.
+
+`get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
+`get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
+Limits: post-RoPE keys and the iwdft variant only; unpadded batches (every row the same length);
+`layer.keys` / `layer.values` are None once compressed (kvpress's pipeline slices them).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from faedkv.iwdft import compute_dtype, symmetric_keep
+from faedkv.plans import FrequencyPlan, bin_frequencies
+from faedkv.press import budget_slots
+
+
+def ring_means(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Means of the tokens with index i = r (mod num_rows), in x's dtype.
+
+    x: (batch, kv_heads, tokens, head_dim) -> (batch, kv_heads, num_rows, head_dim). Reads x
+    once (reshape-sum over full periods, accumulated in float32 for bf16/fp16); a row without
+    tokens has mean 0.
+    """
+    tokens, dim = x.shape[-2], x.shape[-1]
+    periods, remainder = divmod(tokens, num_rows)
+    sums = x.new_zeros(x.shape[:-2] + (num_rows, dim), dtype=compute_dtype(x.dtype))
+    if periods:
+        full = x[..., : periods * num_rows, :].reshape(x.shape[:-2] + (periods, num_rows, dim))
+        torch.sum(full, dim=-3, dtype=sums.dtype, out=sums)
+    if remainder:
+        sums[..., :remainder, :] += x[..., periods * num_rows:, :]
+    counts = ring_counts(tokens, num_rows, x.device).clamp(min=1).unsqueeze(-1)
+    return (sums / counts).to(x.dtype)
+
+
+def ring_counts(tokens: int, num_rows: int, device=None) -> torch.Tensor:
+    """(num_rows,) int64: how many of `tokens` consecutive indices fall into each ring row."""
+    laps, filled = divmod(tokens, num_rows)
+    return laps + (torch.arange(num_rows, device=device) < filled).long()
+
+
+def half_spectrum_mask(keep: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Bin mask (M,) or (kv_heads, M) -> the rfft half (kv_heads or 1, M//2 + 1, 1),
+    conjugate-symmetric."""
+    half = symmetric_keep(keep)[..., : num_rows // 2 + 1]
+    return half.reshape(-1, half.shape[-1], 1)
+
+
+class FAEDKVLayer(CacheLayerMixin):
+    """One layer's sink + ring means of the middle + window.
+
+    Keys and values live stacked in one tensor per part, (2, batch, kv_heads, rows, head_dim)
+    (index 0 keys, 1 values), so each step is a handful of kernels whatever the model: a decode
+    step is launch-bound long before it is bandwidth-bound on the slot part.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, compression_ratio: float, sink_tokens: int, window: int,
+                 plan: FrequencyPlan | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.compression_ratio = compression_ratio
+        self.sink_tokens = sink_tokens
+        self.window = window
+        self.plan = plan
+        self.seen = 0            # tokens this layer has been given
+        self.folded = 0          # middle tokens inside the ring means
+        self.num_slots = 0
+        self.sink = self.means = self.recent = None   # (2, batch, kv_heads, rows, head_dim)
+        self.masks = None        # (2, 1, kv_heads or 1, M//2 + 1, 1) rfft-half plan masks; None: all
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    # --- views for readers (tests, analyses) -----------------------------------------------
+    sink_keys = property(lambda self: self.sink[0])
+    sink_values = property(lambda self: self.sink[1])
+    mean_keys = property(lambda self: self.means[0])
+    mean_values = property(lambda self: self.means[1])
+    window_keys = property(lambda self: self.recent[0])
+    window_values = property(lambda self: self.recent[1])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(M,) int64 middle tokens per ring row: indices 0..folded-1 fill the rows in turn, so
+        the counts follow from `folded` alone and need no storage or per-step update."""
+        return ring_counts(self.folded, self.num_slots, self.means.device)
+
+    # --- the three parts ------------------------------------------------------------------
+    def plan_masks(self, heads: int) -> torch.Tensor | None:
+        if self.plan is None:
+            return None
+        freqs = bin_frequencies(self.num_slots)
+        masks = [half_spectrum_mask(self.plan.keep_frequencies(self.layer_idx, freqs, kind, heads),
+                                    self.num_slots) for kind in ("key", "value")]
+        masks = torch.broadcast_tensors(*masks)
+        return torch.stack(masks).unsqueeze(1).to(self.device)
+
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (batch, kv_heads, T, head_dim): copies of sink and window (a view would
+        keep the whole prefill alive) and the ring means of the middle."""
+        if keys.shape != values.shape:
+            raise ValueError(f"FAEDKVCache stores keys and values together and needs them of one "
+                             f"shape, got keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
+                             "use a model whose value head_dim equals its key head_dim")
+        tokens, heads = keys.shape[-2], keys.shape[1]
+        s, w = self.sink_tokens, self.window
+        self.num_slots = budget_slots(tokens, self.compression_ratio, s, w)
+        self.sink = torch.stack([keys[:, :, :s], values[:, :, :s]])
+        self.recent = torch.stack([keys[:, :, tokens - w:], values[:, :, tokens - w:]])
+        self.means = keys.new_empty((2,) + keys.shape[:2] + (self.num_slots, keys.shape[-1]))
+        self.means[0] = ring_means(keys[:, :, s:tokens - w], self.num_slots)
+        self.means[1] = ring_means(values[:, :, s:tokens - w], self.num_slots)
+        self.folded = tokens - s - w
+        self.masks = self.plan_masks(heads)
+
+    def fold_count(self, query: int) -> int:
+        """Old window tokens to fold so that `query` new tokens fit in the window."""
+        held = self.recent.shape[-2]
+        return min(held, max(0, held + query - self.window))
+
+    def fold(self, overflow: int) -> None:
+        """Move the `overflow` oldest window tokens into the ring means, at most M at a time
+        (tokens M apart share a row)."""
+        for start in range(0, overflow, self.num_slots):
+            self.fold_run(self.recent[..., start:min(overflow, start + self.num_slots), :])
+        self.recent = self.recent[..., overflow:, :]
+
+    def fold_run(self, x: torch.Tensor) -> None:
+        """Fold k <= M consecutive middle tokens x (2, batch, kv_heads, k, head_dim).
+
+        Middle index j lands in row j mod M as that row's (j // M + 1)-th token, so
+        m <- m + (x - m) / count is lerp(m, x, 1 / count) (computed in float32 for bf16, rounded
+        once). k <= M consecutive indices cover at most two row ranges (before and after the
+        ring wraps), each with one count: one or two kernels, no host sync."""
+        size, run = self.num_slots, x.shape[-2]
+        row, lap = self.folded % size, self.folded // size
+        first = min(run, size - row)
+        self.means[..., row:row + first, :].lerp_(x[..., :first, :], 1 / (lap + 1))
+        if run > first:
+            self.means[..., :run - first, :].lerp_(x[..., first:, :], 1 / (lap + 2))
+        self.folded += run
+
+    def slot_rows(self, out: torch.Tensor) -> None:
+        """Write the M slots (ring order) into out (2, batch, kv_heads, M, head_dim).
+
+        slot_r = mean_r * count_r * M / folded: rows below folded mod M have one token more than
+        the others, so two scalar multiplies. With a plan the ring sums are band-limited first
+        (irfft(rfft(sums) * mask) over the M rows)."""
+        size = self.num_slots
+        lap, filled = divmod(self.folded, size)
+        scale = size / self.folded
+        if self.masks is None:
+            torch.mul(self.means[..., :filled, :], (lap + 1) * scale, out=out[..., :filled, :])
+            torch.mul(self.means[..., filled:, :], lap * scale, out=out[..., filled:, :])
+            return
+        sums = self.means.to(compute_dtype(self.means.dtype))
+        if sums.data_ptr() == self.means.data_ptr():
+            sums = sums.clone()
+        sums[..., :filled, :] *= lap + 1
+        sums[..., filled:, :] *= lap
+        spectrum = torch.fft.rfft(sums, dim=-2).mul_(self.masks)
+        out.copy_(torch.fft.irfft(spectrum, n=size, dim=-2).mul_(scale))
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key slots, value slots) (batch, kv_heads, M, head_dim) in ring order: slot r stands
+        for the tokens at distance (folded - r) mod M from the newest middle token."""
+        out = torch.empty_like(self.means)
+        self.slot_rows(out)
+        return out[0], out[1]
+
+    def attended(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+        """[sink | slots | window | new] written once into a fresh (2, batch, kv_heads, rows, dim)."""
+        s, m, w = self.sink.shape[-2], self.num_slots, self.recent.shape[-2]
+        shape = self.means.shape
+        out = self.means.new_empty(shape[:3] + (s + m + w + key_states.shape[-2], shape[-1]))
+        out[..., :s, :].copy_(self.sink)
+        self.slot_rows(out[..., s:s + m, :])
+        out[..., s + m:s + m + w, :].copy_(self.recent)
+        out[0, ..., s + m + w:, :].copy_(key_states)
+        out[1, ..., s + m + w:, :].copy_(value_states)
+        return out
+
+    # --- CacheLayerMixin ------------------------------------------------------------------
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.seen == 0:
+            self.seen = key_states.shape[-2]
+            if self.compression_ratio == 0:
+                self.keys, self.values = key_states, value_states
+            else:
+                self.prefill(key_states, value_states)
+            return key_states, value_states  # the prefill itself attends exactly
+        self.seen += key_states.shape[-2]
+        if self.compression_ratio == 0:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+        self.fold(self.fold_count(key_states.shape[-2]))
+        out = self.attended(key_states, value_states)
+        # The new window is a copy of the returned rows' tail: a view would keep `out` alive.
+        self.recent = out[..., out.shape[-2] - self.recent.shape[-2] - key_states.shape[-2]:, :].clone()
+        return out[0], out[1]
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        if self.compression_ratio == 0:
+            return [t for t in (self.keys, self.values) if t is not None]
+        return [t for t in (self.sink, self.means, self.recent, self.masks) if t is not None]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the storages behind the persistent tensors (a view that pinned a larger
+        tensor would count that tensor in full), each storage once."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self.persistent_tensors()}
+        return sum(storages.values())
+
+    def stored_length(self) -> int:
+        """Rows stored between calls: S + M + W once compressed."""
+        if self.seen == 0:
+            return 0
+        if self.compression_ratio == 0:
+            return self.keys.shape[-2]
+        return self.sink_tokens + self.num_slots + self.recent.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
+        # transformers 5.2 passes cache_position; later versions (5.17 on the GPU image) pass
+        # the query length
+        query = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
+        if self.seen == 0:
+            return query, 0
+        past = self.stored_length()
+        if self.compression_ratio > 0:
+            past -= self.fold_count(query)
+        # Column j stands for position kv_offset + j: the last `query` columns are the new tokens
+        # at their true positions (cache_position[0] == seen; read from the host, reading the
+        # tensor would sync the device every step) and every cached row lies in their past.
+        return past + query, self.seen - past
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        """No maximum (abstract in later transformers, 5.17 on the GPU image)."""
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.compression_ratio, self.sink_tokens, self.window, self.plan)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("FAEDKVCache does not support beam search (its state mixes tokens); "
+                         "use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("FAEDKVCache cannot be cropped: folded tokens cannot be taken back out "
+                         "of the IWDFT state (assisted / speculative decoding is not supported)")
+
+
+class FAEDKVCache(Cache):
+    """Sink + ring means of the middle + recent window per layer, for `model.generate`.
+
+        cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=4, window=64)
+        model.generate(input_ids, past_key_values=cache, max_new_tokens=200)
+
+    compression_ratio: fraction of the prefill removed (M from the press's budget rule); 0 keeps
+    everything (a plain growing cache). plan: FrequencyPlan of the kept bins per layer (None: all).
+    A prefill too short for sink + window + 1 slot raises ValueError naming the minimum length.
+    """
+
+    def __init__(self, compression_ratio: float = 0.5, sink_tokens: int = 4, window: int = 64,
+                 plan: FrequencyPlan | None = None):
+        if not 0 <= compression_ratio < 1:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
+        if sink_tokens < 0 or window < 0:
+            raise ValueError("sink_tokens and window must be >= 0")
+        if plan is not None and not isinstance(plan, FrequencyPlan):
+            raise ValueError("plan must be a faedkv.FrequencyPlan or None")
+        self.compression_ratio = compression_ratio
+        self.sink_tokens = sink_tokens
+        self.window = window
+        self.plan = plan
+        super().__init__(layers=[])
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(FAEDKVLayer(len(self.layers), self.compression_ratio,
+                                           self.sink_tokens, self.window, self.plan))
+        return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
+
+    def stored_lengths(self) -> list[int]:
+        """Rows stored per layer between forward calls (S + M + W once compressed)."""
+        return [layer.stored_length() for layer in self.layers]
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the cache holds between forward calls, all layers (the
+        [sink | slots | window] handed to attention is transient and not counted)."""
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def states(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(key state, value state, tokens folded into them) of one layer: the spec's complex
+        IWDFT states (batch, kv_heads, M, head_dim) in distance order, rebuilt from the ring
+        means (distance bin b is ring row (folded - b) mod M; state = fft(sums by distance) / t)."""
+        layer = self.layers[layer_idx]
+        size = layer.num_slots
+        rows = (layer.folded - torch.arange(size, device=layer.means.device)) % size
+        sums = layer.means.to(compute_dtype(layer.means.dtype)) * layer.counts.unsqueeze(-1)
+        state = torch.fft.fft(sums.index_select(-2, rows), dim=-2) / layer.folded
+        return state[0], state[1], layer.folded

@@ -1,0 +1,257 @@
+"""The three compressors of the middle segment, behind one interface.
+
+Each maps middle tokens (..., N, head_dim) to M slots (..., M, head_dim), linearly along the
+token axis (head_dim columns are independent), computed in float32 (float64 for float64 input):
+
+- ``iwdft``: fold by distance from the newest token, M-point FFT, keep the plan's bins, inverse
+  DFT (faedkv.iwdft). Slot m stands for the tokens whose distance is congruent to m mod M.
+- ``resample``: rfft of the N tokens, band-limit to the M-point grid's Nyquist, keep the plan's
+  bins of the M-point spectrum, irfft to M evenly spaced virtual tokens (scaled so a constant
+  sequence stays constant). Slot j stands for the tokens around index j * N / M.
+- ``dct-iterative`` (FreqKV-style comparator): tokens arrive ``step`` at a time; whenever the
+  buffer (previous slots + new tokens) holds more than M rows it is replaced by its first M
+  DCT-II coefficients (plan-masked), inverse-transformed to M rows. Old tokens pass through
+  many compressions, so its contribution profile is biased to recent tokens.
+
+``keep`` arguments are callables mapping normalised frequencies (F,) in [0, 0.5] to a bool mask
+(F,) or (heads, F); None keeps everything.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from faedkv.iwdft import compute_dtype, fold_by_distance, fold_counts, symmetric_keep
+from faedkv.plans import FrequencyPlan, bin_frequencies
+
+VARIANTS = ("iwdft", "resample", "dct-iterative")
+KeepFn = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def _bin_mask(keep: KeepFn, freqs: torch.Tensor, device) -> torch.Tensor | None:
+    """The keep mask shaped to broadcast over (..., heads, F, head_dim): (F, 1) or (heads, F, 1)."""
+    if keep is None:
+        return None
+    return keep(freqs).to(device).unsqueeze(-1)
+
+
+# --- iwdft ----------------------------------------------------------------------------------
+def compress_iwdft(x: torch.Tensor, num_slots: int, keep: KeepFn = None) -> torch.Tensor:
+    """iwdft_slots(iwdft(x, M), keep) without the complex round trip: the folded sums are real,
+    so the kept bins are applied with rfft / irfft, and with every bin kept the inverse DFT undoes
+    the forward one exactly (slots = (M/t) * folded sums), so no FFT runs at all."""
+    folded = fold_by_distance(x, num_slots)
+    scale = num_slots / x.shape[-2]
+    if keep is None:
+        return folded * scale
+    mask = symmetric_keep(keep(bin_frequencies(num_slots)).to(x.device))
+    half = mask[..., : num_slots // 2 + 1].unsqueeze(-1)
+    return torch.fft.irfft(torch.fft.rfft(folded, dim=-2) * half, n=num_slots, dim=-2) * scale
+
+
+def iwdft_positions(num_tokens: int, num_slots: int) -> torch.Tensor:
+    """Mean 0-based index of the tokens each slot stands for, (M,) float64."""
+    index = torch.arange(num_tokens, dtype=torch.float64).unsqueeze(-1)
+    sums = fold_by_distance(index, num_slots).squeeze(-1)
+    return sums / fold_counts(num_tokens, num_slots).clamp(min=1)
+
+
+def iwdft_expand(slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each token i gets its slot b = (N - i) mod M rescaled to the mean of the slot's members,
+    slot[b] * N / (M * count_b): the pseudo-inverse of the all-bins map (M/N) * membership."""
+    num_slots = slots.shape[-2]
+    member = (num_tokens - torch.arange(num_tokens, device=slots.device)) % num_slots
+    scale = num_tokens / (num_slots * fold_counts(num_tokens, num_slots).clamp(min=1))
+    return (slots * scale.to(slots.device, slots.dtype).unsqueeze(-1)).index_select(-2, member)
+
+
+# --- resample -------------------------------------------------------------------------------
+def compress_resample(x: torch.Tensor, num_slots: int, keep: KeepFn = None) -> torch.Tensor:
+    num_tokens = x.shape[-2]
+    if num_slots > num_tokens:
+        raise ValueError(f"resample needs num_slots <= tokens, got {num_slots} > {num_tokens}")
+    spectrum = torch.fft.rfft(x.to(compute_dtype(x.dtype)), dim=-2)
+    band = spectrum[..., : num_slots // 2 + 1, :]
+    mask = _bin_mask(keep, torch.arange(num_slots // 2 + 1, dtype=torch.float64) / num_slots, x.device)
+    if mask is not None:
+        band = band * mask
+    return torch.fft.irfft(band, n=num_slots, dim=-2) * (num_slots / num_tokens)
+
+
+def resample_positions(num_tokens: int, num_slots: int) -> torch.Tensor:
+    """Virtual token j is the band-limited interpolant at original index j * N / M."""
+    return torch.arange(num_slots, dtype=torch.float64) * (num_tokens / num_slots)
+
+
+def resample_expand(slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Band-limited interpolation of the M slots back to N tokens (the inverse resampling)."""
+    num_slots = slots.shape[-2]
+    spectrum = torch.fft.rfft(slots, dim=-2)
+    return torch.fft.irfft(spectrum, n=num_tokens, dim=-2) * (num_tokens / num_slots)
+
+
+# --- dct-iterative --------------------------------------------------------------------------
+def dct2(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised DCT-II along dim -2: X_k = sum_n x_n cos(pi k (2n+1) / (2L))."""
+    length = x.shape[-2]
+    mirrored = torch.cat([x, x.flip(-2)], dim=-2)
+    spectrum = torch.fft.rfft(mirrored, dim=-2)[..., :length, :]
+    k = torch.arange(length, dtype=torch.float64, device=x.device)
+    phase = torch.polar(torch.ones_like(k), -math.pi * k / (2 * length)).to(spectrum.dtype)
+    return (spectrum * phase.unsqueeze(-1)).real / 2
+
+
+def idct(coefficients: torch.Tensor) -> torch.Tensor:
+    """Inverse of dct2 (a scaled DCT-III) along dim -2, same length."""
+    length = coefficients.shape[-2]
+    k = torch.arange(length, dtype=torch.float64, device=coefficients.device)
+    cdtype = torch.complex128 if coefficients.dtype == torch.float64 else torch.complex64
+    phase = torch.polar(torch.ones_like(k), math.pi * k / (2 * length)).to(cdtype)
+    half = coefficients.to(cdtype) * phase.unsqueeze(-1)
+    half = torch.nn.functional.pad(half, (0, 0, 0, 1))  # bin L of the 2L-point spectrum is 0
+    return 2 * torch.fft.irfft(half, n=2 * length, dim=-2)[..., :length, :]
+
+
+def dct_resample(x: torch.Tensor, num_slots: int, keep: KeepFn = None) -> torch.Tensor:
+    """First num_slots DCT-II coefficients of x (L rows), inverse-transformed to num_slots rows,
+    scaled by M / L so a constant stays constant."""
+    length = x.shape[-2]
+    coefficients = dct2(x)[..., :num_slots, :]
+    mask = _bin_mask(keep, torch.arange(num_slots, dtype=torch.float64) / (2 * num_slots), x.device)
+    if mask is not None:
+        coefficients = coefficients * mask
+    return idct(coefficients) * (num_slots / length)
+
+
+def compress_dct_iterative(x: torch.Tensor, num_slots: int, step: int = 64,
+                           keep: KeepFn = None) -> torch.Tensor:
+    """Tokens arrive `step` at a time; the buffer is re-compressed to num_slots rows every time it
+    outgrows them (so the first tokens pass through about (N - M) / step compressions)."""
+    if step < 1:
+        raise ValueError(f"dct-iterative needs step >= 1 (the window), got {step}")
+    x = x.to(compute_dtype(x.dtype))
+    num_tokens = x.shape[-2]
+    if num_slots > num_tokens:
+        raise ValueError(f"dct-iterative needs num_slots <= tokens, got {num_slots} > {num_tokens}")
+    # The first M tokens fit without compression; from there on every chunk triggers one.
+    buffer = x[..., :num_slots, :]
+    for start in range(num_slots, num_tokens, step):
+        buffer = torch.cat([buffer, x[..., start:start + step, :]], dim=-2)
+        buffer = dct_resample(buffer, num_slots, keep)
+    return buffer
+
+
+def dct_iterative_positions(num_tokens: int, num_slots: int, step: int = 64) -> torch.Tensor:
+    """The iterative map applied to the token indices (it maps a constant to itself, so each
+    slot's value is a weighted mean position of the tokens it stands for)."""
+    index = torch.arange(num_tokens, dtype=torch.float64).unsqueeze(-1)
+    return compress_dct_iterative(index, num_slots, step).squeeze(-1)
+
+
+def dct_expand(slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """DCT interpolation of M rows to num_tokens rows: the pseudo-inverse of dct_resample with
+    every coefficient kept (that map is sqrt(M/L) * C_M^T P C_L with orthonormal DCTs)."""
+    num_slots = slots.shape[-2]
+    coefficients = torch.nn.functional.pad(dct2(slots), (0, 0, 0, num_tokens - num_slots))
+    return idct(coefficients) * (num_tokens / num_slots)
+
+
+def dct_iterative_expand(slots: torch.Tensor, num_tokens: int, step: int = 64) -> torch.Tensor:
+    """Undo the re-compressions newest first, each by its pseudo-inverse (DCT interpolation back
+    to M + chunk rows), peeling off the chunk's tokens; the first M tokens are what remains."""
+    num_slots = slots.shape[-2]
+    buffer, chunks = slots, []
+    for start in reversed(range(num_slots, num_tokens, step)):
+        chunk = min(step, num_tokens - start)
+        grown = dct_expand(buffer, num_slots + chunk)
+        buffer, tokens = grown[..., :num_slots, :], grown[..., num_slots:, :]
+        chunks.append(tokens)
+    return torch.cat([buffer] + chunks[::-1], dim=-2)
+
+
+# --- one interface --------------------------------------------------------------------------
+def compress(variant: str, x: torch.Tensor, num_slots: int, keep: KeepFn = None,
+             step: int = 64) -> torch.Tensor:
+    """(..., N, head_dim) -> (..., num_slots, head_dim) in the compute dtype."""
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    if check_variant(variant) == "iwdft":
+        return compress_iwdft(x, num_slots, keep)
+    if variant == "resample":
+        return compress_resample(x, num_slots, keep)
+    return compress_dct_iterative(x, num_slots, step, keep)
+
+
+def slot_positions(variant: str, num_tokens: int, num_slots: int, step: int = 64) -> torch.Tensor:
+    """Representative 0-based index (within the middle) of each slot, (num_slots,) float64."""
+    if check_variant(variant) == "iwdft":
+        return iwdft_positions(num_tokens, num_slots)
+    if variant == "resample":
+        return resample_positions(num_tokens, num_slots)
+    return dct_iterative_positions(num_tokens, num_slots, step)
+
+
+def expand(variant: str, slots: torch.Tensor, num_tokens: int, step: int = 64) -> torch.Tensor:
+    """The closed-form way back from slots to tokens: replication for iwdft, band-limited
+    interpolation for resample (both the pseudo-inverse of the map when every bin is kept), and
+    for dct-iterative each re-compression undone by its pseudo-inverse, newest first."""
+    if check_variant(variant) == "iwdft":
+        return iwdft_expand(slots, num_tokens)
+    if variant == "resample":
+        return resample_expand(slots, num_tokens)
+    return dct_iterative_expand(slots, num_tokens, step)
+
+
+def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
+    """||x - approx||_F / ||x||_F (0 for an all-zero x reconstructed exactly)."""
+    x = x.to(approx.dtype)
+    norm = torch.linalg.vector_norm(x)
+    diff = torch.linalg.vector_norm(x - approx)
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def plan_keep(plan: FrequencyPlan | None, layer: int, kind: str, num_heads: int | None = None,
+              head: int | None = None) -> KeepFn:
+    """The keep callable of a plan at one layer (None for plan=None: keep every bin)."""
+    if plan is None:
+        return None
+    plan._spec(layer, kind)  # fail early on an unknown layer
+
+    def keep(freqs: torch.Tensor) -> torch.Tensor:
+        mask = plan.keep_frequencies(layer, freqs, kind, num_heads if head is None else None)
+        if head is not None and mask.ndim == 2:
+            return mask[head]
+        return mask
+
+    return keep
+
+
+def num_slots_for(num_tokens: int, compression_ratio: float) -> int:
+    """Slots of a middle segment alone: round((1 - ratio) * N), at least 1."""
+    if not 0 <= compression_ratio < 1:
+        raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
+    return max(1, round((1 - compression_ratio) * num_tokens))
+
+
+def compression_matrix(variant: str, num_tokens: int, compression_ratio: float,
+                       plan: FrequencyPlan | None = None, layer: int = 0, kind: str = "key",
+                       head: int | None = None, step: int = 64) -> torch.Tensor:
+    """The linear map (slots x tokens, float64) a variant applies to a middle of num_tokens
+    tokens, M = round((1 - ratio) * num_tokens); for dct-iterative it is the composition over all
+    re-compressions. Obtained by compressing the identity."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    num_slots = num_slots_for(num_tokens, compression_ratio)
+    identity = torch.eye(num_tokens, dtype=torch.float64)  # token n = unit vector e_n
+    keep = plan_keep(plan, layer, kind, head=head)
+    if plan is not None and plan.is_per_head(layer, kind) and head is None:
+        raise ValueError(f"plan layer {layer} is per head: pass head= to compression_matrix")
+    return compress(variant, identity, num_slots, keep, step)

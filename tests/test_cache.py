@@ -1,0 +1,253 @@
+"""FAEDKVCache: fixed budget during generation, state = batch IWDFT, true positions, memory."""
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import make_tiny_llama
+from faedkv import FAEDKVCache, FrequencyPlan, iwdft, iwdft_slots
+from faedkv.plans import bin_frequencies
+
+VOCAB = 128
+
+
+def record(cache: FAEDKVCache) -> tuple[dict, dict]:
+    """Wrap cache.update: per layer, what the model handed in and what attention got back."""
+    received, returned = {}, {}
+    update = cache.update
+
+    def recording_update(key_states, value_states, layer_idx, cache_kwargs=None):
+        received.setdefault(layer_idx, []).append((key_states, value_states))
+        keys, values = update(key_states, value_states, layer_idx, cache_kwargs)
+        returned.setdefault(layer_idx, []).append((keys.shape, values.shape))
+        return keys, values
+
+    cache.update = recording_update
+    return received, returned
+
+
+def all_received(received: dict, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = torch.cat([k for k, _ in received[layer_idx]], dim=2)
+    values = torch.cat([v for _, v in received[layer_idx]], dim=2)
+    return keys, values
+
+
+def distance_rows(folded: int, slots: int) -> torch.Tensor:
+    """Ring row of each distance bin b = 0..M-1: (folded - b) mod M."""
+    return (folded - torch.arange(slots)) % slots
+
+
+def test_bf16_decoding_keeps_the_budget_and_tracks_the_float32_state():
+    # bf16 here, fp32 in the generate test below (also 200 tokens)
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    tokens, ratio, sink, window = random.randint(150, 250), random.choice([0.5, 0.75]), 4, 16
+    cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=sink, window=window)
+    received, returned = record(cache)
+    ids = torch.randint(0, VOCAB, (2, tokens))
+    size = round((1 - ratio) * tokens)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache)
+        assert cache.stored_lengths() == [size] * 3
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(200):
+            out = model(input_ids=token, past_key_values=cache)
+            assert cache.stored_lengths() == [size] * 3, step
+            # what attention saw: the budget's rows, and nothing of it kept on the layer
+            assert all(returned[i][-1][0][2] == size for i in range(3)), step
+            assert all(layer.keys is None for layer in cache.layers)
+            assert cache.get_seq_length() == tokens + step + 1
+            token = out.logits[:, -1:].argmax(-1)
+    slots = size - sink - window
+    for layer_idx in range(3):
+        layer = cache.layers[layer_idx]
+        assert layer.mean_keys.dtype == torch.bfloat16 and layer.mean_keys.shape[2] == slots
+        keys, values = all_received(received, layer_idx)
+        state_k, state_v, folded = cache.states(layer_idx)
+        assert folded == tokens + 200 - sink - window
+        for state, x in ((state_k, keys), (state_v, values)):
+            batch = iwdft(x[:, :, sink:sink + folded].float(), slots)
+            assert (state - batch).abs().max() <= 2e-2 * batch.abs().max()
+
+
+def test_generate_works_and_state_equals_batch_iwdft():
+    model = make_tiny_llama()
+    tokens, ratio, sink, window, new = random.randint(120, 200), 0.6, 4, 16, 200
+    plan = FrequencyPlan(layers=[[0, 1, 2, 3], list(range(22)), [0, 5]])
+    cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=sink, window=window, plan=plan)
+    received, _ = record(cache)
+    ids = torch.randint(0, VOCAB, (2, tokens))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=2)
+    assert out.shape == (2, tokens + new)
+    size = round((1 - ratio) * tokens)
+    assert cache.stored_lengths() == [size] * 3
+    slots = size - sink - window
+    for layer_idx in range(3):
+        keys, values = all_received(received, layer_idx)
+        state_k, state_v, folded = cache.states(layer_idx)
+        assert folded == keys.shape[2] - sink - window
+        for state, x in ((state_k, keys), (state_v, values)):
+            batch = iwdft(x[:, :, sink:sink + folded], slots)
+            assert torch.allclose(state, batch, atol=1e-5 * batch.abs().max().item())
+        layer = cache.layers[layer_idx]
+        ring = torch.arange(folded) % slots
+        assert torch.equal(layer.counts, torch.bincount(ring, minlength=slots))
+        assert torch.equal(layer.window_keys, keys[:, :, -window:])
+        assert torch.equal(layer.sink_keys, keys[:, :, :sink])
+        # ring-order slots are the spec's distance-order slots, permuted (plan applied)
+        mask = plan.keep_frequencies(layer_idx, bin_frequencies(slots), "key", 2)
+        ring_slots = layer.slots()[0].index_select(2, distance_rows(folded, slots))
+        assert torch.allclose(ring_slots, iwdft_slots(state_k, mask),
+                              atol=1e-5 * ring_slots.abs().max().item())
+    # Layer 0's keys depend only on the token and its position: an independent full forward over
+    # the generated sequence gives the same keys, so the cache used true positions for RoPE.
+    full = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=out[:, :-1], past_key_values=full)
+    reference = full.layers[0].keys
+    state_k, _, folded = cache.states(0)
+    assert torch.allclose(cache.layers[0].window_keys, reference[:, :, -window:], atol=1e-5)
+    assert torch.allclose(state_k, iwdft(reference[:, :, sink:sink + folded], slots), atol=1e-5)
+
+
+def test_calls_longer_than_the_window_fold_more_than_a_lap_exactly():
+    """A 100-token call (more than W) then a 1-token call folding 85 tokens > M = 40: the fold
+    wraps around the ring and gives rows a second token in one call."""
+    model = make_tiny_llama()
+    cache = FAEDKVCache(compression_ratio=0.5, sink_tokens=4, window=16)
+    received, returned = record(cache)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (1, 120)), past_key_values=cache)
+        model(input_ids=torch.randint(0, VOCAB, (1, 100)), past_key_values=cache)
+        assert cache.stored_lengths() == [4 + 40 + 100] * 3
+        model(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=cache)
+    assert cache.stored_lengths() == [60] * 3
+    assert [r[0][2] for r in returned[0]] == [120, 4 + 40 + 100, 4 + 40 + 16]
+    for layer_idx in range(3):
+        keys, values = all_received(received, layer_idx)
+        state_k, state_v, folded = cache.states(layer_idx)
+        assert folded == 221 - 4 - 16
+        for state, x in ((state_k, keys), (state_v, values)):
+            batch = iwdft(x[:, :, 4:4 + folded], 40)
+            assert torch.allclose(state, batch, atol=1e-5 * batch.abs().max().item())
+
+
+class DistanceOrderCache(FAEDKVCache):
+    """The former formula: slots = iwdft_slots(states) in distance order (spec order)."""
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+        layer = self.layers[layer_idx]
+        if layer.folded and key_states.shape[2] < keys.shape[2]:  # not the prefill
+            start, stop = self.sink_tokens, self.sink_tokens + layer.num_slots
+            state_k, state_v, _ = self.states(layer_idx)
+            for out, state, kind in ((keys, state_k, "key"), (values, state_v, "value")):
+                mask = None if self.plan is None else self.plan.keep_frequencies(
+                    layer_idx, bin_frequencies(layer.num_slots), kind, keys.shape[1])
+                out[:, :, start:stop] = iwdft_slots(state, mask).to(out.dtype)
+        return keys, values
+
+
+@pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2], [0, 7, 8], [0, 21]])],
+                         ids=["all-bins", "plan"])
+def test_ring_order_gives_the_logits_of_distance_order_slots(plan):
+    model = make_tiny_llama()
+    tokens, steps = random.randint(120, 200), 40
+    ids = torch.randint(0, VOCAB, (2, tokens + steps))
+    logits, caches = [], []
+    for cache_type in (FAEDKVCache, DistanceOrderCache):
+        cache = cache_type(compression_ratio=0.6, sink_tokens=4, window=16, plan=plan)
+        with torch.no_grad():
+            model(input_ids=ids[:, :tokens], past_key_values=cache)
+            steps_logits = [model(input_ids=ids[:, tokens + i:tokens + i + 1], past_key_values=cache).logits
+                            for i in range(steps)]
+        logits.append(torch.cat(steps_logits, dim=1))
+        caches.append(cache)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    # the two caches really handed attention different row orders
+    layer = caches[0].layers[1]
+    mask = None if plan is None else plan.keep_frequencies(1, bin_frequencies(layer.num_slots), "key", 2)
+    distance = iwdft_slots(caches[0].states(1)[0], mask)
+    assert (layer.slots()[0] - distance).abs().max() > 1e-2 * distance.abs().max()
+
+
+def test_memory_at_ratio_075_is_under_030_of_a_dynamic_cache():
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    tokens, steps, sink, window = random.randint(380, 420), 50, 4, 16
+    cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=sink, window=window)
+    ids = torch.randint(0, VOCAB, (1, tokens + steps))
+    with torch.no_grad():
+        model(input_ids=ids[:, :tokens], past_key_values=cache)
+        for i in range(steps):
+            model(input_ids=ids[:, tokens + i:tokens + i + 1], past_key_values=cache)
+        full = DynamicCache()
+        model(input_ids=ids, past_key_values=full)
+    full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
+    rows = round(0.25 * tokens)
+    row_bytes = 2 * 16 * 2  # kv_heads * head_dim * bf16
+    # K and V rows in bf16 (sink + ring means + window, each its own storage), nothing else
+    assert cache.memory_bytes() == 3 * 2 * rows * row_bytes
+    assert full_bytes == 3 * 2 * (tokens + steps) * row_bytes
+    ratio = cache.memory_bytes() / full_bytes
+    print(f"\nmemory: FAEDKV {cache.memory_bytes()} B, DynamicCache {full_bytes} B, ratio {ratio:.3f}")
+    assert ratio <= 0.3
+
+
+def test_multi_token_calls_are_causal_at_true_positions():
+    """A 6-token call after the prefill: token i must not see tokens after it (the mask built
+    from get_mask_sizes lines the new columns up with the true positions)."""
+    model = make_tiny_llama()
+    tokens = random.randint(120, 200)
+    ids = torch.randint(0, VOCAB, (1, tokens))
+    follow = torch.randint(0, VOCAB, (1, 6))
+    changed = follow.clone()
+    changed[0, -1] = (follow[0, -1] + 1) % VOCAB
+    logits = []
+    for question in (follow, changed):
+        cache = FAEDKVCache(compression_ratio=0.5, window=16)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+            # later transformers pass the query length instead of cache_position
+            # (6 window tokens fold first: kv_length = S + M + W, the new columns at tokens..+5)
+            past = round(0.5 * tokens) - 6
+            expected = (past + 6, tokens - past)
+            assert cache.layers[0].get_mask_sizes(torch.arange(tokens, tokens + 6)) == expected
+            assert cache.layers[0].get_mask_sizes(6) == expected
+            logits.append(model(input_ids=question, past_key_values=cache).logits)
+        assert cache.stored_lengths() == [round(0.5 * tokens)] * 3
+        assert cache.get_seq_length() == tokens + 6
+    assert torch.allclose(logits[0][:, :-1], logits[1][:, :-1], atol=1e-6)
+    assert (logits[0][:, -1] - logits[1][:, -1]).abs().max() > 1e-4
+
+
+def test_zero_ratio_generates_like_a_dynamic_cache():
+    model = make_tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, random.randint(20, 80)))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=2)
+    expected = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+    cache = FAEDKVCache(compression_ratio=0.0)
+    got = model.generate(ids, past_key_values=cache, **kwargs)
+    assert torch.equal(got, expected)
+    rows = ids.shape[1] + 19  # the last generated token is never fed back
+    assert cache.memory_bytes() == 3 * 2 * rows * 2 * 16 * 4
+
+
+def test_bad_use_raises_value_error():
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="minimum context"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, VOCAB, (1, 60)),
+                  past_key_values=FAEDKVCache(compression_ratio=0.5, window=64))
+    with pytest.raises(ValueError, match="of one shape"):
+        FAEDKVCache(compression_ratio=0.5, window=8).update(torch.zeros(1, 2, 60, 16),
+                                                            torch.zeros(1, 2, 60, 8), 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        FAEDKVCache(compression_ratio=1.0)
+    cache = FAEDKVCache(compression_ratio=0.5, window=8)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (1, 60)), past_key_values=cache)
+    with pytest.raises(ValueError, match="beam search"):
+        cache.reorder_cache(torch.tensor([0]))
+    with pytest.raises(ValueError, match="cropped"):
+        cache.crop(10)

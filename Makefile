@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: setup run test chromium backend clean-venv
+.PHONY: setup run test chromium backend screenshots benchmarks clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ backend: setup
 
 test: setup chromium
 	$(PY) -m pytest
+
+# README pictures from the real app on the embedded model (docs/screenshots/*.png).
+screenshots: setup chromium
+	$(PY) docs/screenshots.py
+
+# CPU benchmarks into benchmarks/*.md, then BENCHMARKS.md from every fragment there
+# (the GPU fragment comes from `python -m analysis.bench gpu` on a GPU machine).
+benchmarks: setup
+	$(PY) -m analysis.bench compress --lengths 8192 32768 --layers 8
+	$(PY) -m analysis.bench tasks
+	$(PY) -m analysis.bench report
 
 clean-venv:
 	rm -rf $(VENV)

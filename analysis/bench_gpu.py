@@ -1,0 +1,372 @@
+"""`python -m analysis.bench gpu`: compression and decoding at Llama-3-8B scale, against the floor.
+
+1. compress: per-layer prefill compression of a Llama-3-8B-shaped cache (32 layers x 8 KV heads x
+   128 dims, bf16, fresh random draws per layer) for every FAEDKV variant, kvpress SnapKV and
+   StreamingLLM at ratio 0.75, timed with CUDA events; the floor is the bytes that must move
+   (read K and V once, write the kept rows) over the copy bandwidth measured in the same run.
+2. decode: a random-weight Llama-3-8B (bf16, sdpa) decoding one token at a time after a 32K /
+   128K context held by FAEDKVCache, a full DynamicCache, or a DynamicCache compressed by
+   kvpress's SnapKVPress. The context's K/V are random (decode cost does not depend on their
+   values), handed to each cache layer by layer exactly as a prefill would. Reports median ms per
+   token (CUDA events), persistent KV bytes, peak memory over the decode, and the share of a step
+   spent in the cache's update (an instrumented pass that synchronises around every update).
+3. needle: the SmolLM2 needle grid on the GPU up to 8K (`python -m analysis needle`), when the
+   embedded model is available (package or FAEDKV_EMBEDDED_GGUF).
+
+Everything goes to --out (gpu-bench.json with every row, gpu-bench.md with the tables, needle
+store under needle/); the tables are printed last.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=14336, num_hidden_layers=32, rope_theta=500000.0,
+                 max_position_embeddings=131072 + 1024, vocab_size=128256)
+
+
+def cuda_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Times of fn() in ms by CUDA events, after `warmup` untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the bytes read and written."""
+    import torch
+
+    src = torch.randint(0, 255, (int(gib * 2**30),), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = statistics.median(cuda_ms(lambda: dst.copy_(src), repeats=10))
+    return 2 * src.numel() / (ms / 1000)
+
+
+# --- 1. compression ---------------------------------------------------------------------------
+def compress_rows(lengths, layers: int, bandwidth: float, methods) -> list[dict]:
+    from analysis.bench import compress_benchmark
+
+    rows = compress_benchmark(lengths, layers=layers, device="cuda", methods=methods)
+    for row in rows:
+        # K and V of 8 heads x 128 dims in bf16: read all tokens, write the kept rows.
+        moved = 2 * 8 * 128 * 2 * (row["tokens"] + row["cache_len"])
+        row["floor_ms"] = moved / bandwidth * 1000
+        row["vs_floor"] = row["median_ms"] / row["floor_ms"]
+    return rows
+
+
+def fused_agreement(lengths, ratio: float = 0.75) -> list[dict]:
+    """Max |fused - torch| / max |torch| of FAEDKVPress's compressed K at each length (bf16)."""
+    import torch
+
+    from analysis.bench import llama3_layer
+    from faedkv import FAEDKVPress
+
+    module, config = llama3_layer("cuda", torch.bfloat16)
+    rows = []
+    for tokens in lengths:
+        keys = torch.randn(1, config.num_key_value_heads, tokens, config.head_dim, device="cuda",
+                           dtype=torch.bfloat16)
+        fast = FAEDKVPress(compression_ratio=ratio, record_errors=False)
+        slow = FAEDKVPress(compression_ratio=ratio, record_errors=False, fused=False)
+        with torch.no_grad():
+            a, _ = fast.compress(module, None, keys, keys, None, {})
+            b, _ = slow.compress(module, None, keys, keys, None, {})
+        rows.append({"tokens": tokens, "fused_used": fast.fusable(keys, keys),
+                     "max_rel_diff": float((a.float() - b.float()).abs().max() / b.float().abs().max())})
+    return rows
+
+
+DEFAULT_GPU_METHODS = ("iwdft", "iwdft-torch", "iwdft-lowpass", "resample", "snapkv", "streamingllm")
+
+
+# --- 2. decoding ------------------------------------------------------------------------------
+def llama3_8b(device: str = "cuda"):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def cache_bytes(cache) -> int:
+    """Persistent bytes of a cache: FAEDKVCache.memory_bytes(), or a DynamicCache's tensors."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if t is not None)
+
+
+def filled_cache(kind: str, model, tokens: int, ratio: float):
+    """A cache holding a `tokens`-long random context, as a prefill would have left it.
+
+    Returns (cache, cache_position of the next token)."""
+    import torch
+    from kvpress import SnapKVPress
+    from transformers import DynamicCache
+
+    from faedkv import FAEDKVCache
+
+    config = model.config
+    shape = (1, config.num_key_value_heads, tokens, config.head_dim)
+    cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64) if kind == "faedkv" else DynamicCache()
+    positions = torch.arange(tokens, device="cuda")
+    if kind == "snapkv":
+        press = SnapKVPress(compression_ratio=ratio, window_size=64)
+        hidden = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        cos, sin = model.model.rotary_emb(hidden, positions.unsqueeze(0))
+        kwargs = {"position_embeddings": (cos, sin), "cache_position": positions,
+                  "position_ids": positions.unsqueeze(0)}
+    for layer in range(config.num_hidden_layers):
+        keys = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        values = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        if kind == "snapkv":
+            with torch.no_grad():
+                keys, values = press.compress(model.model.layers[layer].self_attn, hidden, keys,
+                                              values, None, kwargs)
+        cache.update(keys, values, layer)
+        del keys, values
+    if kind == "snapkv":
+        del hidden, cos, sin
+    # DynamicCache counts stored rows; FAEDKVCache counts tokens seen (true positions).
+    return cache, cache.get_seq_length()
+
+
+def decode_row(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
+    import torch
+
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    cache, next_position = filled_cache(kind, model, tokens, ratio)
+    torch.cuda.synchronize()
+    kv_bytes = cache_bytes(cache)
+    after_fill = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    state = {"position": tokens, "cache_position": next_position}
+    token = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+
+    def step():
+        with torch.no_grad():
+            model(input_ids=token,
+                  position_ids=torch.tensor([[state["position"]]], device="cuda"),
+                  cache_position=torch.tensor([state["cache_position"]], device="cuda"),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        state["position"] += 1
+        state["cache_position"] += 1
+
+    times = cuda_ms(step, repeats=steps, warmup=3)
+    peak = torch.cuda.max_memory_allocated()
+    update_share = instrumented_update_share(cache, step, repeats=5)
+    row = {"tokens": tokens, "cache": kind, "ratio": ratio if kind != "full" else 0.0,
+           "ms_per_token": statistics.median(times), "steps": steps,
+           "kv_bytes": kv_bytes, "peak_over_weights": peak - weights,
+           "decode_transient": peak - after_fill, "update_share": update_share}
+    del cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def instrumented_update_share(cache, step, repeats: int) -> float:
+    """Share of a decode step spent in cache.update: a separate pass that synchronises around
+    every update call (wall time) and around the whole step."""
+    import time
+
+    import torch
+
+    spent = []
+    original = cache.update
+
+    def timed_update(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        torch.cuda.synchronize()
+        spent.append(time.perf_counter() - start)
+        return out
+
+    cache.update = timed_update
+    shares = []
+    try:
+        for _ in range(repeats):
+            spent.clear()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            shares.append(sum(spent) / (time.perf_counter() - start))
+    finally:
+        del cache.update
+    return statistics.median(shares)
+
+
+def decode_rows(lengths, ratio: float, steps: int, kinds=("full", "snapkv", "faedkv")) -> list[dict]:
+    from tqdm import tqdm
+
+    model = llama3_8b()
+    rows = []
+    for tokens in lengths:
+        for kind in tqdm(kinds, desc=f"decode {tokens}"):
+            rows.append(decode_row(model, kind, tokens, ratio, steps))
+    full = {r["tokens"]: r for r in rows if r["cache"] == "full"}
+    for r in rows:
+        base = full.get(r["tokens"])
+        r["kv_vs_full"] = r["kv_bytes"] / base["kv_bytes"] if base else None
+        r["speed_vs_full"] = base["ms_per_token"] / r["ms_per_token"] if base else None
+    return rows
+
+
+# --- 3. needle --------------------------------------------------------------------------------
+def needle_grid(out: Path, store: Path, lengths: str, samples: int, query_mode: str) -> dict:
+    """The needle grid through the CLI (its store resumes a killed run); returns its summary."""
+    command = [sys.executable, "-m", "analysis", "needle", "--device", "cuda",
+               "--methods", "full,streaming_llm,snapkv,faedkv,faedkv:variant=resample",
+               "--ratios", "0.5,0.75", "--lengths", lengths, "--depths", "0,50,100",
+               "--samples", str(samples), "--query-mode", query_mode, "--out", str(store),
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    (out / "needle.log").write_text(done.stdout + done.stderr)
+    return {"command": " ".join(command[1:]), "returncode": done.returncode,
+            "table": done.stdout.strip()}
+
+
+# --- report -----------------------------------------------------------------------------------
+def tables(result: dict) -> str:
+    gb = 1e9
+    result.setdefault("parts", [p for p in ("compress", "decode", "needle") if result.get(p)])
+    lines = [f"### GPU: {', '.join(result['parts'])} at Llama-3-8B scale ({result['date']})", "",
+             f"Command: `python -m analysis.bench gpu {result['argv']}`", "",
+             f"Machine: {result['machine']}. Copy bandwidth measured in the run: "
+             f"{result['bandwidth'] / 1e12:.2f} TB/s (read + write)."]
+    if result["compress"]:
+        lines += ["", f"Prefill compression per layer, ratio 0.75, median of {result['layers']} layers "
+                  "(fresh bf16 draws each), CUDA events around the press's compress call (Python "
+                  "included); floor = (read K,V + write kept rows) / bandwidth.", "",
+                  "| tokens | method | cache rows | median ms / layer | ms for 32 layers | floor ms | x floor | x SnapKV |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["compress"]:
+            snap = f"{r['vs_snapkv']:.2f}" if r["vs_snapkv"] is not None else "-"
+            lines.append(f"| {r['tokens']} | {r['method']} | {r['cache_len']} | {r['median_ms']:.3f} | "
+                         f"{32 * r['median_ms']:.2f} | {r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {snap} |")
+        for c in result.get("fused_check", []):
+            lines.append(f"\nFused vs torch path at {c['tokens']} tokens: fused kernel used: "
+                         f"{c['fused_used']}, max relative difference {c['max_rel_diff']:.1e}.")
+    if result["decode"]:
+        lines += ["", f"Decoding, random-weight Llama-3-8B (bf16, sdpa, batch 1), ratio 0.75; median of "
+                  f"{result['decode'][0]['steps']} tokens (CUDA events) after 3 warm-up steps. KV = "
+                  "persistent cache bytes; peak = max allocated during the decode minus weights; update "
+                  "share from a separate pass synchronised around every cache.update.", "",
+                  "| context | cache | ms / token | x full speed | KV GB | KV x full | peak over weights GB | update share |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["decode"]:
+            lines.append(f"| {r['tokens']} | {r['cache']} | {r['ms_per_token']:.2f} | {r['speed_vs_full']:.2f} | "
+                         f"{r['kv_bytes'] / gb:.2f} | {r['kv_vs_full']:.3f} | {r['peak_over_weights'] / gb:.2f} | "
+                         f"{100 * r['update_share']:.1f}% |")
+    needle = result.get("needle")
+    if needle:
+        lines += ["", f"Needle grid, SmolLM2-135M-Instruct (bf16) on the GPU: `python {needle['command']}` "
+                  f"(exit {needle['returncode']})", "", needle["table"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_gpu(args) -> int:
+    import torch
+
+    from analysis.bench import machine_description
+
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m analysis.bench gpu needs a CUDA GPU (torch sees none)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"date": datetime.date.today().isoformat(), "machine": machine_description("cuda"),
+              "layers": args.layers, "compress": [], "decode": [], "argv": " ".join(sys.argv[2:]),
+              "parts": args.parts}
+    result["bandwidth"] = copy_bandwidth()
+
+    def save():
+        tmp = out / "gpu-bench.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out / "gpu-bench.json")
+
+    if "compress" in args.parts:
+        result["fused_check"] = fused_agreement(args.lengths)
+        result["compress"] = compress_rows(args.lengths, args.layers, result["bandwidth"], args.methods)
+        save()
+    if "decode" in args.parts:
+        result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps)
+        save()
+    if "needle" in args.parts:
+        result["needle"] = needle_grid(out, Path(args.needle_store or out / "needle"),
+                                      args.needle_lengths, args.needle_samples, args.needle_query_mode)
+        save()
+    text = tables(result)
+    (out / "gpu-bench.md").write_text(text)
+    if args.fragment:
+        from analysis.bench import write_fragment
+
+        write_fragment(args.fragment, text)
+    print(text)
+    return 0
+
+
+def run_render(args) -> int:
+    """Re-render a stored gpu-bench.json (e.g. copied back from the GPU machine) as a fragment."""
+    from analysis.bench import write_fragment
+
+    result = json.loads(Path(args.json).read_text())
+    text = tables(result)
+    if args.title:
+        text = text.replace(text.splitlines()[0], f"### GPU: {args.title} ({result['date']})", 1)
+    write_fragment(args.fragment, text)
+    print(text)
+    return 0
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("gpu-render", help="markdown fragment from a stored gpu-bench.json")
+    r.add_argument("json")
+    r.add_argument("--fragment", required=True)
+    r.add_argument("--title", default=None, help="heading instead of the parts' names")
+    r.set_defaults(func=run_render)
+
+    p = sub.add_parser("gpu", help="compression + decoding at Llama-3-8B scale on a CUDA GPU")
+    p.add_argument("--parts", nargs="+", default=["compress", "decode", "needle"],
+                   choices=["compress", "decode", "needle"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--layers", type=int, default=8, help="fresh-draw layers timed per length")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_GPU_METHODS),
+                   help="compression methods (analysis.bench.METHODS, iwdft-compiled)")
+    p.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
+    p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
+    p.add_argument("--needle-samples", type=int, default=2)
+    p.add_argument("--needle-query-mode", default="query_agnostic",
+                   choices=["query_agnostic", "query_aware"])
+    p.add_argument("--needle-store", default=None, help="needle results store (default OUT/needle)")
+    p.add_argument("--out", default="results/bench-gpu")
+    p.add_argument("--fragment", default="benchmarks/gpu-h200.md",
+                   help="markdown fragment for BENCHMARKS.md ('' for none)")
+    p.set_defaults(func=run_gpu)

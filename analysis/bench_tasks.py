@@ -1,0 +1,88 @@
+"""`python -m analysis.bench tasks`: what the analyses cost and find on the embedded model (CPU).
+
+Loads the model, then times and records, into one markdown fragment headed by the machine:
+an interactive generation (the app's "re-run generation": 2K needle prompt, full vs FAEDKV 0.5),
+the needle grid and the RULER-style suite for the kvpress baselines and FAEDKV, and one spectra
+run (the app's "Spectra" page). Results go to a fresh store under --store (kept, so a killed run
+resumes with the same command); the fragment goes to --out.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = "full,streaming_llm,snapkv,knorm,faedkv,faedkv:variant=resample"
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def run_tasks(args) -> int:
+    import torch
+
+    from analysis.bench import machine_description
+    from analysis.cli import parse_methods
+    from analysis.generation import generate
+    from analysis.models import load_model
+    from analysis.params import GenerateParams, MethodSpec, NeedleParams, SpectraParams, SuiteParams, TaskPrompt
+    from analysis.spectra import run_spectra
+    from analysis.store import ResultsStore
+    from analysis.tasks.needle import needle_markdown, run_needle
+    from analysis.tasks.suite import run_suite, suite_markdown
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = ResultsStore(args.store)
+    loaded, load_s = timed(load_model, device=args.device)
+    methods = parse_methods(args.methods, args.ratios)
+    lines = [f"### Analyses on the embedded model ({datetime.date.today().isoformat()}, {args.device})", "",
+             f"Machine: {machine_description(args.device)}. Model: {loaded.info.name} "
+             f"({loaded.info.dtype}), loaded from its safetensors cache in {load_s:.1f} s.", "",
+             f"Command: `python -m analysis.bench tasks --lengths {','.join(map(str, args.lengths))} "
+             f"--samples {args.samples} --suite-length {args.suite_length}`", "",
+             "| step | what | seconds |", "|---|---|---:|"]
+    prompt = TaskPrompt(kind="needle", context_length=2048, depth=50.0, seed=0)
+    for spec in (MethodSpec(name="full"), MethodSpec(name="faedkv", compression_ratio=0.5)):
+        params = GenerateParams(prompt=prompt, method=spec, compare_full=False)
+        generate(loaded, params)  # the first call pays one-off costs (kernels, haystack tokens)
+        answer, seconds = timed(generate, loaded, params)
+        lines.append(f"| generate | 2048-token needle prompt, {spec.name}"
+                     f"{'' if spec.name == 'full' else ' @ 0.5'}, answer of up to 32 tokens | {seconds:.1f} |")
+    _, seconds = timed(run_spectra, loaded, store, SpectraParams(num_tokens=2048))
+    lines.append(f"| spectra | 2048 tokens, all layers, K/V pre/post-RoPE | {seconds:.1f} |")
+    needle_params = NeedleParams(methods=methods, lengths=args.lengths, depths=[0, 50, 100],
+                                 samples=args.samples)
+    needle_key, needle_s = timed(run_needle, loaded, store, needle_params)
+    lines.append(f"| needle grid | {needle_params.num_cells()} cells | {needle_s:.0f} |")
+    suite_params = SuiteParams(methods=methods, context_length=args.suite_length, samples=args.samples)
+    suite_key, suite_s = timed(run_suite, loaded, store, suite_params)
+    lines.append(f"| suite | {suite_params.num_cells()} cells at {args.suite_length} tokens | {suite_s:.0f} |")
+    lines += ["", "(A resumed run counts only the cells it computed.)", "",
+              needle_markdown(store.get(needle_key), detail=True), "",
+              suite_markdown(store.get(suite_key))]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from analysis.cli import float_list, int_list
+
+    p = sub.add_parser("tasks", help="generation, needle, suite and spectra on the embedded model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--ratios", type=float_list, default=[0.5, 0.75])
+    p.add_argument("--lengths", type=int_list, default=[1024, 2048])
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--suite-length", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--store", default="results/bench-tasks", help="results store (resumes)")
+    p.add_argument("--out", default="benchmarks/tasks-cpu.md", help="markdown fragment to write")
+    p.set_defaults(func=run_tasks)

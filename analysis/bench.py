@@ -203,8 +203,8 @@ def write_fragment(path: str, text: str) -> None:
 
 # Fragments in the order BENCHMARKS.md shows them; any other *.md in the folder follows.
 REPORT_ORDER = ("gpu-h200.md", "gpu-h200-decode-repeat.md", "gpu-h200-before-fusion.md",
-                "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
-                "tasks-cpu.md", "server-cpu.md")
+                "gpu-h200-grid.md", "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
+                "tasks-cpu.md", "shipped-analyses.md", "server-cpu.md")
 REPORT_HEAD = """# Benchmarks
 
 Every table below was written by a script (`python -m analysis.bench ...`, or
@@ -244,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/compress-cpu.md",
                    help="markdown fragment to write ('' for none)")
     p.set_defaults(func=run_compress)
-    from analysis.bench_tasks import add_parser as add_tasks_parser
+    from analysis.bench_tasks import add_parser as add_tasks_parser, add_shipped_parser
 
     add_tasks_parser(sub)
+    add_shipped_parser(sub)
     r = sub.add_parser("report", help="assemble BENCHMARKS.md from the fragments in benchmarks/")
     r.add_argument("--fragments", default="benchmarks")
     r.add_argument("--out", default="BENCHMARKS.md")

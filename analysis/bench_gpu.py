@@ -253,10 +253,47 @@ def needle_grid(out: Path, store: Path, lengths: str, samples: int, query_mode: 
             "table": done.stdout.strip()}
 
 
+GRID_METHODS = ("streaming_llm", "snapkv", "h2o", "pyramidkv", "faedkv", "faedkv:variant=resample",
+                "dct_iterative")
+
+
+def needle_grid_parallel(out: Path, store: Path, lengths: str, depths: str, ratios: str,
+                         samples: int) -> dict:
+    """The issue's full needle grid, one CLI process per method on the same GPU (a 135M model
+    leaves the GPU idle; the host's Python is the bottleneck), merged into one table. Each
+    process also runs `full` (the harness always adds it); the merged table keeps one."""
+    import glob
+
+    from analysis.tasks.needle import needle_markdown
+
+    processes = []
+    for i, method in enumerate(GRID_METHODS):
+        command = [sys.executable, "-m", "analysis", "needle", "--device", "cuda", "--methods", method,
+                   "--ratios", ratios, "--lengths", lengths, "--depths", depths,
+                   "--samples", str(samples), "--out", str(store / f"m{i}"), "--no-progress"]
+        log = open(out / "grid.log", "a")
+        processes.append((command, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+    codes = [p.wait() for _, p in processes]
+    merged: dict = {}
+    for i in range(len(GRID_METHODS)):
+        for path in glob.glob(str(store / f"m{i}" / "runs" / "needle-*" / "metrics.json")):
+            metrics = json.loads(Path(path).read_text())
+            if not merged:
+                merged = {**metrics, "by_method": [], "by_length": [], "by_cell": []}
+            seen = {r["label"] for r in merged["by_method"]}
+            for level in ("by_method", "by_length", "by_cell"):
+                merged[level] += [r for r in metrics[level] if r["label"] not in seen]
+    table = needle_markdown(merged, detail=True) if merged else "no run finished"
+    shown = " ".join(processes[0][0][1:]).replace(GRID_METHODS[0], "<method>")
+    return {"command": f"{shown}  (one process per method: {', '.join(GRID_METHODS)})",
+            "returncode": max(codes), "table": table}
+
+
 # --- report -----------------------------------------------------------------------------------
 def tables(result: dict) -> str:
     gb = 1e9
     result.setdefault("parts", [p for p in ("compress", "decode", "needle") if result.get(p)])
+    result["parts"] = ["needle grid" if p == "grid" else p for p in result["parts"]]
     lines = [f"### GPU: {', '.join(result['parts'])} at Llama-3-8B scale ({result['date']})", "",
              f"Command: `python -m analysis.bench gpu {result['argv']}`", "",
              f"Machine: {result['machine']}. Copy bandwidth measured in the run: "
@@ -287,7 +324,7 @@ def tables(result: dict) -> str:
                          f"{100 * r['update_share']:.1f}% |")
     needle = result.get("needle")
     if needle:
-        lines += ["", f"Needle grid, SmolLM2-135M-Instruct (bf16) on the GPU: `python {needle['command']}` "
+        lines += ["", f"Needle grid, {result.get('model', 'SmolLM2-135M-Instruct')} (bf16) on the GPU: `python {needle['command']}` "
                   f"(exit {needle['returncode']})", "", needle["table"]]
     return "\n".join(lines) + "\n"
 
@@ -317,6 +354,11 @@ def run_gpu(args) -> int:
         save()
     if "decode" in args.parts:
         result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps)
+        save()
+    if "grid" in args.parts:
+        result["needle"] = needle_grid_parallel(out, Path(args.needle_store or out / "grid"),
+                                                args.needle_lengths, args.grid_depths,
+                                                args.grid_ratios, args.needle_samples)
         save()
     if "needle" in args.parts:
         result["needle"] = needle_grid(out, Path(args.needle_store or out / "needle"),
@@ -354,7 +396,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("gpu", help="compression + decoding at Llama-3-8B scale on a CUDA GPU")
     p.add_argument("--parts", nargs="+", default=["compress", "decode", "needle"],
-                   choices=["compress", "decode", "needle"])
+                   choices=["compress", "decode", "needle", "grid"])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--layers", type=int, default=8, help="fresh-draw layers timed per length")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_GPU_METHODS),
@@ -363,6 +405,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
     p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
     p.add_argument("--needle-samples", type=int, default=2)
+    p.add_argument("--grid-depths", default="0,25,50,75,100")
+    p.add_argument("--grid-ratios", default="0.5,0.75,0.875")
     p.add_argument("--needle-query-mode", default="query_agnostic",
                    choices=["query_agnostic", "query_aware"])
     p.add_argument("--needle-store", default=None, help="needle results store (default OUT/needle)")

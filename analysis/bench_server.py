@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate-texts", type=int, default=1)
     p.add_argument("--ablate-sink", type=int, default=4)
     p.add_argument("--ablate-window", type=int, default=64)
+    p.add_argument("--fragment", default="benchmarks/server-cpu.md",
+                   help="markdown fragment for BENCHMARKS.md ('' for none)")
     p.add_argument("--workdir", default=None, help="where the two fresh stores go (default: a temp dir, removed)")
     return p
 
@@ -161,15 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     info = server["info"]
-    print(f"**Machine:** {machine()}  ")
-    print(f"**Model:** {info['name']} ({info['num_layers']} layers, {info['dtype']}, "
-          f"{info['device']}); needle lengths {args.lengths}, depths {args.depths}, "
-          f"{args.samples} samples, methods {args.methods} @ {args.ratios}, "
-          f"{args.max_new_tokens} new tokens; ablation {args.ablate_chunks} chunks x "
-          f"{'all' if args.ablate_layers is None else len(args.ablate_layers)} layers  ")
-    print(f"**Start-up (excluded):** server {server['startup']:.1f} s, in-process model load "
-          f"{local['startup']:.1f} s\n")
-    print(table(server, local))
+    command = "python -m analysis.bench_server " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        f"### Backend throughput: server vs in-process ({time.strftime('%Y-%m-%d')}, {info['device']})", "",
+        f"Command: `{command.strip()}`", "",
+        f"Machine: {machine()}. Model: {info['name']} ({info['num_layers']} layers, {info['dtype']}, "
+        f"{info['device']}); needle lengths {args.lengths}, depths {args.depths}, "
+        f"{args.samples} samples, methods {args.methods} @ {args.ratios}, "
+        f"{args.max_new_tokens} new tokens; ablation {args.ablate_chunks} chunks x "
+        f"{'all' if args.ablate_layers is None else len(args.ablate_layers)} layers. "
+        f"Start-up (excluded): server {server['startup']:.1f} s, in-process model load "
+        f"{local['startup']:.1f} s.", "",
+        table(server, local)]) + "\n"
+    print(text)
+    if args.fragment:
+        from analysis.bench import write_fragment
+
+        write_fragment(args.fragment, text)
     return 0
 
 

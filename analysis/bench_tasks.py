@@ -86,3 +86,51 @@ def add_parser(sub) -> None:
     p.add_argument("--store", default="results/bench-tasks", help="results store (resumes)")
     p.add_argument("--out", default="benchmarks/tasks-cpu.md", help="markdown fragment to write")
     p.set_defaults(func=run_tasks)
+
+
+def run_shipped(args) -> int:
+    """The shipped analyses (assets/results) as tables: token-contribution equality per method,
+    the ablation's largest chunk effects, and the plan comparison, read from the stored runs."""
+    import datetime as dt
+
+    import json
+
+    from analysis.bench import write_fragment
+
+    # Read the run folders directly: a store object would write an index into assets/.
+    metrics = {}
+    for path in sorted(Path(args.store, "runs").glob("*/metrics.json")):
+        metrics.setdefault(path.parent.name.split("-")[0], json.loads(path.read_text()))
+    lines = [f"### Shipped analyses of the embedded model (rendered {dt.date.today().isoformat()})", "",
+             f"Command: `python -m analysis.bench shipped --store {args.store}`; the runs and the "
+             "commands that made them: `assets/README.md`.", ""]
+    m = metrics.get("contrib")
+    if m:
+        lines += [f"Token contribution at {m['context_length']} tokens (1 = every token equal):", "",
+                  "| method | source | 1 - Gini | oldest / newest tenth | min / max |", "|---|---|---:|---:|---:|"]
+        for label, r in m["methods"].items():
+            lines.append(f"| {label} | {r['source']} | {r['one_minus_gini']:.3f} | "
+                         f"{r['oldest_over_newest']:.3f} | {r['min_over_max']:.3f} |")
+        lines.append("")
+    m = metrics.get("ablate")
+    if m and m.get("plan_comparison"):
+        lines += ["Plan comparison (FAEDKV iwdft with frequency plans; needle and suite accuracy):", "",
+                  "| ratio | plan | keep | needle acc. | suite avg | suite rel. full |", "|---|---|---:|---:|---:|---:|"]
+        for r in m["plan_comparison"]:
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}"
+            keep = "-" if r["keep"] is None else f"{r['keep']:g}"
+            lines.append(f"| {ratio} | {r['plan']} | {keep} | {100 * r['needle_accuracy']:.0f}% | "
+                         f"{r['suite_average']:.3f} | {100 * r['suite_rel_full']:.0f}% |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_fragment(args.out, text)
+    return 0
+
+
+def add_shipped_parser(sub) -> None:
+    p = sub.add_parser("shipped", help="tables of the shipped analyses (assets/results)")
+    p.add_argument("--store", default="assets/results")
+    p.add_argument("--out", default="benchmarks/shipped-analyses.md")
+    p.set_defaults(func=run_shipped)

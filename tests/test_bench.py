@@ -1,0 +1,48 @@
+"""Benchmark scripts: rows are well-formed, fragments assemble into BENCHMARKS.md in order."""
+import json
+
+from analysis import bench, bench_gpu
+
+
+def test_compress_benchmark_rows_on_cpu():
+    rows = bench.compress_benchmark(lengths=(1024,), layers=1, methods=("iwdft", "iwdft-torch", "snapkv"),
+                                    progress=False)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"iwdft", "iwdft-torch", "snapkv"}
+    assert all(r["cache_len"] == 256 and r["median_ms"] > 0 for r in rows)   # ratio 0.75 of 1024
+    assert by_method["snapkv"]["vs_snapkv"] == 1.0
+    table = bench.compress_table(rows, "cpu", 1, 1)
+    assert table.count("\n| 1024 |") == 3 and "Machine:" in table
+
+
+def test_report_assembles_fragments_in_order(tmp_path):
+    frags = tmp_path / "benchmarks"
+    frags.mkdir()
+    (frags / "zzz-extra.md").write_text("### extra\n")
+    (frags / "compress-cpu.md").write_text("### cpu\n")
+    (frags / "gpu-h200.md").write_text("### gpu\n")
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["report", "--fragments", str(frags), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks")
+    assert text.index("### gpu") < text.index("### cpu") < text.index("### extra")
+
+
+def test_gpu_render_shows_each_stored_part(tmp_path):
+    result = {"date": "2026-11-28", "machine": "test box", "argv": "--parts compress decode",
+              "bandwidth": 4.2e12, "layers": 8,
+              "compress": [{"tokens": 32768, "method": "iwdft", "cache_len": 8192, "median_ms": 0.08,
+                            "vs_snapkv": 0.04, "floor_ms": 0.04, "vs_floor": 2.0}],
+              "fused_check": [{"tokens": 32768, "fused_used": True, "max_rel_diff": 0.0}],
+              "decode": [{"tokens": 32768, "cache": "faedkv", "ms_per_token": 30.0, "speed_vs_full": 2.0,
+                          "kv_bytes": 1.07e9, "kv_vs_full": 0.25, "peak_over_weights": 1.1e9,
+                          "update_share": 0.187, "steps": 20}]}
+    path = tmp_path / "gpu-bench.json"
+    path.write_text(json.dumps(result))
+    fragment = tmp_path / "gpu.md"
+    assert bench.main(["gpu-render", str(path), "--fragment", str(fragment)]) == 0
+    text = fragment.read_text()
+    assert "| 32768 | iwdft | 8192 | 0.080 | 2.56 | 0.040 | 2.00 | 0.04 |" in text
+    assert "| 32768 | faedkv | 30.00 | 2.00 | 1.07 | 0.250 | 1.10 | 18.7% |" in text
+    assert "fused kernel used: True" in text
+    assert bench_gpu.tables({**result, "decode": []}).count("| context |") == 0

@@ -188,6 +188,19 @@ def pick_run(page: str, kind: str, summaries: list[dict], key_name: str = "run")
     return by_key[chosen]
 
 
+def show_run_of(page: str) -> Callable[[dict], None]:
+    """A job_panel on_done callback: select the finished job's run in `page`'s run picker."""
+    from app import state
+
+    def select(job: dict) -> None:
+        if job.get("run_key"):
+            st.session_state.pop(f"{page}.run", None)
+            st.session_state.get(state._MEMORY, {}).get(page, {}).pop("run", None)
+            st.query_params["run"] = job["run_key"]
+
+    return select
+
+
 # ----------------------------------------------------------------------------- jobs
 
 def submit(kind: str, params) -> dict | None:

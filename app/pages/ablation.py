@@ -48,12 +48,6 @@ def compute_form(layers: int, context: int) -> None:
                 st.session_state[JOB] = job["id"]
 
 
-def _select(job: dict) -> None:
-    if job.get("run_key"):
-        st.session_state.pop(f"{PAGE}.run", None)
-        st.session_state.get(state._MEMORY, {}).get(PAGE, {}).pop("run", None)
-        st.query_params["run"] = job["run_key"]
-
 
 def plan_comparison(metrics: dict) -> pd.DataFrame | None:
     """The run's comparison of plans (rows of {plan, ratio, metric...}), when it has one."""
@@ -85,7 +79,7 @@ def main() -> None:
     summaries = [r for r in ui.runs("ablate") if r.get("status") == "complete"]
     with st.expander("Compute an ablation", expanded=not summaries, icon=":material/add_chart:"):
         compute_form(int(info.get("num_layers") or 1), int(info.get("context_length") or 8192))
-        ui.job_panel(JOB, on_done=_select)
+        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE))
     if not summaries:
         ui.empty_state("No ablation run in the store yet: compute one above (or ship "
                        "assets/results).")

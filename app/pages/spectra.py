@@ -39,12 +39,6 @@ def compute_form(model_context: int) -> None:
                 st.session_state["spectra.job"] = job["id"]
 
 
-def _select_run(job: dict) -> None:
-    if job.get("run_key"):
-        st.session_state.get(state._MEMORY, {}).get(PAGE, {}).pop("run", None)
-        st.session_state.pop(f"{PAGE}.run", None)
-        st.query_params["run"] = job["run_key"]
-
 
 def main() -> None:
     health = ui.page_setup("Spectra", "Where the energy of each layer's keys and values sits "
@@ -57,7 +51,7 @@ def main() -> None:
     with st.expander("Compute spectra for another text length", expanded=not summaries,
                      icon=":material/add_chart:"):
         compute_form(context)
-        ui.job_panel("spectra.job", on_done=_select_run)
+        ui.job_panel("spectra.job", on_done=ui.show_run_of(PAGE))
     if not summaries:
         ui.empty_state("No spectra run in the store yet: compute one above (about a minute on the "
                        "embedded model, a few seconds on the tiny one).")

@@ -43,12 +43,6 @@ def compute_form(context: int) -> None:
                 st.session_state[JOB] = job["id"]
 
 
-def _select(job: dict) -> None:
-    if job.get("run_key"):
-        st.session_state.pop(f"{PAGE}.run", None)
-        st.session_state.get(state._MEMORY, {}).get(PAGE, {}).pop("run", None)
-        st.query_params["run"] = job["run_key"]
-
 
 def curves_and_summary(run: dict) -> tuple[dict, pd.DataFrame]:
     """({label: contribution over positions}, summary table indexed by label) of a contrib run:
@@ -72,7 +66,7 @@ def main() -> None:
     summaries = [r for r in ui.runs("contrib") if r.get("status") == "complete"]
     with st.expander("Compute contributions", expanded=not summaries, icon=":material/add_chart:"):
         compute_form(context)
-        ui.job_panel(JOB, on_done=_select)
+        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE))
     if not summaries:
         ui.empty_state("No contribution run in the store yet: compute one above.")
         return

@@ -17,38 +17,15 @@ Both sides start from empty stores, so nothing resumes.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from analysis.bench import machine_description
 from analysis.cli import float_list, int_list, parse_methods
 from analysis.params import AblateParams, NeedleParams
-
-
-def machine() -> str:
-    """'host: CPU model (n cores), GPU name, torch x' in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{platform.node()}: {cpu} ({os.cpu_count()} cores)"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            parts.append(f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}")
-        parts.append(f"torch {torch.__version__}")
-    except ImportError:
-        pass
-    return ", ".join(parts)
 
 
 def warmup(needle: NeedleParams) -> NeedleParams:
@@ -167,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"### Backend throughput: server vs in-process ({time.strftime('%Y-%m-%d')}, {info['device']})", "",
         f"Command: `{command.strip()}`", "",
-        f"Machine: {machine()}. Model: {info['name']} ({info['num_layers']} layers, {info['dtype']}, "
+        f"Machine: {machine_description(info['device'])}. Model: {info['name']} ({info['num_layers']} layers, {info['dtype']}, "
         f"{info['device']}); needle lengths {args.lengths}, depths {args.depths}, "
         f"{args.samples} samples, methods {args.methods} @ {args.ratios}, "
         f"{args.max_new_tokens} new tokens; ablation {args.ablate_chunks} chunks x "

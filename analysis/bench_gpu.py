@@ -258,11 +258,14 @@ GRID_METHODS = ("streaming_llm", "snapkv", "h2o", "pyramidkv", "faedkv", "faedkv
 
 
 def needle_grid_parallel(out: Path, store: Path, lengths: str, depths: str, ratios: str,
-                         samples: int) -> dict:
+                         samples: int, timeout_s: float | None = None) -> dict:
     """The issue's full needle grid, one CLI process per method on the same GPU (a 135M model
     leaves the GPU idle; the host's Python is the bottleneck), merged into one table. Each
-    process also runs `full` (the harness always adds it); the merged table keeps one."""
+    process also runs `full` (the harness always adds it); the merged table keeps one. After
+    timeout_s the unfinished processes are stopped (their finished cells stay in their stores:
+    the same command resumes them) and the table says which methods are missing."""
     import glob
+    import time
 
     from analysis.tasks.needle import needle_markdown
 
@@ -273,7 +276,16 @@ def needle_grid_parallel(out: Path, store: Path, lengths: str, depths: str, rati
                    "--samples", str(samples), "--out", str(store / f"m{i}"), "--no-progress"]
         log = open(out / "grid.log", "a")
         processes.append((command, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
-    codes = [p.wait() for _, p in processes]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    codes, missing = [], []
+    for (command, process), method in zip(processes, GRID_METHODS):
+        try:
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            codes.append(process.wait(timeout=left))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            codes.append(process.wait())
+            missing.append(method)
     merged: dict = {}
     for i in range(len(GRID_METHODS)):
         for path in glob.glob(str(store / f"m{i}" / "runs" / "needle-*" / "metrics.json")):
@@ -284,6 +296,9 @@ def needle_grid_parallel(out: Path, store: Path, lengths: str, depths: str, rati
             for level in ("by_method", "by_length", "by_cell"):
                 merged[level] += [r for r in metrics[level] if r["label"] not in seen]
     table = needle_markdown(merged, detail=True) if merged else "no run finished"
+    if missing:
+        table += (f"\n\nNot finished within {timeout_s:.0f} s (stopped; the same command resumes "
+                  f"them): {', '.join(missing)}.")
     shown = " ".join(processes[0][0][1:]).replace(GRID_METHODS[0], "<method>")
     return {"command": f"{shown}  (one process per method: {', '.join(GRID_METHODS)})",
             "returncode": max(codes), "table": table}
@@ -358,7 +373,8 @@ def run_gpu(args) -> int:
     if "grid" in args.parts:
         result["needle"] = needle_grid_parallel(out, Path(args.needle_store or out / "grid"),
                                                 args.needle_lengths, args.grid_depths,
-                                                args.grid_ratios, args.needle_samples)
+                                                args.grid_ratios, args.needle_samples,
+                                                args.grid_timeout)
         save()
     if "needle" in args.parts:
         result["needle"] = needle_grid(out, Path(args.needle_store or out / "needle"),
@@ -407,6 +423,8 @@ def add_parser(sub) -> None:
     p.add_argument("--needle-samples", type=int, default=2)
     p.add_argument("--grid-depths", default="0,25,50,75,100")
     p.add_argument("--grid-ratios", default="0.5,0.75,0.875")
+    p.add_argument("--grid-timeout", type=float, default=None,
+                   help="seconds to wait for the grid's processes before merging what finished")
     p.add_argument("--needle-query-mode", default="query_agnostic",
                    choices=["query_agnostic", "query_aware"])
     p.add_argument("--needle-store", default=None, help="needle results store (default OUT/needle)")

@@ -6,6 +6,7 @@ import torch
 
 from faedkv import FrequencyPlan, compression_matrix, contribution_profile, equality_summary
 from faedkv.contribution import gini
+from faedkv.variants import num_slots_for
 
 
 def test_profile_is_normalised_column_norms():
@@ -28,10 +29,15 @@ def test_summary_of_known_profiles():
 
 def test_iwdft_is_flat_for_any_plan():
     chunks = 22
-    plan = FrequencyPlan(layers=[sorted(random.sample(range(chunks), random.randint(1, chunks)))])
-    tokens = random.randint(40, 200)
+    tokens, ratio = random.randint(40, 200), random.choice([0.5, 0.75, 0.9])
+    # With few slots a chunk can hold no bin: draw plans that keep at least one of the M bins
+    # (a plan keeping none zeroes the middle, and every contribution is 0).
+    while True:
+        plan = FrequencyPlan(layers=[sorted(random.sample(range(chunks), random.randint(1, chunks)))])
+        if plan.mask(0, num_slots_for(tokens, ratio)).any():
+            break
     summary = equality_summary(contribution_profile(
-        compression_matrix("iwdft", tokens, random.choice([0.5, 0.75, 0.9]), plan=plan)))
+        compression_matrix("iwdft", tokens, ratio, plan=plan)))
     assert summary["one_minus_gini"] == pytest.approx(1.0, abs=1e-9)
     assert summary["min_over_max"] == pytest.approx(1.0, abs=1e-9)
 

@@ -31,7 +31,6 @@ layer (the lower one on a tie), so a coarse grid still yields a plan for every l
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -449,27 +448,19 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def _cli(args) -> int:
-    from analysis.spectra import open_cli, progress_callback
+    from analysis.spectra import run_from_cli
 
     params = AblateParams(chunks=args.chunks, layers=parse_layers(args.layers), target=args.target,
                           prefix_tokens=args.prefix_tokens,
                           continuation_tokens=args.continuation_tokens, num_texts=args.num_texts,
                           needle_samples=args.needle_samples, sink_tokens=args.sink_tokens,
                           window=args.window, seed=args.seed)
-    handle, store = open_cli(args)
-    start = time.perf_counter()
-    progress, close = progress_callback(args, "ablate (layer x chunk)")
-    try:
-        key = run_ablation(handle, store, params, progress=progress, executor=args.executor,
-                           ray_address=args.ray_address)
-    finally:
-        close()
-    run = store.get(key)
+    run, seconds = run_from_cli(args, run_ablation, params, "ablate (layer x chunk)")
     m = run.metrics()
     a = run.get_array("ablation")
     print(f"ablate run {run.name}: {len(m['layers'])} layers x {m['chunks']} chunks, target "
           f"{m['target']}, {params.num_texts} texts, {params.needle_samples} needle samples, "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{seconds:.1f} s")
     print(f"baseline continuation NLL {m['baseline_nll_mean']:.4f}"
           + (f", needle answer NLL {np.mean(m['baseline_needle_nll']):.4f}"
              if params.needle_samples else ""))
@@ -509,7 +500,7 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def _plans_cli(args) -> int:
-    from analysis.spectra import open_cli, progress_callback
+    from analysis.spectra import open_cli
 
     handle, store = open_cli(args)
     start = time.perf_counter()

@@ -185,7 +185,7 @@ def decode_row(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
            "ms_per_token": statistics.median(times), "steps": steps,
            "kv_bytes": kv_bytes, "peak_over_weights": peak - weights,
            "decode_transient": peak - after_fill, "update_share": update_share}
-    del cache
+    cache = None  # free this cache's memory before the next row is measured
     torch.cuda.empty_cache()
     return row
 

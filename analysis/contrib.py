@@ -35,7 +35,6 @@ eviction methods sink 4 and window 64, the faedkv defaults) are stored under "mi
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -292,21 +291,13 @@ def parse_methods(text: str, ratio: float, variants: str = "iwdft") -> list[Meth
 
 
 def _cli(args) -> int:
-    from analysis.spectra import open_cli, progress_callback
+    from analysis.spectra import run_from_cli
 
     params = ContribParams(methods=parse_methods(args.methods, args.ratio, args.variants),
                            context_length=args.context_length, text_seed=args.text_seed)
-    handle, store = open_cli(args)
-    start = time.perf_counter()
-    progress, close = progress_callback(args, "contrib (methods)")
-    try:
-        key = run_contrib(handle, store, params, progress=progress, executor=args.executor,
-                          ray_address=args.ray_address)
-    finally:
-        close()
-    run = store.get(key)
+    run, seconds = run_from_cli(args, run_contrib, params, "contrib (methods)")
     print(f"contrib run {run.name}: {len(params.methods)} methods, ratio {args.ratio}, "
-          f"{params.context_length} tokens, {time.perf_counter() - start:.1f} s")
+          f"{params.context_length} tokens, {seconds:.1f} s")
     print(f"  {'method':34s} {'source':18s} {'1-Gini':>7s} {'old/new':>8s} {'min/max':>8s}")
     for label, s in run.metrics()["methods"].items():
         print(f"  {label:34s} {s['source']:18s} {s['one_minus_gini']:7.4f} "

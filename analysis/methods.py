@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import json
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from analysis.params import METHODS, MethodSpec
 

@@ -291,22 +291,27 @@ def open_cli(args, attn_implementation: str | None = None):
             ResultsStore(args.out))
 
 
+def run_from_cli(args, run_fn, params, desc: str, unit: str = "cell"):
+    """Run an analysis job from the shared flags with a progress bar: (run, wall seconds)."""
+    handle, store = open_cli(args)
+    start = time.perf_counter()
+    progress, close = progress_callback(args, desc, unit)
+    try:
+        key = run_fn(handle, store, params, progress=progress, executor=args.executor,
+                     ray_address=args.ray_address)
+    finally:
+        close()
+    return store.get(key), time.perf_counter() - start
+
+
 def _cli(args) -> int:
     params = SpectraParams(num_tokens=args.num_tokens, text_seed=args.text_seed,
                            grid_points=args.grid_points, chunks=args.chunks)
-    handle, store = open_cli(args)
-    start = time.perf_counter()
-    progress, close = progress_callback(args, "spectra (layers)", "layer")
-    try:
-        key = run_spectra(handle, store, params, progress=progress, executor=args.executor,
-                          ray_address=args.ray_address)
-    finally:
-        close()
-    run = store.get(key)
+    run, seconds = run_from_cli(args, run_spectra, params, "spectra (layers)", "layer")
     m = run.metrics()
     print(f"spectra run {run.name} ({m['num_layers']} layers x {m['kv_heads']} KV heads, "
           f"{m['text']['num_tokens']} tokens from {m['text']['first_essay']!r}) in "
-          f"{time.perf_counter() - start:.1f} s (forward + spectra: {m['seconds']} s)")
+          f"{seconds:.1f} s (forward + spectra: {m['seconds']} s)")
     print("layer-mean spectral centroid (normalised frequency, IWDFT):")
     for name, value in m["mean_centroid"].items():
         low = np.mean(m["fraction_below"][name]["0.05"])

@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from analysis import ablation
 from analysis.params import AblateParams

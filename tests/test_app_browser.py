@@ -5,6 +5,7 @@ Opens every page, computes spectra from the Spectra page and exports its heatmap
 with PIL), re-runs generation in the Frequency lab, starts a needle grid, watches it fill in and
 cancels it; saves a screenshot of every page to tests/artifacts/<page>.png.
 """
+import contextlib
 import io
 import os
 import signal
@@ -58,18 +59,16 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(5)
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """A backend on tiny-random-llama with an empty store, and the app pointed at it."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    (tmp / "no-assets").mkdir()
+@contextlib.contextmanager
+def serving(workdir: Path, backend_args: list[str], backend_timeout: float = 120):
+    """A backend (`python -m analysis.server <backend_args>`) and the app pointed at it; yields
+    the app's URL and stops both. Logs go to workdir."""
     backend_port, app_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("FAEDKV_BACKEND_URL", "FAEDKV_TOKEN")}
     env["PYTHONPATH"] = str(ROOT)
-    backend_log, app_log = tmp / "backend.log", tmp / "app.log"
+    backend_log, app_log = workdir / "backend.log", workdir / "app.log"
     backend = subprocess.Popen(
-        [sys.executable, "-m", "analysis.server", "--model", "tiny-random-llama", "--port",
-         str(backend_port), "--store", str(tmp / "store"), "--import-assets", str(tmp / "no-assets")],
+        [sys.executable, "-m", "analysis.server", *backend_args, "--port", str(backend_port)],
         cwd=ROOT, env=env, stdout=open(backend_log, "wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
     app = subprocess.Popen(
@@ -78,12 +77,22 @@ def app_url(tmp_path_factory):
         cwd=ROOT, env={**env, "FAEDKV_BACKEND_URL": f"http://127.0.0.1:{backend_port}"},
         stdout=open(app_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{backend_port}/health", 120, backend, backend_log)
+        _wait_http(f"http://127.0.0.1:{backend_port}/health", backend_timeout, backend, backend_log)
         _wait_http(f"http://127.0.0.1:{app_port}/_stcore/health", 60, app, app_log)
         yield f"http://127.0.0.1:{app_port}"
     finally:
         _stop(app)
         _stop(backend)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """A backend on tiny-random-llama with an empty store, and the app pointed at it."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "no-assets").mkdir()
+    with serving(tmp, ["--model", "tiny-random-llama", "--store", str(tmp / "store"),
+                       "--import-assets", str(tmp / "no-assets")]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

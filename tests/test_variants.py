@@ -73,7 +73,6 @@ def test_expansion_is_the_pseudo_inverse_when_every_bin_is_kept():
     tokens = random.randint(60, 160)
     for variant in ("iwdft", "resample"):
         matrix = compression_matrix(variant, tokens, 0.6)
-        slots = torch.randn(matrix.shape[0], 1, dtype=torch.float64)
         # expand(A x) = A^+ A x: the least-squares reconstruction from the slots
         x = torch.randn(tokens, 1, dtype=torch.float64)
         assert torch.allclose(expand(variant, matrix @ x, tokens),

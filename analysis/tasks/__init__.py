@@ -64,3 +64,24 @@ def run_config(loaded, params) -> dict:
 
     return {"model": loaded.info.key, "params": params.key_dict(),
             "project_commit": project_commit()}
+
+
+def run_grid(kind: str, model, store, params, cells: list[dict], make_cell, metrics,
+             desc: str | None = None, progress=None, should_stop=None, executor: str = "local",
+             ray_address: str | None = None, show_progress: bool = True) -> str:
+    """The body every task shares: open (or resume) the run keyed on model + params, run the
+    cells, write predictions.csv and metrics.json; returns the run key.
+
+    make_cell(handle) -> the picklable per-cell callable; metrics(rows, model_name) -> dict.
+    `params` must already include full (`with_full`)."""
+    from analysis.runner import run_cells
+
+    handle, loaded = model_handle(model)
+    run = store.open_run(kind, run_config(loaded, params))
+    records = run_cells(run, cells, make_cell(handle), executor=executor, progress=progress,
+                        should_stop=should_stop, ray_address=ray_address, desc=desc or kind,
+                        show_progress=show_progress)
+    rows = [{"cell_id": c["id"], **records[c["id"]]} for c in cells]
+    run.write_predictions(rows)
+    run.write_metrics(metrics(rows, loaded.info.name))
+    return run.key

@@ -42,7 +42,7 @@ import numpy as np
 
 from analysis import haystack
 from analysis.params import MethodSpec, NeedleParams
-from analysis.tasks import model_handle, run_config, stable_seed, unique_labels, with_full
+from analysis.tasks import run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import exact_match, partial_match, recall, rouge_l, wilson_interval
 
 SENTENCE_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -217,19 +217,12 @@ def run_needle(model, store, params: NeedleParams, progress=None, should_stop=No
                show_progress: bool = True) -> str:
     """Run (or resume) the needle grid; writes predictions.csv and metrics.json; returns the
     run key."""
-    from analysis.runner import run_cells
-
     params = normalized_params(params)
-    handle, loaded = model_handle(model)
-    run = store.open_run("needle", run_config(loaded, params))
-    cells = needle_cells(params)
-    records = run_cells(run, cells, NeedleCell(handle, params), executor=executor,
-                        progress=progress, should_stop=should_stop, ray_address=ray_address,
-                        desc=f"needle {params.needle}", show_progress=show_progress)
-    rows = [{"cell_id": c["id"], **records[c["id"]]} for c in cells]
-    run.write_predictions(rows)
-    run.write_metrics(needle_metrics(rows, params, loaded.info.name))
-    return run.key
+    return run_grid("needle", model, store, params, needle_cells(params),
+                    lambda handle: NeedleCell(handle, params),
+                    lambda rows, name: needle_metrics(rows, params, name),
+                    desc=f"needle {params.needle}", progress=progress, should_stop=should_stop,
+                    executor=executor, ray_address=ray_address, show_progress=show_progress)
 
 
 # ---------------------------------------------------------------------------------- metrics

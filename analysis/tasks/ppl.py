@@ -30,7 +30,7 @@ import time
 
 from analysis import haystack
 from analysis.params import MethodSpec, PplParams
-from analysis.tasks import model_handle, run_config, unique_labels, with_full
+from analysis.tasks import run_grid, unique_labels, with_full
 
 
 def _as_ids(ids, device):
@@ -143,19 +143,12 @@ def run_ppl(model, store, params: PplParams, progress=None, should_stop=None,
             executor: str = "local", ray_address: str | None = None,
             show_progress: bool = True) -> str:
     """Run (or resume) the perplexity grid (methods x texts, full always included)."""
-    from analysis.runner import run_cells
-
     params = params.model_copy(update={"methods": with_full(params.methods)})
-    handle, loaded = model_handle(model)
-    run = store.open_run("ppl", run_config(loaded, params))
-    cells = ppl_cells(params)
-    records = run_cells(run, cells, PplCell(handle, params), executor=executor,
-                        progress=progress, should_stop=should_stop, ray_address=ray_address,
-                        desc="ppl", show_progress=show_progress)
-    rows = [{"cell_id": c["id"], **records[c["id"]]} for c in cells]
-    run.write_predictions(rows)
-    run.write_metrics(ppl_metrics(rows, params, loaded.info.name))
-    return run.key
+    return run_grid("ppl", model, store, params, ppl_cells(params),
+                    lambda handle: PplCell(handle, params),
+                    lambda rows, name: ppl_metrics(rows, params, name),
+                    progress=progress, should_stop=should_stop, executor=executor,
+                    ray_address=ray_address, show_progress=show_progress)
 
 
 def ppl_metrics(rows: list[dict], params: PplParams, model_name: str = "") -> dict:

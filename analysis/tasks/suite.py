@@ -39,7 +39,7 @@ import string
 
 from analysis import haystack
 from analysis.params import SUITE_TASKS, MethodSpec, SuiteParams
-from analysis.tasks import model_handle, run_config, stable_seed, unique_labels, with_full
+from analysis.tasks import run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import mean_interval, recall, rouge_l
 
 NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -268,19 +268,12 @@ def run_suite(model, store, params: SuiteParams, progress=None, should_stop=None
               executor: str = "local", ray_address: str | None = None,
               show_progress: bool = True) -> str:
     """Run (or resume) the suite (methods x tasks x samples, full always included)."""
-    from analysis.runner import run_cells
-
     params = params.model_copy(update={"methods": with_full(params.methods)})
-    handle, loaded = model_handle(model)
-    run = store.open_run("suite", run_config(loaded, params))
-    cells = suite_cells(params)
-    records = run_cells(run, cells, SuiteCell(handle, params), executor=executor,
-                        progress=progress, should_stop=should_stop, ray_address=ray_address,
-                        desc="suite", show_progress=show_progress)
-    rows = [{"cell_id": c["id"], **records[c["id"]]} for c in cells]
-    run.write_predictions(rows)
-    run.write_metrics(suite_metrics(rows, params, loaded.info.name))
-    return run.key
+    return run_grid("suite", model, store, params, suite_cells(params),
+                    lambda handle: SuiteCell(handle, params),
+                    lambda rows, name: suite_metrics(rows, params, name),
+                    progress=progress, should_stop=should_stop, executor=executor,
+                    ray_address=ray_address, show_progress=show_progress)
 
 
 def suite_metrics(rows: list[dict], params: SuiteParams, model_name: str = "") -> dict:

@@ -26,9 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=14336, num_hidden_layers=32, rope_theta=500000.0,
-                 max_position_embeddings=131072 + 1024, vocab_size=128256)
+from analysis.models import LLAMA3_8B
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
@@ -98,18 +96,12 @@ DEFAULT_GPU_METHODS = ("iwdft", "iwdft-torch", "iwdft-lowpass", "resample", "sna
 
 # --- 2. decoding ------------------------------------------------------------------------------
 def llama3_8b(device: str = "cuda"):
+    """Llama-3-8B with its own 128256-token vocabulary, random bf16 weights, sdpa."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    from analysis.models import build_random_llama3_8b
+
+    return build_random_llama3_8b(LLAMA3_8B["vocab_size"], device, torch.bfloat16, "sdpa")
 
 
 def cache_bytes(cache) -> int:
@@ -132,7 +124,12 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
 
     config = model.config
     shape = (1, config.num_key_value_heads, tokens, config.head_dim)
-    cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64) if kind == "faedkv" else DynamicCache()
+    if kind.startswith("faedkv"):
+        # faedkv: the one-kernel decode step (faedkv.fused); faedkv-torch: the torch path
+        cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64,
+                            fused=False if kind == "faedkv-torch" else None)
+    else:
+        cache = DynamicCache()
     positions = torch.arange(tokens, device="cuda")
     if kind == "snapkv":
         press = SnapKVPress(compression_ratio=ratio, window_size=64)
@@ -223,7 +220,35 @@ def instrumented_update_share(cache, step, repeats: int) -> float:
     return statistics.median(shares)
 
 
-def decode_rows(lengths, ratio: float, steps: int, kinds=("full", "snapkv", "faedkv")) -> list[dict]:
+def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
+    """The one-kernel decode step against the torch path on one Llama-3-8B-shaped layer: the
+    same random prefill, then `steps` calls of one random token each (and one of 8), comparing
+    what attention gets and the ring means after every call."""
+    import torch
+
+    from faedkv.cache import FAEDKVLayer
+
+    shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
+    keys = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    layers = [FAEDKVLayer(0, ratio, 4, 64, fused=fused) for fused in (None, False)]
+    for layer in layers:
+        layer.update(keys, values)
+    worst_out = worst_means = 0.0
+    for size in [1] * steps + [8, 1]:
+        new = [torch.randn(shape[:2] + (size, shape[-1]), device="cuda", dtype=torch.bfloat16)
+               for _ in range(2)]
+        (k1, v1), (k2, v2) = (layer.update(*new) for layer in layers)
+        for a, b in ((k1, k2), (v1, v2)):
+            worst_out = max(worst_out, ((a.float() - b.float()).abs().max() / b.float().abs().max()).item())
+        a, b = layers[0].means.float(), layers[1].means.float()
+        worst_means = max(worst_means, ((a - b).abs().max() / b.abs().max()).item())
+    return {"tokens": tokens, "steps": steps + 2, "kernel_used": layers[0].head != 0,
+            "max_rel_diff_attended": worst_out, "max_rel_diff_means": worst_means}
+
+
+def decode_rows(lengths, ratio: float, steps: int,
+                kinds=("full", "snapkv", "faedkv", "faedkv-torch")) -> list[dict]:
     from tqdm import tqdm
 
     model = llama3_8b()
@@ -337,6 +362,13 @@ def tables(result: dict) -> str:
             lines.append(f"| {r['tokens']} | {r['cache']} | {r['ms_per_token']:.2f} | {r['speed_vs_full']:.2f} | "
                          f"{r['kv_bytes'] / gb:.2f} | {r['kv_vs_full']:.3f} | {r['peak_over_weights'] / gb:.2f} | "
                          f"{100 * r['update_share']:.1f}% |")
+        check = result.get("decode_check")
+        if check:
+            lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.fused.decode_step_into), faedkv-torch "
+                         f"= the same cache on the torch path. Kernel vs torch path over {check['steps']} calls "
+                         f"after a {check['tokens']}-token prefill: kernel used: {check['kernel_used']}, max "
+                         f"relative difference {check['max_rel_diff_attended']:.1e} in what attention gets, "
+                         f"{check['max_rel_diff_means']:.1e} in the ring means.")
     needle = result.get("needle")
     if needle:
         lines += ["", f"Needle grid, {result.get('model', 'SmolLM2-135M-Instruct')} (bf16) on the GPU: `python {needle['command']}` "
@@ -368,7 +400,8 @@ def run_gpu(args) -> int:
         result["compress"] = compress_rows(args.lengths, args.layers, result["bandwidth"], args.methods)
         save()
     if "decode" in args.parts:
-        result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps)
+        result["decode_check"] = decode_agreement(args.decode_lengths[0])
+        result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps, args.decode_kinds)
         save()
     if "grid" in args.parts:
         result["needle"] = needle_grid_parallel(out, Path(args.needle_store or out / "grid"),
@@ -419,6 +452,9 @@ def add_parser(sub) -> None:
                    help="compression methods (analysis.bench.METHODS, iwdft-compiled)")
     p.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
+    p.add_argument("--decode-kinds", nargs="+", default=["full", "snapkv", "faedkv", "faedkv-torch"],
+                   choices=["full", "snapkv", "faedkv", "faedkv-torch"],
+                   help="caches to decode with (faedkv-torch: FAEDKVCache without the fused step)")
     p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
     p.add_argument("--needle-samples", type=int, default=2)
     p.add_argument("--grid-depths", default="0,25,50,75,100")

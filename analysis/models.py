@@ -27,6 +27,12 @@ from typing import Any
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny-random-llama"
+# Llama-3-8B's shape (32 layers x 8 KV heads x 128 dims) with random weights, for speed and
+# memory at real scale without a download; its vocabulary is the embedded tokenizer's.
+LLAMA3_8B_NAME = "random-llama3-8b"
+LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=14336, num_hidden_layers=32, rope_theta=500000.0,
+                 max_position_embeddings=131072 + 1024, vocab_size=128256)
 # The GGUF's tokenizer reports a huge model_max_length; the model was trained to 8192.
 EMBEDDED_CONTEXT = 8192
 
@@ -41,7 +47,7 @@ class ModelLoadError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str               # what the user asked for (or the embedded / tiny name)
-    source: str             # "embedded-gguf" | "hub" | "local" | "tiny"
+    source: str             # "embedded-gguf" | "hub" | "local" | "tiny" | "random"
     revision: str           # GGUF sha256, hub commit, local config hash, or "seed=<n>"
     dtype: str
     device: str
@@ -235,6 +241,27 @@ def build_tiny_llama(seed: int = 0, dtype=None, attn_implementation: str | None 
     return model
 
 
+def build_random_llama3_8b(vocab_size: int, device: str, dtype, attn_implementation: str, seed: int = 0):
+    """A random-weight Llama-3-8B-shaped `LlamaForCausalLM`, built on `device` directly (16 GB
+    in bf16; a GPU initialises it in seconds), deterministic in seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA3_8B, "vocab_size": vocab_size}, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    config._attn_implementation = attn_implementation
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.device(device):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
 def _info(name, source, revision, model, device, attn, context) -> ModelInfo:
     cfg = model.config
     heads = cfg.num_attention_heads
@@ -284,7 +311,8 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
                attn_implementation: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    model: None or "smollm2-135m-instruct" (embedded GGUF), "tiny-random-llama", a local folder,
+    model: None or "smollm2-135m-instruct" (embedded GGUF), "tiny-random-llama", "random-llama3-8b"
+        (Llama-3-8B's shape, random weights, the embedded tokenizer: for GPUs), a local folder,
         or a Hugging Face id (downloaded only then; offline it must already be in the HF cache).
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16), "float32", "bfloat16", "float16".
@@ -308,6 +336,12 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
         net.config._attn_implementation = attn
         net.to(device)
         info = _info(name, "tiny", "seed=0", net, device, attn, net.config.max_position_embeddings)
+        return LoadedModel(net, tokenizer, info)
+    elif name == LLAMA3_8B_NAME:
+        folder, _ = embedded_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        net = build_random_llama3_8b(len(tokenizer), device, torch_dtype, attn)
+        info = _info(name, "random", "seed=0", net, device, attn, net.config.max_position_embeddings)
         return LoadedModel(net, tokenizer, info)
     elif _looks_like_path(name):
         name = os.path.expanduser(name)

@@ -341,7 +341,7 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
-                   help="smollm2-135m-instruct (default, embedded), tiny-random-llama, a HF id or a folder")
+                   help="smollm2-135m-instruct (default, embedded), tiny-random-llama, random-llama3-8b, a HF id or a folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16) | float32 | bfloat16 | float16")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default) | eager")

@@ -24,6 +24,11 @@ ring order: slot_r = mean_r * count_r * M / folded, which is the spec's slot at 
 commutes with the reversal and shift from ring to distance order). [sink | slots | window] is
 written into a fresh tensor on every call and not kept, so only one layer's copy is alive.
 
+A decode step is launch-bound, so on CUDA (with Triton) a call of q <= min(W, M) tokens without
+a plan is ONE kernel per layer (faedkv.fused.decode_step_into): fold, slots, window and new
+tokens written in one pass, the window kept as a ring (`head` = its oldest row) whose folded
+rows take the new tokens. The torch path below defines the result; the kernel matches it.
+
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
 Limits: post-RoPE keys and the iwdft variant only; unpadded batches (every row the same length);
@@ -34,6 +39,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from faedkv import fused as fused_kernels
 from faedkv.iwdft import compute_dtype, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 from faedkv.press import budget_slots
@@ -83,17 +89,19 @@ class FAEDKVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, layer_idx: int, compression_ratio: float, sink_tokens: int, window: int,
-                 plan: FrequencyPlan | None = None):
+                 plan: FrequencyPlan | None = None, fused: bool | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.compression_ratio = compression_ratio
         self.sink_tokens = sink_tokens
         self.window = window
         self.plan = plan
+        self.fused = fused
         self.seen = 0            # tokens this layer has been given
         self.folded = 0          # middle tokens inside the ring means
         self.num_slots = 0
         self.sink = self.means = self.recent = None   # (2, batch, kv_heads, rows, head_dim)
+        self.head = 0            # oldest row of `recent`, a ring once the fused step has run
         self.masks = None        # (2, 1, kv_heads or 1, M//2 + 1, 1) rfft-half plan masks; None: all
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -105,8 +113,12 @@ class FAEDKVLayer(CacheLayerMixin):
     sink_values = property(lambda self: self.sink[1])
     mean_keys = property(lambda self: self.means[0])
     mean_values = property(lambda self: self.means[1])
-    window_keys = property(lambda self: self.recent[0])
-    window_values = property(lambda self: self.recent[1])
+    window_keys = property(lambda self: self.chronological_window()[0])
+    window_values = property(lambda self: self.chronological_window()[1])
+
+    def chronological_window(self) -> torch.Tensor:
+        """The window (2, batch, kv_heads, W, head_dim) oldest first."""
+        return self.recent if self.head == 0 else self.recent.roll(-self.head, dims=-2)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -225,10 +237,41 @@ class FAEDKVLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             return self.keys, self.values
+        if self.fusable(key_states, value_states):
+            return self.fused_step(key_states, value_states)
+        if self.head:
+            self.recent, self.head = self.chronological_window(), 0
         self.fold(self.fold_count(key_states.shape[-2]))
         out = self.attended(key_states, value_states)
         # The new window is a copy of the returned rows' tail: a view would keep `out` alive.
         self.recent = out[..., out.shape[-2] - self.recent.shape[-2] - key_states.shape[-2]:, :].clone()
+        return out[0], out[1]
+
+    def fusable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """The one-kernel step applies: no plan (a plan needs an FFT over the M rows), a full
+        window that folds exactly the call's q <= min(W, M) tokens, and a device Triton runs on
+        (fused=None: CUDA with Triton; True: also Triton's CPU interpreter; False: never)."""
+        if self.fused is False or self.masks is not None:
+            return False
+        query = key_states.shape[-2]
+        if not (1 <= query <= min(self.window, self.num_slots) and self.recent.shape[-2] == self.window):
+            return False
+        if key_states.dtype != self.means.dtype or value_states.dtype != self.means.dtype:
+            return False
+        if self.fused is None and not key_states.is_cuda:
+            return False
+        return fused_kernels.can_fuse_decode(key_states) and fused_kernels.can_fuse_decode(value_states)
+
+    def fused_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fold + [sink | slots | window | new] + window ring update in one kernel
+        (faedkv.fused.decode_step_into); the same result as the torch path."""
+        query = key_states.shape[-2]
+        shape = self.means.shape
+        out = self.means.new_empty(shape[:3] + (self.sink.shape[-2] + self.num_slots + self.window, shape[-1]))
+        fused_kernels.decode_step_into(out, self.sink, self.means, self.recent, key_states, value_states,
+                                       self.head, self.folded)
+        self.folded += query
+        self.head = (self.head + query) % self.window
         return out[0], out[1]
 
     def persistent_tensors(self) -> list[torch.Tensor]:
@@ -276,7 +319,8 @@ class FAEDKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.compression_ratio, self.sink_tokens, self.window, self.plan)
+        self.__init__(self.layer_idx, self.compression_ratio, self.sink_tokens, self.window, self.plan,
+                      self.fused)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("FAEDKVCache does not support beam search (its state mixes tokens); "
@@ -295,11 +339,14 @@ class FAEDKVCache(Cache):
 
     compression_ratio: fraction of the prefill removed (M from the press's budget rule); 0 keeps
     everything (a plain growing cache). plan: FrequencyPlan of the kept bins per layer (None: all).
+    fused: decode calls of q <= min(W, M) tokens without a plan run as one Triton kernel per layer
+    (faedkv.fused.decode_step_into): None on CUDA with Triton, True also under Triton's CPU
+    interpreter (TRITON_INTERPRET=1, for tests), False never.
     A prefill too short for sink + window + 1 slot raises ValueError naming the minimum length.
     """
 
     def __init__(self, compression_ratio: float = 0.5, sink_tokens: int = 4, window: int = 64,
-                 plan: FrequencyPlan | None = None):
+                 plan: FrequencyPlan | None = None, fused: bool | None = None):
         if not 0 <= compression_ratio < 1:
             raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
         if sink_tokens < 0 or window < 0:
@@ -310,12 +357,13 @@ class FAEDKVCache(Cache):
         self.sink_tokens = sink_tokens
         self.window = window
         self.plan = plan
+        self.fused = fused
         super().__init__(layers=[])
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         while len(self.layers) <= layer_idx:
             self.layers.append(FAEDKVLayer(len(self.layers), self.compression_ratio,
-                                           self.sink_tokens, self.window, self.plan))
+                                           self.sink_tokens, self.window, self.plan, self.fused))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
     def stored_lengths(self) -> list[int]:

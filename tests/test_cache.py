@@ -172,6 +172,58 @@ def test_ring_order_gives_the_logits_of_distance_order_slots(plan):
     assert (layer.slots()[0] - distance).abs().max() > 1e-2 * distance.abs().max()
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
+    """The one-kernel decode step (faedkv.fused.decode_step_into, run by Triton's CPU
+    interpreter here, on CUDA in real use) against the torch path: same logits, same ring means
+    and window, with single-token steps, multi-token calls, calls longer than the window (torch
+    path) and back, and a small M (calls of q > M take the torch path)."""
+    pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
+    from faedkv import fused
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    kernel_step = fused.decode_step_into
+    monkeypatch.setattr(fused, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
+    model = make_tiny_llama(dtype=dtype)
+    tokens, sink, window = random.randint(100, 140), random.choice([0, 4]), 8
+    sizes = [1, 1, 1, 3, 1, 8, 11, 1, 1, 3, 1, 1, 1]
+    ids = torch.randint(0, VOCAB, (2, tokens + sum(sizes)))
+    results = []
+    for use_kernel in (False, True):
+        cache = FAEDKVCache(compression_ratio=0.85, sink_tokens=sink, window=window, fused=use_kernel)
+        logits, position = [], tokens
+        with torch.no_grad():
+            model(input_ids=ids[:, :tokens], past_key_values=cache)
+            for size in sizes:
+                logits.append(model(input_ids=ids[:, position:position + size], past_key_values=cache).logits)
+                position += size
+                assert cache.stored_lengths() == [cache.layers[0].sink_tokens + cache.layers[0].num_slots
+                                                  + max(window, size)] * 3
+        results.append((torch.cat(logits, dim=1), cache))
+    (reference, torch_cache), (got, kernel_cache) = results
+    slots = kernel_cache.layers[0].num_slots
+    # the kernel ran (3 layers each) for every call of q <= min(W, M) after a call that left
+    # exactly W window rows; a call of q > W leaves q rows, which the next call folds in torch
+    held, head, expected = window, 0, []
+    for size in sizes:
+        if size <= min(window, slots) and held == window:
+            expected += [size] * 3
+            head = (head + size) % window
+        else:
+            head = 0
+        held = max(window, size)
+    assert calls == expected and len(expected) >= 3 * 6
+    assert torch.allclose(got.float(), reference.float(), atol=atol, rtol=0)
+    for mine, theirs in zip(kernel_cache.layers, torch_cache.layers):
+        assert mine.folded == theirs.folded == position - sink - window
+        assert torch.allclose(mine.means.float(), theirs.means.float(), atol=atol, rtol=0)
+        assert torch.allclose(mine.window_keys.float(), theirs.window_keys.float(), atol=atol, rtol=0)
+        assert torch.allclose(mine.window_values.float(), theirs.window_values.float(), atol=atol, rtol=0)
+    # the window really is a ring on the kernel path (the torch path keeps it oldest-first)
+    assert [layer.head for layer in kernel_cache.layers] == [head] * 3 and head != 0
+
+
 def test_memory_at_ratio_075_is_under_030_of_a_dynamic_cache():
     model = make_tiny_llama(dtype=torch.bfloat16)
     tokens, steps, sink, window = random.randint(380, 420), 50, 4, 16

@@ -40,6 +40,24 @@ def test_tiny_llama_has_gqa_and_is_deterministic():
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
+def test_random_llama3_8b_is_built_in_with_the_embedded_tokenizer(monkeypatch):
+    """`--model random-llama3-8b`: the LLAMA3_8B shape (shrunk here: 16 GB on 2 cores is no
+    unit test), random weights fixed by the seed, the embedded tokenizer's vocabulary."""
+    from analysis import models
+
+    small = dict(models.LLAMA3_8B, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, intermediate_size=256, num_hidden_layers=2)
+    monkeypatch.setattr(models, "LLAMA3_8B", small)
+    a, b = (load_model("random-llama3-8b", device="cpu") for _ in range(2))
+    assert a.info.source == "random" and a.info.num_layers == 2 and a.info.num_kv_heads == 2
+    assert a.info.vocab_size == len(a.tokenizer) and a.info.dtype == "bfloat16"
+    assert a.info.context_length == small["max_position_embeddings"]
+    assert torch.equal(a.model.model.layers[1].mlp.up_proj.weight, b.model.model.layers[1].mlp.up_proj.weight)
+    assert torch.get_default_dtype() == torch.float32
+    ids = a.tokenizer("The needle is", return_tensors="pt").input_ids
+    assert a.model(ids).logits.shape == (1, ids.shape[1], len(a.tokenizer))
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "no-such-model"))

@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
     config = model.config
     shape = (1, config.num_key_value_heads, tokens, config.head_dim)
     if kind.startswith("faedkv"):
-        # faedkv: the one-kernel decode step (faedkv.fused); faedkv-torch: the torch path
+        # faedkv: one kernel writes the slots (fused_decode.decode_step_into); faedkv-attn: the
+        # model runs faedkv's attention, which scales the stored means (fold_step_into +
+        # slot_attention_into); faedkv-torch: the torch path
         cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64,
                             fused=False if kind == "faedkv-torch" else None)
     else:
@@ -153,6 +156,18 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
 
 
 def decode_row(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
+    from faedkv.attention import restore_sdpa, use_faedkv_attention
+
+    if kind != "faedkv-attn":
+        return decode_row_measured(model, kind, tokens, ratio, steps)
+    use_faedkv_attention(model.config)
+    try:
+        return decode_row_measured(model, kind, tokens, ratio, steps)
+    finally:
+        restore_sdpa(model.config)
+
+
+def decode_row_measured(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
     import torch
 
     torch.cuda.empty_cache()
@@ -178,10 +193,12 @@ def decode_row(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
     times = cuda_ms(step, repeats=steps, warmup=3)
     peak = torch.cuda.max_memory_allocated()
     update_share = instrumented_update_share(cache, step, repeats=5)
+    update_gpu_share = profiled_update_share(cache, step, repeats=5)
     row = {"tokens": tokens, "cache": kind, "ratio": ratio if kind != "full" else 0.0,
            "ms_per_token": statistics.median(times), "steps": steps,
            "kv_bytes": kv_bytes, "peak_over_weights": peak - weights,
-           "decode_transient": peak - after_fill, "update_share": update_share}
+           "decode_transient": peak - after_fill, "update_share": update_share,
+           **update_gpu_share}
     cache = None  # free this cache's memory before the next row is measured
     torch.cuda.empty_cache()
     return row
@@ -220,6 +237,162 @@ def instrumented_update_share(cache, step, repeats: int) -> float:
     return statistics.median(shares)
 
 
+def profiled_update_share(cache, step, repeats: int) -> dict:
+    """Share of a step's GPU kernel time spent in kernels launched by cache.update (torch
+    profiler, CUPTI): what the update would cost if the host did not bound the step (CUDA graphs,
+    a compiled decoder)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    original = cache.update
+
+    def labelled_update(*args, **kwargs):
+        with record_function("faedkv.cache.update"):
+            return original(*args, **kwargs)
+
+    cache.update = labelled_update
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                step()
+            torch.cuda.synchronize()
+    finally:
+        del cache.update
+    from faedkv.fused_decode import ATTENTION_KERNELS, UPDATE_KERNELS
+
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    updates = [e for e in events if e.name == "faedkv.cache.update" and e.device_type == DeviceType.CPU]
+
+    def launched_under(event) -> list:
+        return list(event.kernels) + [k for child in event.cpu_children for k in launched_under(child)]
+
+    attributed = [k for e in updates for k in launched_under(e)]
+    # Triton launches through the driver, which the profiler may not link to the enclosing
+    # range; only the cache launches FAEDKV's kernels, so the unlinked ones are the update's too.
+    linked = sum(1 for k in attributed if k.name in UPDATE_KERNELS)
+    ours = sorted(e.self_device_time_total for e in kernels if e.name in UPDATE_KERNELS)
+    in_update = sum(k.duration for k in attributed) + sum(ours[linked:])
+    total = sum(e.self_device_time_total for e in kernels)
+    slot_attention = sum(e.self_device_time_total for e in kernels if e.name in ATTENTION_KERNELS)
+    return {"update_gpu_share": in_update / total if total else None,
+            "step_gpu_ms": total / 1e3 / repeats, "update_gpu_ms": in_update / 1e3 / repeats,
+            "slot_attention_gpu_ms": slot_attention / 1e3 / repeats}
+
+
+def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[dict]:
+    """slot_attention_into against torch's sdpa (GQA, the same rows, no scales) for one decode
+    token of Llama-3-8B's 32 query heads over the 8 KV heads' S + M + W stored rows (bf16),
+    for a few launch shapes; CUDA events, median of 100 calls. Floor = reading K and V once."""
+    import torch
+    import torch.nn.functional as F
+
+    from faedkv.fused_decode import slot_attention_into
+    from faedkv.press import budget_slots
+
+    heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
+    rows = []
+    for tokens in lengths:
+        slots = budget_slots(tokens, ratio, 4, 64)
+        stored = 4 + slots + 64
+        keys, values = (torch.randn(1, kv_heads, stored, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        out = query.new_empty(1, 1, heads, dim)
+        floor = 1e3 * 2 * keys.numel() * keys.element_size() / bandwidth   # K and V read once
+        sdpa = statistics.median(cuda_ms(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
+                                         repeats=100, warmup=5))
+        rows.append({"tokens": tokens, "stored_rows": stored, "kernel": "sdpa", "block_n": None,
+                     "programs": None, "ms": sdpa, "floor_ms": floor})
+        for block_n in (32, 64, 128):
+            for programs in (256, 1024, 4096):
+                ms = statistics.median(cuda_ms(lambda: slot_attention_into(
+                    out, query, keys, values, 4, slots, slots // 3, 1.1, 0.9, dim ** -0.5,
+                    block_n=block_n, target_programs=programs), repeats=100, warmup=5))
+                rows.append({"tokens": tokens, "stored_rows": stored, "kernel": "slot_attention",
+                             "block_n": block_n, "programs": programs, "ms": ms, "floor_ms": floor})
+    return rows
+
+
+def host_overhead_rows(tokens: int, ratio: float = 0.75, calls: int = 300) -> list[dict]:
+    """Host time per call (perf_counter over `calls` calls, no synchronisation inside) of what a
+    decode step launches per layer: the step is bound by the host, so this is its real cost.
+    Llama-3-8B-shaped layer, bf16, one new token."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from faedkv.attention import FAEDKV_SDPA, slot_attention
+    from faedkv.cache import FAEDKVLayer
+
+    heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
+    context = [torch.randn(1, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
+    for layer in (materialised, scaled):
+        layer.update(*context)
+    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    stored = materialised.kv[0]
+    keys, values = scaled.update(*new)
+    scales = keys.faedkv_slot_scales
+    small = [t[:, :, :1024].contiguous() for t in context]
+
+    def timed(name, fn):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        spent = (time.perf_counter() - start) / calls
+        torch.cuda.synchronize()
+        return {"tokens": tokens, "call": name, "host_us": 1e6 * spent}
+
+    return [
+        timed("FAEDKVLayer.update, one kernel writes the slots", lambda: materialised.update(*new)),
+        timed("FAEDKVLayer.update, fold only (faedkv attention)", lambda: scaled.update(*new)),
+        timed("slot_attention (2 kernels)", lambda: slot_attention(None, query, keys, values, None, scales,
+                                                                  scaling=dim ** -0.5)),
+        timed("sdpa over the same rows", lambda: F.scaled_dot_product_attention(
+            query, stored, materialised.kv[1], enable_gqa=True)),
+        timed("DynamicCache-like update (2 x torch.cat, 1K rows)", lambda: (torch.cat([small[0], new[0]], dim=-2),
+                                                                            torch.cat([small[1], new[1]], dim=-2))),
+    ]
+
+
+def decode_kernel_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[dict]:
+    """The one-kernel decode step alone on a Llama-3-8B-shaped layer (batch 1, bf16, q = 1) for
+    a few launch shapes, CUDA events over 100 calls: time per layer against the floor (read
+    sink + means + window + the new token, write the attended rows and the ring row)."""
+    import torch
+
+    from faedkv import fused_decode
+    from faedkv.cache import FAEDKVLayer
+
+    heads, dim = LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
+    rows = []
+    for tokens in lengths:
+        layer = FAEDKVLayer(0, ratio, 4, 64)
+        layer.update(*(torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+        new = [torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        attended = layer.sink_tokens + layer.num_slots + layer.window
+        out = layer.kv.new_empty(layer.kv.shape)
+        moved = 2 * heads * dim * 2 * (2 * attended + 2)   # K and V, bf16
+        for block in (16, 32, 64):
+            for warps in (2, 4, 8):
+                def call():
+                    fused_decode.decode_step_into(out, layer.sink, layer.means, layer.recent, *new,
+                                           layer.head, layer.folded, block=block, num_warps=warps)
+                ms = statistics.median(cuda_ms(call, repeats=100, warmup=5))
+                rows.append({"tokens": tokens, "attended_rows": attended, "block": block,
+                             "num_warps": warps, "ms_per_layer": ms, "floor_ms": 1e3 * moved / bandwidth,
+                             "vs_floor": ms / (1e3 * moved / bandwidth)})
+    return rows
+
+
 def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
     """The one-kernel decode step against the torch path on one Llama-3-8B-shaped layer: the
     same random prefill, then `steps` calls of one random token each (and one of 8), comparing
@@ -244,11 +417,42 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
         a, b = layers[0].means.float(), layers[1].means.float()
         worst_means = max(worst_means, ((a - b).abs().max() / b.abs().max()).item())
     return {"tokens": tokens, "steps": steps + 2, "kernel_used": layers[0].head != 0,
-            "max_rel_diff_attended": worst_out, "max_rel_diff_means": worst_means}
+            "max_rel_diff_attended": worst_out, "max_rel_diff_means": worst_means,
+            **slot_attention_agreement(tokens, ratio)}
+
+
+def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict:
+    """Slot-scaled attention (fold_step_into + slot_attention_into over the stored ring means)
+    against sdpa over the materialised slots (decode_step_into), bf16, Llama-3-8B's 32 query
+    heads over 8 KV heads, one random query per step: max relative difference of the outputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from faedkv.attention import FAEDKV_SDPA, slot_attention
+    from faedkv.cache import FAEDKVLayer
+
+    heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
+    context = [torch.randn(1, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
+    for layer in (materialised, scaled):
+        layer.update(*context)
+    # as if faedkv's attention had answered the probe of a model that runs it
+    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    worst, used = 0.0, True
+    for _ in range(steps):
+        new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        keys, values = materialised.update(*new)
+        expected = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True).transpose(1, 2)
+        keys, values = scaled.update(*new)
+        used &= hasattr(keys, "faedkv_slot_scales")
+        got, _ = slot_attention(None, query, keys, values, None, keys.faedkv_slot_scales, scaling=dim ** -0.5)
+        worst = max(worst, ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item())
+    return {"slot_attention_used": bool(used), "max_rel_diff_slot_attention": worst}
 
 
 def decode_rows(lengths, ratio: float, steps: int,
-                kinds=("full", "snapkv", "faedkv", "faedkv-torch")) -> list[dict]:
+                kinds=("full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch")) -> list[dict]:
     from tqdm import tqdm
 
     model = llama3_8b()
@@ -330,6 +534,13 @@ def needle_grid_parallel(out: Path, store: Path, lengths: str, depths: str, rati
 
 
 # --- report -----------------------------------------------------------------------------------
+def gpu_cells(row: dict) -> str:
+    """'GPU ms | update GPU share' of a decode row ('- | -' for runs from before the profiler)."""
+    if row.get("update_gpu_share") is None:
+        return "- | -"
+    return f"{row['step_gpu_ms']:.2f} | {100 * row['update_gpu_share']:.1f}%"
+
+
 def tables(result: dict) -> str:
     gb = 1e9
     result.setdefault("parts", [p for p in ("compress", "decode", "needle") if result.get(p)])
@@ -355,20 +566,62 @@ def tables(result: dict) -> str:
         lines += ["", f"Decoding, random-weight Llama-3-8B (bf16, sdpa, batch 1), ratio 0.75; median of "
                   f"{result['decode'][0]['steps']} tokens (CUDA events) after 3 warm-up steps. KV = "
                   "persistent cache bytes; peak = max allocated during the decode minus weights; update "
-                  "share from a separate pass synchronised around every cache.update.", "",
-                  "| context | cache | ms / token | x full speed | KV GB | KV x full | peak over weights GB | update share |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "share (wall) from a separate pass synchronised around every cache.update; GPU ms = "
+                  "kernel time per step and update GPU share = the update's share of it (torch "
+                  "profiler), what the update would cost in a decoder the host does not bound.", "",
+                  "| context | cache | ms / token | x full speed | KV GB | KV x full | peak over weights GB "
+                  "| update share (wall) | GPU ms / step | update GPU share |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["decode"]:
             lines.append(f"| {r['tokens']} | {r['cache']} | {r['ms_per_token']:.2f} | {r['speed_vs_full']:.2f} | "
                          f"{r['kv_bytes'] / gb:.2f} | {r['kv_vs_full']:.3f} | {r['peak_over_weights'] / gb:.2f} | "
-                         f"{100 * r['update_share']:.1f}% |")
+                         f"{100 * r['update_share']:.1f}% | {gpu_cells(r)} |")
+        for r in result["decode"]:
+            if r.get("slot_attention_gpu_ms"):
+                lines.append(f"\nfaedkv-attn at {r['tokens']}: its slot attention kernels take "
+                             f"{r['slot_attention_gpu_ms']:.2f} of the step's {r['step_gpu_ms']:.2f} GPU ms "
+                             "(in the attention, not in the update).")
         check = result.get("decode_check")
         if check:
-            lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.fused.decode_step_into), faedkv-torch "
+            lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.fused_decode.decode_step_into), faedkv-torch "
                          f"= the same cache on the torch path. Kernel vs torch path over {check['steps']} calls "
                          f"after a {check['tokens']}-token prefill: kernel used: {check['kernel_used']}, max "
                          f"relative difference {check['max_rel_diff_attended']:.1e} in what attention gets, "
                          f"{check['max_rel_diff_means']:.1e} in the ring means.")
+            if "max_rel_diff_slot_attention" in check:
+                lines.append(f"faedkv-attn = the model runs faedkv's attention, which scales the stored ring "
+                             f"means itself (fold_step_into + slot_attention_into: no slot written). Its "
+                             f"output vs sdpa over the materialised slots, bf16, 16 steps: slot "
+                             f"attention used: {check['slot_attention_used']}, max relative difference "
+                             f"{check['max_rel_diff_slot_attention']:.1e}.")
+    if result.get("decode_kernel"):
+        lines += ["", "The one-kernel decode step alone per layer (q = 1, bf16, batch 1), median of 100 "
+                  "calls (CUDA events, launch included); floor = (read sink + means + window, write "
+                  "the attended rows) / bandwidth. Each length's fastest launch shape:", "",
+                  "| context | attended rows | rows / program | warps | ms / layer | floor ms | x floor |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for tokens in sorted({r["tokens"] for r in result["decode_kernel"]}):
+            best = min((r for r in result["decode_kernel"] if r["tokens"] == tokens), key=lambda r: r["ms_per_layer"])
+            lines.append(f"| {tokens} | {best['attended_rows']} | {best['block']} | {best['num_warps']} | "
+                         f"{best['ms_per_layer']:.4f} | {best['floor_ms']:.4f} | {best['vs_floor']:.2f} |")
+    if result.get("slot_attention_kernel"):
+        lines += ["", "Attention of one decode token over the stored rows (32 query heads, 8 KV heads, "
+                  "bf16), median of 100 calls (CUDA events, launch included); floor = reading K and V "
+                  "once / copy bandwidth. sdpa = torch's (no slot scales); "
+                  "slot_attention = faedkv's split-KV kernel with the scales, its fastest launch shape:", "",
+                  "| context | stored rows | kernel | rows / tile | programs | ms / layer | floor ms | x floor |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for tokens in sorted({r["tokens"] for r in result["slot_attention_kernel"]}):
+            mine = [r for r in result["slot_attention_kernel"] if r["tokens"] == tokens]
+            for r in (next(r for r in mine if r["kernel"] == "sdpa"),
+                      min((r for r in mine if r["kernel"] != "sdpa"), key=lambda r: r["ms"])):
+                lines.append(f"| {tokens} | {r['stored_rows']} | {r['kernel']} | {r['block_n'] or '-'} | "
+                             f"{r['programs'] or '-'} | {r['ms']:.4f} | {r['floor_ms']:.4f} | {r['ms'] / r['floor_ms']:.2f} |")
+    if result.get("host_overhead"):
+        lines += ["", f"Host time per call at {result['host_overhead'][0]['tokens']} tokens (perf_counter "
+                  "over 300 calls, no synchronisation inside; a decode step that is bound by the host "
+                  "pays this per layer):", "", "| call | host µs |", "|---|---:|"]
+        lines += [f"| {r['call']} | {r['host_us']:.1f} |" for r in result["host_overhead"]]
     needle = result.get("needle")
     if needle:
         lines += ["", f"Needle grid, {result.get('model', 'SmolLM2-135M-Instruct')} (bf16) on the GPU: `python {needle['command']}` "
@@ -401,6 +654,10 @@ def run_gpu(args) -> int:
         save()
     if "decode" in args.parts:
         result["decode_check"] = decode_agreement(args.decode_lengths[0])
+        result["decode_kernel"] = decode_kernel_rows(args.decode_lengths, result["bandwidth"])
+        result["slot_attention_kernel"] = slot_attention_rows(args.decode_lengths, result["bandwidth"])
+        result["host_overhead"] = host_overhead_rows(args.decode_lengths[0])
+        save()
         result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps, args.decode_kinds)
         save()
     if "grid" in args.parts:
@@ -452,9 +709,10 @@ def add_parser(sub) -> None:
                    help="compression methods (analysis.bench.METHODS, iwdft-compiled)")
     p.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
-    p.add_argument("--decode-kinds", nargs="+", default=["full", "snapkv", "faedkv", "faedkv-torch"],
-                   choices=["full", "snapkv", "faedkv", "faedkv-torch"],
-                   help="caches to decode with (faedkv-torch: FAEDKVCache without the fused step)")
+    p.add_argument("--decode-kinds", nargs="+", default=["full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch"],
+                   choices=["full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch"],
+                   help="caches to decode with (faedkv-attn: with faedkv's slot-scaling attention; "
+                        "faedkv-torch: FAEDKVCache without kernels)")
     p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
     p.add_argument("--needle-samples", type=int, default=2)
     p.add_argument("--grid-depths", default="0,25,50,75,100")

@@ -9,10 +9,20 @@ AttentionInterface (no model code is patched):
   that layer's keys, bottom-right (the new queries see every cached column and each other
   causally). Left padding cannot be re-aligned this way and raises.
 
+- **slots scaled in attention**: FAEDKVCache stores the middle as ring means; slot_r = scale_r *
+  mean_r with scale_r = count_r * M / t, and t changes every token. When this attention runs, a
+  decode step hands it the stored means with their `SlotScales` and the scale goes into each
+  slot row's logit and value (`slot_attention`), so no slot is ever written (see
+  faedkv.fused_decode). The cache offers that only after this function has answered its probe
+  and only while the model still runs this attention.
+
 `use_faedkv_attention(config)` switches an sdpa model to it (its mask function is sdpa's, and
 with no bias and equal lengths it calls sdpa unchanged, so outputs are identical).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import kvpress  # noqa: F401 - patches the registered functions at import; do it before we register
 import torch
@@ -22,6 +32,65 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 FAEDKV_SDPA = "faedkv_sdpa"
 BIAS_ATTR = "faedkv_column_bias"
+SLOT_SCALES_ATTR = "faedkv_slot_scales"   # on a key tensor: its ring-mean rows need scales
+PROBE_ATTR = "faedkv_probe"               # on a key tensor: the cache layer asking who attends
+
+
+@dataclass
+class SlotScales:
+    """Key rows [start, start + count) hold ring means; row start + r stands for the slot
+    mean_r * (more if r < filled else less). A cache layer keeps one and updates it every step;
+    `kernel` keeps the attention's compiled launch for that layer's rows."""
+    start: int
+    count: int
+    filled: int
+    more: float
+    less: float
+    kernel: object = None
+
+    def column_scales(self, rows: int, device) -> torch.Tensor:
+        """(rows,) float32: the scale of every key row (1 outside the ring means)."""
+        scales = torch.ones(rows, dtype=torch.float32, device=device)
+        scales[self.start:self.start + self.filled] = self.more
+        scales[self.start + self.filled:self.start + self.count] = self.less
+        return scales
+
+
+def slot_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             scales: SlotScales, scaling: float) -> torch.Tensor:
+    """softmax(scaling * q . (s_j k_j)) . (s_j v_j) over every key row j, in float32.
+
+    query (batch, heads, 1, head_dim); key, value (batch, kv_heads, rows, head_dim) ->
+    (batch, 1, heads, head_dim). The definition `slot_attention_into` (Triton) matches."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    column = scales.column_scales(key.shape[-2], query.device)
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    weights = torch.softmax(grouped @ key.float().transpose(-1, -2) * (scaling * column), dim=-1)
+    out = (weights * column) @ value.float()
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
+
+
+def slot_attention(module, query, key, value, attention_mask, scales: SlotScales,
+                   scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
+    """One decode token over FAEDKVCache's stored [sink | ring means | window]: Triton's split-KV
+    kernel where it runs, else the float32 reference. attention_mask is not read: the cache
+    serves unpadded batches and one query token, which sees every row."""
+    from faedkv import fused
+    from faedkv.fused_decode import SlotAttention
+
+    scaling = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    if query.shape[-2] != 1:
+        raise ValueError("slot-scaled attention serves one new token per call; FAEDKVCache "
+                         "materialises the slots for longer calls")
+    kernel = scales.kernel
+    if kernel is None or kernel.keys is not key or kernel.values is not value:
+        if not (fused.can_fuse_decode(query) and fused.can_fuse_decode(key) and fused.can_fuse_decode(value)):
+            return slot_attention_reference(query, key, value, scales, scaling), None
+        kernel = scales.kernel = SlotAttention(key, value, scales.start, scales.count)
+    out = query.new_empty(query.shape[0], 1, query.shape[1], query.shape[-1])
+    kernel(out, query, scales.filled, scales.more, scales.less, scaling)
+    return out, None
 
 
 def realign_mask(mask: torch.Tensor, key_len: int) -> torch.Tensor:
@@ -61,6 +130,14 @@ def causal_bool_mask(q_len: int, key_len: int, device) -> torch.Tensor:
 
 
 def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    scales = getattr(key, SLOT_SCALES_ATTR, None)
+    if scales is not None:
+        return slot_attention(module, query, key, value, attention_mask, scales, **kwargs)
+    probe = getattr(key, PROBE_ATTR, None)
+    if probe is not None:
+        # FAEDKVCache may hand this layer ring means from its next call on, while this
+        # config still runs this attention
+        probe.attention_config = module.config
     q_len, key_len = query.shape[-2], key.shape[-2]
     if q_len == key_len:
         # A fresh prefill: the previous compression's slots are gone.

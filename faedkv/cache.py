@@ -24,15 +24,22 @@ ring order: slot_r = mean_r * count_r * M / folded, which is the spec's slot at 
 commutes with the reversal and shift from ring to distance order). [sink | slots | window] is
 written into a fresh tensor on every call and not kept, so only one layer's copy is alive.
 
-A decode step is launch-bound, so on CUDA (with Triton) a call of q <= min(W, M) tokens without
-a plan is ONE kernel per layer (faedkv.fused.decode_step_into): fold, slots, window and new
-tokens written in one pass, the window kept as a ring (`head` = its oldest row) whose folded
-rows take the new tokens. The torch path below defines the result; the kernel matches it.
+Per layer the three parts live in ONE buffer `kv (2, batch, kv_heads, S + M + W, head_dim)`
+(`sink`, `means` and the window are views of it), so memory is S + M + W rows. A decode step is
+launch-bound, so on CUDA (with Triton) a call of q <= min(W, M) tokens without a plan is one
+kernel per layer (faedkv.fused_decode.decode_step_into): fold, slots, window and new tokens
+written in one pass, the window kept as a ring (`head` = its oldest row) whose folded rows take
+the new tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a
+one-token call does not even write the slots: it folds (fold_step_into, O(head_dim) per head)
+and hands attention the buffer itself, ring means and their `SlotScales`; the attention scales
+each mean's logit and value. The torch path below defines the result; both kernels match it.
 
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
 Limits: post-RoPE keys and the iwdft variant only; unpadded batches (every row the same length);
 `layer.keys` / `layer.values` are None once compressed (kvpress's pipeline slices them).
+The slot-scaled handoff needs faedkv's attention on the model for the whole generation: the
+layer checks the model config's attention before every such call.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from faedkv import fused as fused_kernels
+from faedkv import fused_decode
+from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales
 from faedkv.iwdft import compute_dtype, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 from faedkv.press import budget_slots
@@ -100,8 +109,13 @@ class FAEDKVLayer(CacheLayerMixin):
         self.seen = 0            # tokens this layer has been given
         self.folded = 0          # middle tokens inside the ring means
         self.num_slots = 0
+        self.kv = None           # (2, batch, kv_heads, S + M + W, head_dim): sink | means | window
         self.sink = self.means = self.recent = None   # (2, batch, kv_heads, rows, head_dim)
-        self.head = 0            # oldest row of `recent`, a ring once the fused step has run
+        self.window_buffer = None                     # kv's window rows; `recent` between calls
+        self.head = 0            # oldest row of `recent`, a ring once a kernel step has run
+        self.attention_config = None  # config of the faedkv attention that answered the probe
+        self.fold_step = None    # fused_decode.FoldStep over means and window, once used
+        self.key_view = self.value_view = self.slot_scales = None   # the slot-scaled handoff
         self.masks = None        # (2, 1, kv_heads or 1, M//2 + 1, 1) rfft-half plan masks; None: all
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -138,19 +152,24 @@ class FAEDKVLayer(CacheLayerMixin):
 
     def prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values (batch, kv_heads, T, head_dim): copies of sink and window (a view would
-        keep the whole prefill alive) and the ring means of the middle."""
+        keep the whole prefill alive) and the ring means of the middle, into one buffer."""
         if keys.shape != values.shape:
             raise ValueError(f"FAEDKVCache stores keys and values together and needs them of one "
                              f"shape, got keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
                              "use a model whose value head_dim equals its key head_dim")
         tokens, heads = keys.shape[-2], keys.shape[1]
         s, w = self.sink_tokens, self.window
-        self.num_slots = budget_slots(tokens, self.compression_ratio, s, w)
-        self.sink = torch.stack([keys[:, :, :s], values[:, :, :s]])
-        self.recent = torch.stack([keys[:, :, tokens - w:], values[:, :, tokens - w:]])
-        self.means = keys.new_empty((2,) + keys.shape[:2] + (self.num_slots, keys.shape[-1]))
-        self.means[0] = ring_means(keys[:, :, s:tokens - w], self.num_slots)
-        self.means[1] = ring_means(values[:, :, s:tokens - w], self.num_slots)
+        m = self.num_slots = budget_slots(tokens, self.compression_ratio, s, w)
+        self.kv = keys.new_empty((2,) + keys.shape[:2] + (s + m + w, keys.shape[-1]))
+        self.sink, self.means = self.kv[..., :s, :], self.kv[..., s:s + m, :]
+        self.window_buffer = self.recent = self.kv[..., s + m:, :]
+        self.key_view, self.value_view = self.kv[0], self.kv[1]
+        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0)
+        setattr(self.key_view, SLOT_SCALES_ATTR, self.slot_scales)
+        for index, x in enumerate((keys, values)):
+            self.sink[index] = x[:, :, :s]
+            self.means[index] = ring_means(x[:, :, s:tokens - w], m)
+            self.recent[index] = x[:, :, tokens - w:]
         self.folded = tokens - s - w
         self.masks = self.plan_masks(heads)
 
@@ -237,47 +256,80 @@ class FAEDKVLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             return self.keys, self.values
+        if (self.fold_step is not None and key_states.shape[-2] == 1 and self.recent is self.window_buffer
+                and self.slot_attention_ready()):
+            return self.scaled_step(key_states, value_states)   # the steady state, checked once
         if self.fusable(key_states, value_states):
+            if key_states.shape[-2] == 1 and self.slot_attention_ready():
+                return self.scaled_step(key_states, value_states)
             return self.fused_step(key_states, value_states)
         if self.head:
             self.recent, self.head = self.chronological_window(), 0
         self.fold(self.fold_count(key_states.shape[-2]))
         out = self.attended(key_states, value_states)
-        # The new window is a copy of the returned rows' tail: a view would keep `out` alive.
-        self.recent = out[..., out.shape[-2] - self.recent.shape[-2] - key_states.shape[-2]:, :].clone()
-        return out[0], out[1]
+        # The new window is a copy of the returned rows' tail (a view would keep `out` alive),
+        # into the buffer when it is W rows
+        tail = out[..., out.shape[-2] - self.recent.shape[-2] - key_states.shape[-2]:, :]
+        if tail.shape[-2] == self.window:
+            self.recent = self.window_buffer
+            self.recent.copy_(tail)
+        else:
+            self.recent = tail.clone()
+        return self.probed(out[0]), out[1]
 
     def fusable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """The one-kernel step applies: no plan (a plan needs an FFT over the M rows), a full
-        window that folds exactly the call's q <= min(W, M) tokens, and a device Triton runs on
-        (fused=None: CUDA with Triton; True: also Triton's CPU interpreter; False: never)."""
+        """A kernel step applies: no plan (a plan needs an FFT over the M rows), the window is
+        the buffer's W rows and folds exactly the call's q <= min(W, M) tokens, and a device
+        Triton runs on (fused=None: CUDA with Triton; True: also Triton's CPU interpreter;
+        False: never)."""
         if self.fused is False or self.masks is not None:
             return False
         query = key_states.shape[-2]
         if not (1 <= query <= min(self.window, self.num_slots) and self.recent.shape[-2] == self.window):
             return False
-        if key_states.dtype != self.means.dtype or value_states.dtype != self.means.dtype:
+        if key_states.dtype != self.kv.dtype or value_states.dtype != self.kv.dtype:
             return False
         if self.fused is None and not key_states.is_cuda:
             return False
         return fused_kernels.can_fuse_decode(key_states) and fused_kernels.can_fuse_decode(value_states)
 
+    def slot_attention_ready(self) -> bool:
+        """faedkv's attention answered this layer's probe and the model still runs it."""
+        config = self.attention_config
+        return config is not None and getattr(config, "_attn_implementation", None) == FAEDKV_SDPA
+
+    def probed(self, keys: torch.Tensor) -> torch.Tensor:
+        """Mark materialised keys: faedkv's attention, if it reads them, records its config."""
+        setattr(keys, PROBE_ATTR, self)
+        return keys
+
     def fused_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fold + [sink | slots | window | new] + window ring update in one kernel
-        (faedkv.fused.decode_step_into); the same result as the torch path."""
-        query = key_states.shape[-2]
-        shape = self.means.shape
-        out = self.means.new_empty(shape[:3] + (self.sink.shape[-2] + self.num_slots + self.window, shape[-1]))
-        fused_kernels.decode_step_into(out, self.sink, self.means, self.recent, key_states, value_states,
-                                       self.head, self.folded)
-        self.folded += query
-        self.head = (self.head + query) % self.window
-        return out[0], out[1]
+        """fold + [sink | slots | window | new] + window ring update in one kernel."""
+        out = self.kv.new_empty(self.kv.shape)
+        fused_decode.decode_step_into(out, self.sink, self.means, self.recent, key_states, value_states,
+                                      self.head, self.folded)
+        self.folded += key_states.shape[-2]
+        self.head = (self.head + key_states.shape[-2]) % self.window
+        return self.probed(out[0]), out[1]
+
+    def scaled_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold one token and hand attention the buffer [sink | ring means | window ring] with
+        the slot scales (faedkv.attention.slot_attention applies them): nothing is written but
+        the folded mean row and the new token's ring row."""
+        if self.fold_step is None:
+            self.fold_step = fused_decode.FoldStep(self.means, self.window_buffer)
+        self.fold_step(key_states, value_states, self.head, self.folded)
+        self.folded += 1
+        self.head = (self.head + 1) % self.window
+        lap, scales = self.folded // self.num_slots, self.slot_scales
+        scale = self.num_slots / self.folded
+        scales.filled, scales.more, scales.less = self.folded % self.num_slots, (lap + 1) * scale, lap * scale
+        return self.key_view, self.value_view
 
     def persistent_tensors(self) -> list[torch.Tensor]:
         if self.compression_ratio == 0:
             return [t for t in (self.keys, self.values) if t is not None]
-        return [t for t in (self.sink, self.means, self.recent, self.masks) if t is not None]
+        return [t for t in (self.kv, self.recent, self.masks) if t is not None]
 
     def memory_bytes(self) -> int:
         """Bytes of the storages behind the persistent tensors (a view that pinned a larger

@@ -105,101 +105,57 @@ def triton_importable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=2)
-def _decode_kernel(interpreted: bool):
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def decode_step_kernel(sink_ptr, means_ptr, ring_ptr, keys_ptr, values_ptr, out_ptr,
-                           heads, num_sink, num_slots, window, query, head, row0, filled,
-                           scale_more, scale_less, lap,
-                           stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                           BLOCK: tl.constexpr, DIM: tl.constexpr):
-        pair = tl.program_id(0)                     # one (batch, head); K and V both
-        half = tl.num_programs(0)                   # batch * kv_heads: offset of the V planes
-        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        dims = tl.arange(0, DIM)[None, :]
-        total = num_sink + num_slots + window
-        kept = num_sink + num_slots + window - query        # rows before the new tokens
-        in_sink = rows < num_sink
-        j = rows - num_sink                                   # ring row of a slot
-        in_mid = (rows >= num_sink) & (j < num_slots)
-        i = rows - num_sink - num_slots                       # window row of the output
-        in_win = (i >= 0) & (rows < kept)
-        n = rows - kept                                       # new token of the output
-        in_new = (n >= 0) & (rows < total)
-        # Slot row j takes the d-th folded token (the ring's d-th oldest) when d < query.
-        d = (j - row0 + num_slots) % num_slots
-        gets = in_mid & (d < query)
-        count = lap + (j < filled).to(tl.int32)               # tokens in row j after the fold
-        slot_scale = tl.where(j < filled, scale_more, scale_less)
-        fold_pos = (head + d) % window
-        win_pos = (head + query + i) % window
-        b, h = pair // heads, pair % heads
-        for kv in tl.static_range(2):
-            plane = (kv * half + pair).to(tl.int64)
-            if kv == 0:
-                new_base = keys_ptr + b * stride_kb + h * stride_kh
-                stride_t = stride_kt
-            else:
-                new_base = values_ptr + b * stride_vb + h * stride_vh
-                stride_t = stride_vt
-            sink = tl.load(sink_ptr + plane * num_sink * DIM + rows[:, None] * DIM + dims,
-                           mask=in_sink[:, None], other=0.0)
-            mean_ptrs = means_ptr + plane * num_slots * DIM + j[:, None] * DIM + dims
-            mean = tl.load(mean_ptrs, mask=in_mid[:, None], other=0.0).to(tl.float32)
-            ring_base = ring_ptr + plane * window * DIM
-            folded = tl.load(ring_base + fold_pos[:, None] * DIM + dims, mask=gets[:, None],
-                             other=0.0).to(tl.float32)
-            # torch.lerp's formula, so the means match the torch path's rounding
-            weight = (1.0 / count.to(tl.float32))[:, None]
-            diff = folded - mean
-            lerped = tl.where(weight < 0.5, mean + weight * diff, folded - diff * (1.0 - weight))
-            mean = tl.where(gets[:, None], lerped, mean).to(out_ptr.dtype.element_ty)
-            tl.store(mean_ptrs, mean, mask=gets[:, None])
-            slot = (mean.to(tl.float32) * slot_scale[:, None]).to(out_ptr.dtype.element_ty)
-            # the folded token's ring position now holds the d-th new token (read by no other
-            # program: the window rows read the other W - query positions)
-            incoming = tl.load(new_base + d[:, None] * stride_t + dims, mask=gets[:, None], other=0.0)
-            tl.store(ring_base + fold_pos[:, None] * DIM + dims, incoming, mask=gets[:, None])
-            recent = tl.load(ring_base + win_pos[:, None] * DIM + dims, mask=in_win[:, None], other=0.0)
-            new = tl.load(new_base + n[:, None] * stride_t + dims, mask=in_new[:, None], other=0.0)
-            value = tl.where(in_sink[:, None], sink,
-                             tl.where(in_mid[:, None], slot,
-                                      tl.where(in_win[:, None], recent, new)))
-            tl.store(out_ptr + plane * total * DIM + rows[:, None] * DIM + dims, value,
-                     mask=(rows < total)[:, None])
-
-    return decode_step_kernel
+_COMPILED: dict[tuple, object] = {}
 
 
-def decode_step_into(out: torch.Tensor, sink: torch.Tensor, means: torch.Tensor, ring: torch.Tensor,
-                     keys: torch.Tensor, values: torch.Tensor, head: int, folded: int) -> None:
-    """One decode call of FAEDKVCache in one kernel: fold the `q` oldest window tokens into the
-    ring means, write [sink | slots | window | new] into `out`, and put the new tokens into the
-    window ring in place of the folded ones.
+def launch(kernel, grid: tuple, tensors: tuple, layout: tuple, step: tuple, constexprs: tuple,
+           **options):
+    """kernel[grid](*tensors, *layout, *step, *constexprs): layout integers are specialised on
+    (== 1, multiple of 16), step scalars are not (the kernel lists them in do_not_specialize);
+    options are Triton's launch options (num_warps). Returns the compiled kernel (None under the
+    interpreter), which `DirectLaunch` can launch again for the same key.
 
-    out (2, batch, kv_heads, S + M + W, head_dim) fresh; sink (2, batch, kv_heads, S, head_dim);
-    means (2, batch, kv_heads, M, head_dim); ring (2, batch, kv_heads, W, head_dim) whose oldest
-    row is `head`; keys, values (batch, kv_heads, q, head_dim) with 1 <= q <= min(W, M); folded:
-    middle tokens in the means before this call. means and ring are updated in place; the
-    caller advances head by q and folded by q.
-    """
-    _, batch, heads, num_slots, dim = means.shape
-    num_sink, window, query = sink.shape[-2], ring.shape[-2], keys.shape[-2]
-    if not 1 <= query <= min(window, num_slots):
-        raise ValueError(f"decode_step_into folds 1..min(W, M) = {min(window, num_slots)} tokens, got {query}")
-    for name, t in (("out", out), ("sink", sink), ("means", means), ("ring", ring)):
-        if not t.is_contiguous():
-            raise ValueError(f"decode_step_into needs {name} contiguous")
-    lap, filled = divmod(folded + query, num_slots)
-    scale = num_slots / (folded + query)
-    block = 32 if dim <= 128 else 16
-    grid = (batch * heads, (num_sink + num_slots + window + block - 1) // block)
-    _decode_kernel(interpreting())[grid](
-        sink, means, ring, keys, values, out,
-        heads, num_sink, num_slots, window, query, head, folded % num_slots, filled,
-        (lap + 1) * scale, lap * scale, lap,
-        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        BLOCK=block, DIM=dim)
+    After the first call the compiled kernel is launched from a cache, skipping Triton's per-call
+    argument binding and cache-key hashing. The compiled kernel depends only on what the key
+    holds: the tensors' dtypes and 16-byte alignment, the layout integers' specialisation, the
+    constexprs, the options, the device and whether every integer fits in int32."""
+    args = tensors + layout + step + constexprs
+    if interpreting():
+        kernel[grid](*args, **options)
+        return None
+    key = launch_key(kernel, tensors, layout, step, constexprs, options)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = kernel[grid](*args, **options)
+    else:
+        compiled[grid + (1,) * (3 - len(grid))](*args)
+    return compiled
+
+
+def launch_key(kernel, tensors: tuple, layout: tuple, step: tuple, constexprs: tuple, options: dict) -> tuple:
+    small = all(-2**31 <= a < 2**31 for a in layout + step if type(a) is int)
+    return (kernel, tensors[0].device, small, constexprs, tuple(options.items()),
+            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
+            tuple((a == 1, a % 16 == 0) for a in layout))
+
+
+class DirectLaunch:
+    """A compiled kernel launched straight through Triton's launcher with a fixed grid: the
+    fewest host steps per call, for decode steps that launch a few kernels per layer and are
+    bound by the host. The caller guarantees the arguments match the compiled kernel's key
+    (same dtypes, alignment and layout integers); pointers may be passed as ints. Launch hooks
+    (profilers that use Triton's own) are not called."""
+
+    def __init__(self, compiled, grid: tuple, device: torch.device):
+        from torch._C import _cuda_getCurrentRawStream
+
+        self.run = compiled.run
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.device = device.index if device.index is not None else torch.cuda.current_device()
+        self.stream = _cuda_getCurrentRawStream
+
+    def __call__(self, *args) -> None:
+        x, y, z = self.grid
+        self.run(x, y, z, self.stream(self.device), self.function, self.metadata, None, None, None, *args)

@@ -1,6 +1,11 @@
 """Shared fixtures: a tiny random Llama (GQA) built from a config, and the embedded model."""
 import os
 
+# Triton's CPU interpreter runs faedkv's kernels on CPU tensors in the tests. It must be on
+# before triton is first imported (its library functions are built for it then); on a machine
+# without CUDA nothing else changes (faedkv only launches kernels on CUDA unless fused=True).
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

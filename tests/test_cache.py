@@ -174,17 +174,17 @@ def test_ring_order_gives_the_logits_of_distance_order_slots(plan):
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
-    """The one-kernel decode step (faedkv.fused.decode_step_into, run by Triton's CPU
+    """The one-kernel decode step (faedkv.fused_decode.decode_step_into, run by Triton's CPU
     interpreter here, on CUDA in real use) against the torch path: same logits, same ring means
     and window, with single-token steps, multi-token calls, calls longer than the window (torch
     path) and back, and a small M (calls of q > M take the torch path)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
-    from faedkv import fused
+    from faedkv import fused_decode
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    kernel_step = fused.decode_step_into
-    monkeypatch.setattr(fused, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
+    kernel_step = fused_decode.decode_step_into
+    monkeypatch.setattr(fused_decode, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
     model = make_tiny_llama(dtype=dtype)
     tokens, sink, window = random.randint(100, 140), random.choice([0, 4]), 8
     sizes = [1, 1, 1, 3, 1, 8, 11, 1, 1, 3, 1, 1, 1]
@@ -222,6 +222,77 @@ def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
         assert torch.allclose(mine.window_values.float(), theirs.window_values.float(), atol=atol, rtol=0)
     # the window really is a ring on the kernel path (the torch path keeps it oldest-first)
     assert [layer.head for layer in kernel_cache.layers] == [head] * 3 and head != 0
+
+
+def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
+    """The split-KV Triton attention (Triton's CPU interpreter here) against
+    slot_attention_reference: GQA, several splits with a short last one, slot rows scaled by
+    two factors. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
+    pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
+    from faedkv.attention import SlotScales, slot_attention_reference
+    from faedkv.fused_decode import slot_attention_into
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    batch, heads, kv_heads, rows, dim = 2, 4, 2, random.randint(50, 90), 16
+    query = torch.randn(batch, 1, heads, dim).transpose(1, 2)   # the layout q_proj + RoPE give
+    keys, values = torch.randn(2, batch, kv_heads, rows, dim).unbind(0)
+    scales = SlotScales(start=4, count=rows - 20, filled=random.randint(0, rows - 20),
+                        more=1.25, less=0.8)
+    expected = slot_attention_reference(query, keys, values, scales, scaling=0.25)
+    out = torch.empty(batch, 1, heads, dim)
+    slot_attention_into(out, query, keys, values, scales.start, scales.count, scales.filled,
+                        scales.more, scales.less, scaling=0.25, block_n=16, target_programs=8)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # the scales matter: plain attention over the means differs
+    plain = slot_attention_reference(query, keys, values, SlotScales(4, rows - 20, 0, 1.0, 1.0), 0.25)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch):
+    """With faedkv's attention on the model, one-token calls hand attention the stored ring
+    means and their scales (no slot written) and give the logits of the torch path; a
+    multi-token call in between materialises; switching the model back to sdpa makes the cache
+    materialise again."""
+    pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
+    from faedkv import fused_decode
+    from faedkv.attention import restore_sdpa, use_faedkv_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    folds = []
+    fold_step = fused_decode.FoldStep.__call__
+    monkeypatch.setattr(fused_decode.FoldStep, "__call__", lambda *a: folds.append(1) or fold_step(*a))
+    model = make_tiny_llama()
+    use_faedkv_attention(model.config)
+    tokens = random.randint(100, 140)
+    sizes = [1, 1, 1, 4, 1, 1, "sdpa", 1, 1]
+    ids = torch.randint(0, VOCAB, (1, tokens + 20))
+    results = []
+    for use_kernel in (False, True):
+        use_faedkv_attention(model.config)
+        cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=4, window=8, fused=use_kernel)
+        logits, position, scaled_calls = [], tokens, []
+        with torch.no_grad():
+            model(input_ids=ids[:, :tokens], past_key_values=cache)
+            for size in sizes:
+                if size == "sdpa":
+                    restore_sdpa(model.config)
+                    continue
+                before = len(folds)
+                logits.append(model(input_ids=ids[:, position:position + size], past_key_values=cache).logits)
+                scaled_calls.append(len(folds) > before)
+                position += size
+        results.append((torch.cat(logits, dim=1), cache, scaled_calls))
+    (reference, torch_cache, _), (got, kernel_cache, scaled_calls) = results
+    # the first call answers the probe; the 4-token call and every call after sdpa is back
+    # materialise; the others are slot-scaled (3 layers each)
+    assert scaled_calls == [False, True, True, False, True, True, False, False]
+    assert len(folds) == 4 * 3
+    assert torch.allclose(got, reference, atol=1e-5)
+    for mine, theirs in zip(kernel_cache.layers, torch_cache.layers):
+        assert mine.folded == theirs.folded
+        assert torch.allclose(mine.means, theirs.means, atol=1e-6)
+        assert torch.allclose(mine.window_keys, theirs.window_keys, atol=1e-5)
+    assert kernel_cache.memory_bytes() == torch_cache.memory_bytes()
 
 
 def test_memory_at_ratio_075_is_under_030_of_a_dynamic_cache():

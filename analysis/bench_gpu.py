@@ -289,7 +289,7 @@ def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[
     import torch
     import torch.nn.functional as F
 
-    from faedkv.fused_decode import slot_attention_into
+    from faedkv.fused_decode import SlotAttention
     from faedkv.press import budget_slots
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
@@ -306,10 +306,11 @@ def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[
         rows.append({"tokens": tokens, "stored_rows": stored, "kernel": "sdpa", "block_n": None,
                      "programs": None, "ms": sdpa, "floor_ms": floor})
         for block_n in (32, 64, 128):
-            for programs in (256, 1024, 4096):
-                ms = statistics.median(cuda_ms(lambda: slot_attention_into(
-                    out, query, keys, values, 4, slots, slots // 3, 1.1, 0.9, dim ** -0.5,
-                    block_n=block_n, target_programs=programs), repeats=100, warmup=5))
+            for programs in (256, 512, 1024, 4096):
+                # one layer's attention object, as a decode step uses it (direct launches)
+                attention = SlotAttention(keys, values, 4, slots, block_n, programs)
+                ms = statistics.median(cuda_ms(lambda: attention(out, query, slots // 3, 1.1, 0.9, dim ** -0.5),
+                                               repeats=100, warmup=5))
                 rows.append({"tokens": tokens, "stored_rows": stored, "kernel": "slot_attention",
                              "block_n": block_n, "programs": programs, "ms": ms, "floor_ms": floor})
     return rows

@@ -40,13 +40,15 @@ PROBE_ATTR = "faedkv_probe"               # on a key tensor: the cache layer ask
 class SlotScales:
     """Key rows [start, start + count) hold ring means; row start + r stands for the slot
     mean_r * (more if r < filled else less). A cache layer keeps one and updates it every step;
-    `kernel` keeps the attention's compiled launch for that layer's rows."""
+    `kernel` keeps the attention's compiled launch for that layer's rows, `workspace` the
+    scratch its cache's layers share."""
     start: int
     count: int
     filled: int
     more: float
     less: float
     kernel: object = None
+    workspace: dict | None = None
 
     def column_scales(self, rows: int, device) -> torch.Tensor:
         """(rows,) float32: the scale of every key row (1 outside the ring means)."""
@@ -87,7 +89,8 @@ def slot_attention(module, query, key, value, attention_mask, scales: SlotScales
     if kernel is None or kernel.keys is not key or kernel.values is not value:
         if not (fused.can_fuse_decode(query) and fused.can_fuse_decode(key) and fused.can_fuse_decode(value)):
             return slot_attention_reference(query, key, value, scales, scaling), None
-        kernel = scales.kernel = SlotAttention(key, value, scales.start, scales.count)
+        kernel = scales.kernel = SlotAttention(key, value, scales.start, scales.count,
+                                               workspace=scales.workspace)
     out = query.new_empty(query.shape[0], 1, query.shape[1], query.shape[-1])
     kernel(out, query, scales.filled, scales.more, scales.less, scaling)
     return out, None

@@ -98,8 +98,10 @@ class FAEDKVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, layer_idx: int, compression_ratio: float, sink_tokens: int, window: int,
-                 plan: FrequencyPlan | None = None, fused: bool | None = None):
+                 plan: FrequencyPlan | None = None, fused: bool | None = None,
+                 workspace: dict | None = None):
         super().__init__()
+        self.workspace = workspace   # scratch shared by the cache's layers (slot attention)
         self.layer_idx = layer_idx
         self.compression_ratio = compression_ratio
         self.sink_tokens = sink_tokens
@@ -164,7 +166,7 @@ class FAEDKVLayer(CacheLayerMixin):
         self.sink, self.means = self.kv[..., :s, :], self.kv[..., s:s + m, :]
         self.window_buffer = self.recent = self.kv[..., s + m:, :]
         self.key_view, self.value_view = self.kv[0], self.kv[1]
-        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0)
+        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0, workspace=self.workspace)
         setattr(self.key_view, SLOT_SCALES_ATTR, self.slot_scales)
         for index, x in enumerate((keys, values)):
             self.sink[index] = x[:, :, :s]
@@ -372,7 +374,7 @@ class FAEDKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.compression_ratio, self.sink_tokens, self.window, self.plan,
-                      self.fused)
+                      self.fused, self.workspace)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("FAEDKVCache does not support beam search (its state mixes tokens); "
@@ -410,12 +412,13 @@ class FAEDKVCache(Cache):
         self.window = window
         self.plan = plan
         self.fused = fused
+        self.workspace = {}   # scratch the layers' slot attention shares (layers run in turn)
         super().__init__(layers=[])
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         while len(self.layers) <= layer_idx:
-            self.layers.append(FAEDKVLayer(len(self.layers), self.compression_ratio,
-                                           self.sink_tokens, self.window, self.plan, self.fused))
+            self.layers.append(FAEDKVLayer(len(self.layers), self.compression_ratio, self.sink_tokens,
+                                           self.window, self.plan, self.fused, self.workspace))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
     def stored_lengths(self) -> list[int]:

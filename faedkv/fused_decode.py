@@ -189,14 +189,15 @@ def _kernels(interpreted: bool) -> dict:
             running_max = new_max
             col0 += BLOCK_N
         part = (pair * tl.num_programs(1) + split).to(tl.int64)
-        tl.store(acc_ptr + part * GROUP_PAD * DIM + g[:, None] * DIM + dims[None, :], acc)
-        tl.store(max_ptr + part * GROUP_PAD + g, running_max)
-        tl.store(sum_ptr + part * GROUP_PAD + g, running_sum)
+        real = g < GROUP                            # the padding rows are not kept
+        tl.store(acc_ptr + part * GROUP * DIM + g[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
+        tl.store(max_ptr + part * GROUP + g, running_max, mask=real)
+        tl.store(sum_ptr + part * GROUP + g, running_sum, mask=real)
 
     @triton.jit
     def slot_attention_combine_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr,
                                       kv_heads, splits, stride_ob, stride_oh,
-                                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
+                                      GROUP: tl.constexpr, DIM: tl.constexpr,
                                       SPLIT_BLOCK: tl.constexpr):
         program = tl.program_id(0)                  # one query head: (batch, kv head, g)
         pair, g = program // GROUP, program % GROUP
@@ -207,24 +208,24 @@ def _kernels(interpreted: bool) -> dict:
         # first block outside the loop, so the running values start finite (no split is empty)
         part = (pair * splits + lanes).to(tl.int64)
         ok = lanes < splits
-        part_max = tl.load(max_ptr + part * GROUP_PAD + g, mask=ok, other=float("-inf"))
+        part_max = tl.load(max_ptr + part * GROUP + g, mask=ok, other=float("-inf"))
         total_max = tl.max(part_max, axis=0)
         weight = tl.exp(part_max - total_max)
-        total_sum = tl.sum(tl.load(sum_ptr + part * GROUP_PAD + g, mask=ok, other=0.0) * weight, axis=0)
-        acc = tl.sum(tl.load(acc_ptr + (part * GROUP_PAD + g)[:, None] * DIM + dims[None, :],
+        total_sum = tl.sum(tl.load(sum_ptr + part * GROUP + g, mask=ok, other=0.0) * weight, axis=0)
+        acc = tl.sum(tl.load(acc_ptr + (part * GROUP + g)[:, None] * DIM + dims[None, :],
                              mask=ok[:, None], other=0.0) * weight[:, None], axis=0)
         first = SPLIT_BLOCK
         while first < splits:
             index = first + lanes
             part = (pair * splits + index).to(tl.int64)
             ok = index < splits
-            part_max = tl.load(max_ptr + part * GROUP_PAD + g, mask=ok, other=float("-inf"))
+            part_max = tl.load(max_ptr + part * GROUP + g, mask=ok, other=float("-inf"))
             new_max = tl.maximum(total_max, tl.max(part_max, axis=0))
             decay = tl.exp(total_max - new_max)
             weight = tl.exp(part_max - new_max)
-            total_sum = total_sum * decay + tl.sum(tl.load(sum_ptr + part * GROUP_PAD + g, mask=ok,
+            total_sum = total_sum * decay + tl.sum(tl.load(sum_ptr + part * GROUP + g, mask=ok,
                                                            other=0.0) * weight, axis=0)
-            acc = acc * decay + tl.sum(tl.load(acc_ptr + (part * GROUP_PAD + g)[:, None] * DIM + dims[None, :],
+            acc = acc * decay + tl.sum(tl.load(acc_ptr + (part * GROUP + g)[:, None] * DIM + dims[None, :],
                                                mask=ok[:, None], other=0.0) * weight[:, None], axis=0)
             total_max = new_max
             first += SPLIT_BLOCK
@@ -337,7 +338,7 @@ class SlotAttention:
     passes only the query, the output and the step's scales."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_start: int, num_slots: int,
-                 block_n: int = 128, target_programs: int = 512):
+                 block_n: int = 128, target_programs: int = 512, workspace: dict | None = None):
         self.keys, self.values = keys, values
         self.batch, self.kv_heads, self.rows, self.dim = keys.shape
         self.slot_start, self.num_slots, self.block_n = slot_start, num_slots, block_n
@@ -345,8 +346,10 @@ class SlotAttention:
         splits = max(1, min(math.ceil(self.rows / block_n), math.ceil(target_programs / pairs)))
         self.rows_per_split = math.ceil(math.ceil(self.rows / splits) / block_n) * block_n
         self.splits = math.ceil(self.rows / self.rows_per_split)    # none empty
-        self.scratch = None
-        self.direct = None     # (attention, combine, query strides, dtype, heads)
+        # float32 partials of every split; layers run one after another, so one cache's layers
+        # share them through `workspace` ((device, elements) -> tensor)
+        self.workspace = {} if workspace is None else workspace
+        self.direct = None     # (attention, combine, query+out strides, dtype, layouts, constexprs)
 
     def __call__(self, out: torch.Tensor, query: torch.Tensor, filled: int, scale_more: float,
                  scale_less: float, scaling: float) -> None:
@@ -367,16 +370,18 @@ class SlotAttention:
             return
         group = heads // self.kv_heads
         group_pad = max(16, 1 << (group - 1).bit_length())       # tl.dot needs 16 rows
-        parts = self.batch * self.kv_heads * self.splits * group_pad
-        if self.scratch is None or self.scratch.numel() != parts * (dim + 2) or self.scratch.device != query.device:
-            self.scratch = torch.empty(parts * (dim + 2), dtype=torch.float32, device=query.device)
-        acc = self.scratch[:parts * dim]
-        running_max, running_sum = self.scratch[parts * dim:parts * (dim + 1)], self.scratch[parts * (dim + 1):]
+        parts = self.batch * self.kv_heads * self.splits * group
+        key = (query.device, parts * (dim + 2))
+        if key not in self.workspace:
+            self.workspace[key] = torch.empty(parts * (dim + 2), dtype=torch.float32, device=query.device)
+        scratch = self.workspace[key]
+        acc = scratch[:parts * dim]
+        running_max, running_sum = scratch[parts * dim:parts * (dim + 1)], scratch[parts * (dim + 1):]
         layout = (self.kv_heads, self.rows, self.rows_per_split, self.slot_start, self.num_slots,
                   query.stride(0), query.stride(1), *self.keys.stride()[:3], *self.values.stride()[:3])
         constexprs = (group, group_pad, self.block_n, dim, "ieee" if query.dtype == torch.float32 else "tf32")
         combine_layout = (self.kv_heads, self.splits, out.stride(0), out.stride(2))
-        combine_constexprs = (group, group_pad, dim, 16)
+        combine_constexprs = (group, dim, 16)
         kernels = _kernels(interpreting())
         grid = (self.batch * self.kv_heads, self.splits)
         first = launch(kernels["attention"], grid, (query, self.keys, self.values, acc, running_max, running_sum),

@@ -147,7 +147,7 @@ class FAEDKVLayer(CacheLayerMixin):
         if self.plan is None:
             return None
         freqs = bin_frequencies(self.num_slots)
-        masks = [half_spectrum_mask(self.plan.keep_frequencies(self.layer_idx, freqs, kind, heads),
+        masks = [half_spectrum_mask(self.plan.keep_some_frequencies(self.layer_idx, freqs, kind, heads),
                                     self.num_slots) for kind in ("key", "value")]
         masks = torch.broadcast_tensors(*masks)
         return torch.stack(masks).unsqueeze(1).to(self.device)
@@ -394,8 +394,9 @@ class FAEDKVCache(Cache):
     compression_ratio: fraction of the prefill removed (M from the press's budget rule); 0 keeps
     everything (a plain growing cache). plan: FrequencyPlan of the kept bins per layer (None: all).
     fused: decode calls of q <= min(W, M) tokens without a plan run as one Triton kernel per layer
-    (faedkv.fused.decode_step_into): None on CUDA with Triton, True also under Triton's CPU
-    interpreter (TRITON_INTERPRET=1, for tests), False never.
+    (faedkv.fused_decode): None on CUDA with Triton, True also under Triton's CPU interpreter
+    (TRITON_INTERPRET=1, for tests), False never. With `use_faedkv_attention(model.config)`, a
+    one-token call writes no slot: the attention scales the stored ring means itself.
     A prefill too short for sink + window + 1 slot raises ValueError naming the minimum length.
     """
 

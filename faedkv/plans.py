@@ -203,6 +203,24 @@ class FrequencyPlan:
             return torch.stack([_member(chunk, chunks, self.chunks) for chunks in spec])
         return _member(chunk, spec, self.chunks)
 
+    def keep_some_frequencies(self, layer: int, freqs: torch.Tensor, kind: str = "key",
+                              num_heads: int | None = None) -> torch.Tensor:
+        """`keep_frequencies` for a compression: raises when a (head's) mask keeps none of freqs.
+
+        With few bins (small M) the kept chunks can hold no bin at all; the compressed middle
+        would then be all zeros, which no one means by a plan."""
+        mask = self.keep_frequencies(layer, freqs, kind, num_heads)
+        empty = (~mask.any(dim=-1)).reshape(-1)
+        if bool(empty.any()):
+            head = int(empty.nonzero()[0]) if mask.ndim == 2 else None
+            where = f"layer {layer} {kind}s" + (f" (KV head {head})" if head is not None else "")
+            raise ValueError(
+                f"plan {self.name!r} {where} keeps chunks {list(self.kept_chunks(layer, kind, head))} of "
+                f"{self.chunks}, but none of the {len(freqs)} frequency bins of this compression falls "
+                "in them, so the compressed middle would be all zeros. Keep more (or lower) chunks at "
+                "this layer, or compress a longer context or at a lower ratio (more bins).")
+        return mask
+
     def mask(self, layer: int, num_bins: int, kind: str = "key", head: int | None = None) -> torch.Tensor:
         """Bool (num_bins,) mask over the bins of an M-point DFT (conjugate-symmetric)."""
         if num_bins < 1:

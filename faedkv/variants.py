@@ -226,7 +226,7 @@ def plan_keep(plan: FrequencyPlan | None, layer: int, kind: str, num_heads: int 
     plan._spec(layer, kind)  # fail early on an unknown layer
 
     def keep(freqs: torch.Tensor) -> torch.Tensor:
-        mask = plan.keep_frequencies(layer, freqs, kind, num_heads if head is None else None)
+        mask = plan.keep_some_frequencies(layer, freqs, kind, num_heads if head is None else None)
         if head is not None and mask.ndim == 2:
             return mask[head]
         return mask

@@ -89,3 +89,24 @@ def test_invalid_plans_raise_value_error(build, message):
 def test_from_scores_ties_prefer_lower_frequency():
     plan = FrequencyPlan.from_scores([[1.0, 1.0, 1.0, 0.0, 1.0]], ratio=0.4)
     assert plan.kept_chunks(0) == (0, 1)
+
+
+def test_a_plan_that_keeps_no_bin_of_a_small_compression_is_a_clear_error():
+    """M = 8 bins have normalised frequencies 0, 1/8, 1/4, 3/8, 1/2: chunks 0, 5, 11, 16, 21 of
+    22. A plan keeping only chunk 3 keeps none of them: every compression path refuses it
+    instead of returning an all-zero middle, and names the layer, the chunks and the fix."""
+    from faedkv import FAEDKVCache
+    from faedkv.variants import compress_iwdft, plan_keep
+
+    plan = FrequencyPlan(layers=[[0, 5], [3]])
+    x = torch.randn(1, 2, 40, 16)
+    assert compress_iwdft(x, 8, plan_keep(plan, 0, "key")).abs().max() > 0    # chunks 0 and 5 hold bins
+    with pytest.raises(ValueError, match=r"layer 1 keys keeps chunks \[3\] of 22, but none of the 8 "
+                                         r"frequency bins.*compress a longer context or at a lower ratio"):
+        compress_iwdft(x, 8, plan_keep(plan, 1, "key"))
+    # the same plan keeps bins of a larger compression (M = 64: a bin every 1/64)
+    assert compress_iwdft(torch.randn(1, 2, 200, 16), 64, plan_keep(plan, 1, "key")).abs().max() > 0
+    cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=4, window=8, plan=plan)
+    cache.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16), 0)   # M = 8, layer 0: fine
+    with pytest.raises(ValueError, match="layer 1 keys keeps chunks"):
+        cache.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16), 1)

@@ -127,8 +127,8 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
     shape = (1, config.num_key_value_heads, tokens, config.head_dim)
     if kind.startswith("faedkv"):
         # faedkv: one kernel writes the slots (fused_decode.decode_step_into); faedkv-attn: the
-        # model runs faedkv's attention, which scales the stored means (fold_step_into +
-        # slot_attention_into); faedkv-torch: the torch path
+        # model runs faedkv's attention, which scales the stored means (FoldStep +
+        # SlotAttention); faedkv-torch: the torch path
         cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64,
                             fused=False if kind == "faedkv-torch" else None)
     else:
@@ -283,7 +283,7 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
 
 
 def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[dict]:
-    """slot_attention_into against torch's sdpa (GQA, the same rows, no scales) for one decode
+    """fused_decode.SlotAttention against torch's sdpa (GQA, the same rows, no scales) for one decode
     token of Llama-3-8B's 32 query heads over the 8 KV heads' S + M + W stored rows (bf16),
     for a few launch shapes; CUDA events, median of 100 calls. Floor = reading K and V once."""
     import torch
@@ -423,7 +423,7 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
 
 
 def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict:
-    """Slot-scaled attention (fold_step_into + slot_attention_into over the stored ring means)
+    """Slot-scaled attention (FoldStep + SlotAttention over the stored ring means)
     against sdpa over the materialised slots (decode_step_into), bf16, Llama-3-8B's 32 query
     heads over 8 KV heads, one random query per step: max relative difference of the outputs."""
     import torch
@@ -591,7 +591,7 @@ def tables(result: dict) -> str:
                          f"{check['max_rel_diff_means']:.1e} in the ring means.")
             if "max_rel_diff_slot_attention" in check:
                 lines.append(f"faedkv-attn = the model runs faedkv's attention, which scales the stored ring "
-                             f"means itself (fold_step_into + slot_attention_into: no slot written). Its "
+                             f"means itself (FoldStep + SlotAttention: no slot written). Its "
                              f"output vs sdpa over the materialised slots, bf16, 16 steps: slot "
                              f"attention used: {check['slot_attention_used']}, max relative difference "
                              f"{check['max_rel_diff_slot_attention']:.1e}.")

@@ -63,7 +63,7 @@ def slot_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torc
     """softmax(scaling * q . (s_j k_j)) . (s_j v_j) over every key row j, in float32.
 
     query (batch, heads, 1, head_dim); key, value (batch, kv_heads, rows, head_dim) ->
-    (batch, 1, heads, head_dim). The definition `slot_attention_into` (Triton) matches."""
+    (batch, 1, heads, head_dim). The definition `fused_decode.SlotAttention` (Triton) matches."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     column = scales.column_scales(key.shape[-2], query.device)

@@ -30,7 +30,7 @@ launch-bound, so on CUDA (with Triton) a call of q <= min(W, M) tokens without a
 kernel per layer (faedkv.fused_decode.decode_step_into): fold, slots, window and new tokens
 written in one pass, the window kept as a ring (`head` = its oldest row) whose folded rows take
 the new tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a
-one-token call does not even write the slots: it folds (fold_step_into, O(head_dim) per head)
+one-token call does not even write the slots: it folds (FoldStep, O(head_dim) per head)
 and hands attention the buffer itself, ring means and their `SlotScales`; the attention scales
 each mean's logit and value. The torch path below defines the result; both kernels match it.
 

@@ -6,7 +6,7 @@ per token. Two ways to serve a call of q new tokens, each a couple of launches p
 
 - `decode_step_into`: fold + [sink | slots | window | new] written in one pass; any attention
   reads the result (the default);
-- `fold_step_into` + `slot_attention_into`: only the fold and the window-ring write, O(q *
+- `FoldStep` + `SlotAttention`: only the fold and the window-ring write, O(q *
   head_dim) per head, and an attention (split-KV flash decoding, q = 1) over the stored
   [sink | ring means | window] that applies each ring row's scale count_r * M / t to its logit
   and its value, so the slots are never written. Used when the model runs faedkv's attention.
@@ -271,18 +271,14 @@ def decode_step_into(out: torch.Tensor, sink: torch.Tensor, means: torch.Tensor,
            (block, dim), num_warps=num_warps)
 
 
-def fold_step_into(means: torch.Tensor, ring: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   head: int, folded: int) -> None:
-    """Fold the q oldest tokens of the window ring into the means and write the q new tokens in
-    their place (one kernel, O(q * head_dim) per head): the decode update when the attention
-    scales the means itself (`slot_attention_into`). Shapes as in `decode_step_into`."""
-    FoldStep(means, ring)(keys, values, head, folded)
-
-
 class FoldStep:
-    """`fold_step_into` for one layer's fixed means and ring: after the first call, a call
-    whose new tokens have the same strides, dtype and alignment goes straight to the compiled
-    kernel (`DirectLaunch`), the few host steps a launch-bound decode step can afford."""
+    """Fold the q oldest tokens of one layer's window ring into its means and write the q new
+    tokens in their place (one kernel, O(q * head_dim) per head): the decode update when the
+    attention scales the means itself (`SlotAttention`). means (2, batch, kv_heads, M, head_dim),
+    ring (2, batch, kv_heads, W, head_dim) with oldest row `head`; the caller advances head and
+    folded. After the first call, a call whose new tokens have the same strides, dtype and
+    alignment goes straight to the compiled kernel (`DirectLaunch`), the few host steps a
+    launch-bound decode step can afford."""
 
     def __init__(self, means: torch.Tensor, ring: torch.Tensor):
         self.means, self.ring = means, ring
@@ -294,7 +290,7 @@ class FoldStep:
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, head: int, folded: int) -> None:
         query = keys.shape[-2]
         if not 1 <= query <= min(self.window, self.num_slots):
-            raise ValueError(f"fold_step_into folds 1..min(W, M) = {min(self.window, self.num_slots)} "
+            raise ValueError(f"FoldStep folds 1..min(W, M) = {min(self.window, self.num_slots)} "
                              f"tokens, got {query}")
         strides = keys.stride() + values.stride()
         key_ptr, value_ptr = keys.data_ptr(), values.data_ptr()
@@ -314,28 +310,19 @@ class FoldStep:
                            keys.dtype, aligned)
 
 
-def slot_attention_into(out: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        slot_start: int, num_slots: int, filled: int, scale_more: float,
-                        scale_less: float, scaling: float, block_n: int = 128,
-                        target_programs: int = 512) -> None:
-    """Attention of one new token over rows whose ring-mean rows [slot_start, slot_start + M)
-    stand for slots scale_r * mean_r (scale_more for r < filled, scale_less after): both the
-    logit and the value of such a row carry its scale. Split-KV flash decoding: each program
-    reduces a run of rows for the GROUP query heads of one KV head, a second kernel combines.
-
-    out (batch, 1, heads, head_dim) (transformers' attention output layout); query (batch,
-    heads, 1, head_dim); keys, values (batch, kv_heads, rows, head_dim) with contiguous head_dim.
-    block_n (rows per tile) and target_programs (programs of the first kernel) tune the launch
-    (analysis.bench gpu measures them).
-    """
-    SlotAttention(keys, values, slot_start, num_slots, block_n, target_programs)(
-        out, query, filled, scale_more, scale_less, scaling)
-
-
 class SlotAttention:
-    """`slot_attention_into` over one layer's fixed key and value rows: the split, the scratch
-    and, after the first call, the compiled kernels (`DirectLaunch`) are kept, so a decode call
-    passes only the query, the output and the step's scales."""
+    """Attention of one new token over one layer's fixed key and value rows whose ring-mean rows
+    [slot_start, slot_start + M) stand for slots scale_r * mean_r (scale_more for r < filled,
+    scale_less after): both the logit and the value of such a row carry its scale. Split-KV
+    flash decoding: each program reduces a run of rows for the GROUP query heads of one KV head,
+    a second kernel combines.
+
+    keys, values (batch, kv_heads, rows, head_dim) with contiguous head_dim; a call takes out
+    (batch, 1, heads, head_dim) (transformers' attention output layout) and query (batch, heads,
+    1, head_dim). block_n (rows per tile) and target_programs (programs of the first kernel) tune
+    the launch (analysis.bench gpu measures them). The split, the scratch and, after the first
+    call, the compiled kernels (`DirectLaunch`) are kept, so a decode call passes only the
+    query, the output and the step's scales."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_start: int, num_slots: int,
                  block_n: int = 128, target_programs: int = 512, workspace: dict | None = None):
@@ -356,7 +343,7 @@ class SlotAttention:
         batch, heads, length, dim = query.shape
         if (length != 1 or heads % self.kv_heads or query.stride(-1) != 1 or batch != self.batch
                 or out.shape != (batch, 1, heads, dim)):
-            raise ValueError("slot_attention_into takes one query token (batch, heads, 1, head_dim), "
+            raise ValueError("SlotAttention takes one query token (batch, heads, 1, head_dim), "
                              "heads a multiple of kv_heads, and out (batch, 1, heads, head_dim); got "
                              f"query {tuple(query.shape)}, keys {tuple(self.keys.shape)}, out {tuple(out.shape)}")
         query_ptr, out_ptr = query.data_ptr(), out.data_ptr()

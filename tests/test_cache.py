@@ -226,11 +226,11 @@ def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
 
 def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     """The split-KV Triton attention (Triton's CPU interpreter here) against
-    slot_attention_reference: GQA, several splits with a short last one, slot rows scaled by
-    two factors. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
+    slot_attention_reference: GQA, several splits (the last one short for most row counts),
+    slot rows scaled by two factors. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
     from faedkv.attention import SlotScales, slot_attention_reference
-    from faedkv.fused_decode import slot_attention_into
+    from faedkv.fused_decode import SlotAttention
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     batch, heads, kv_heads, rows, dim = 2, 4, 2, random.randint(50, 90), 16
@@ -240,8 +240,9 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
                         more=1.25, less=0.8)
     expected = slot_attention_reference(query, keys, values, scales, scaling=0.25)
     out = torch.empty(batch, 1, heads, dim)
-    slot_attention_into(out, query, keys, values, scales.start, scales.count, scales.filled,
-                        scales.more, scales.less, scaling=0.25, block_n=16, target_programs=8)
+    attention = SlotAttention(keys, values, scales.start, scales.count, block_n=16, target_programs=16)
+    assert attention.splits >= 3 and attention.rows_per_split % 16 == 0   # several splits of whole tiles
+    attention(out, query, scales.filled, scales.more, scales.less, scaling=0.25)
     assert torch.allclose(out, expected, atol=1e-5)
     # the scales matter: plain attention over the means differs
     plain = slot_attention_reference(query, keys, values, SlotScales(4, rows - 20, 0, 1.0, 1.0), 0.25)

@@ -245,6 +245,8 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from faedkv.fused_decode import ATTENTION_KERNELS, UPDATE_KERNELS
+
     original = cache.update
 
     def labelled_update(*args, **kwargs):
@@ -260,8 +262,6 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
             torch.cuda.synchronize()
     finally:
         del cache.update
-    from faedkv.fused_decode import ATTENTION_KERNELS, UPDATE_KERNELS
-
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     updates = [e for e in events if e.name == "faedkv.cache.update" and e.device_type == DeviceType.CPU]
@@ -325,21 +325,16 @@ def host_overhead_rows(tokens: int, ratio: float = 0.75, calls: int = 300) -> li
     import torch
     import torch.nn.functional as F
 
-    from faedkv.attention import FAEDKV_SDPA, slot_attention
-    from faedkv.cache import FAEDKVLayer
+    from faedkv.attention import SLOT_SCALES_ATTR, slot_attention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
-    context = [torch.randn(1, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
-    for layer in (materialised, scaled):
-        layer.update(*context)
-    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    materialised, scaled = materialised_and_scaled_layers(tokens, ratio)
     stored = materialised.kv[0]
     keys, values = scaled.update(*new)
-    scales = keys.faedkv_slot_scales
-    small = [t[:, :, :1024].contiguous() for t in context]
+    scales = getattr(keys, SLOT_SCALES_ATTR)
+    small = [torch.randn(1, kv_heads, 1024, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
 
     def timed(name, fn):
         for _ in range(5):
@@ -422,6 +417,24 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
             **slot_attention_agreement(tokens, ratio)}
 
 
+def materialised_and_scaled_layers(tokens: int, ratio: float):
+    """Two FAEDKVLayers holding the same random Llama-3-8B-shaped bf16 prefill: one that
+    materialises the slots, one that hands faedkv's attention the ring means (as if that
+    attention had answered the probe of a model that runs it)."""
+    import torch
+
+    from faedkv.attention import FAEDKV_SDPA
+    from faedkv.cache import FAEDKVLayer
+
+    shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
+    context = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
+    for layer in (materialised, scaled):
+        layer.update(*context)
+    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    return materialised, scaled
+
+
 def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict:
     """Slot-scaled attention (FoldStep + SlotAttention over the stored ring means)
     against sdpa over the materialised slots (decode_step_into), bf16, Llama-3-8B's 32 query
@@ -429,16 +442,10 @@ def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict
     import torch
     import torch.nn.functional as F
 
-    from faedkv.attention import FAEDKV_SDPA, slot_attention
-    from faedkv.cache import FAEDKVLayer
+    from faedkv.attention import SLOT_SCALES_ATTR, slot_attention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
-    context = [torch.randn(1, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
-    for layer in (materialised, scaled):
-        layer.update(*context)
-    # as if faedkv's attention had answered the probe of a model that runs it
-    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    materialised, scaled = materialised_and_scaled_layers(tokens, ratio)
     worst, used = 0.0, True
     for _ in range(steps):
         new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -446,8 +453,9 @@ def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict
         keys, values = materialised.update(*new)
         expected = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True).transpose(1, 2)
         keys, values = scaled.update(*new)
-        used &= hasattr(keys, "faedkv_slot_scales")
-        got, _ = slot_attention(None, query, keys, values, None, keys.faedkv_slot_scales, scaling=dim ** -0.5)
+        used &= hasattr(keys, SLOT_SCALES_ATTR)
+        got, _ = slot_attention(None, query, keys, values, None, getattr(keys, SLOT_SCALES_ATTR),
+                                scaling=dim ** -0.5)
         worst = max(worst, ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item())
     return {"slot_attention_used": bool(used), "max_rel_diff_slot_attention": worst}
 

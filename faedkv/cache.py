@@ -49,7 +49,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from faedkv import fused as fused_kernels
 from faedkv import fused_decode
 from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales
-from faedkv.iwdft import compute_dtype, symmetric_keep
+from faedkv.iwdft import compute_dtype, ring_slot_scales, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 from faedkv.press import budget_slots
 
@@ -209,12 +209,13 @@ class FAEDKVLayer(CacheLayerMixin):
         the others, so two scalar multiplies. With a plan the ring sums are band-limited first
         (irfft(rfft(sums) * mask) over the M rows)."""
         size = self.num_slots
+        if self.masks is None:
+            filled, more, less = ring_slot_scales(self.folded, size)
+            torch.mul(self.means[..., :filled, :], more, out=out[..., :filled, :])
+            torch.mul(self.means[..., filled:, :], less, out=out[..., filled:, :])
+            return
         lap, filled = divmod(self.folded, size)
         scale = size / self.folded
-        if self.masks is None:
-            torch.mul(self.means[..., :filled, :], (lap + 1) * scale, out=out[..., :filled, :])
-            torch.mul(self.means[..., filled:, :], lap * scale, out=out[..., filled:, :])
-            return
         sums = self.means.to(compute_dtype(self.means.dtype))
         if sums.data_ptr() == self.means.data_ptr():
             sums = sums.clone()
@@ -323,9 +324,8 @@ class FAEDKVLayer(CacheLayerMixin):
         self.fold_step(key_states, value_states, self.head, self.folded)
         self.folded += 1
         self.head = (self.head + 1) % self.window
-        lap, scales = self.folded // self.num_slots, self.slot_scales
-        scale = self.num_slots / self.folded
-        scales.filled, scales.more, scales.less = self.folded % self.num_slots, (lap + 1) * scale, lap * scale
+        scales = self.slot_scales
+        scales.filled, scales.more, scales.less = ring_slot_scales(self.folded, self.num_slots)
         return self.key_view, self.value_view
 
     def persistent_tensors(self) -> list[torch.Tensor]:

@@ -18,12 +18,8 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+    """Triton imports and a CUDA device is there."""
+    return triton_importable() and torch.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,6 +23,7 @@ import math
 import torch
 
 from faedkv.fused import DirectLaunch, interpreting, launch
+from faedkv.iwdft import ring_slot_scales
 
 # as the profiler names them: what the cache's update launches, what the attention launches
 UPDATE_KERNELS = ("decode_step_kernel", "fold_step_kernel")
@@ -242,7 +243,7 @@ def new_token_strides(keys: torch.Tensor, values: torch.Tensor) -> tuple:
 
 def decode_step_into(out: torch.Tensor, sink: torch.Tensor, means: torch.Tensor, ring: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, head: int, folded: int,
-                     block: int | None = None, num_warps: int = 4) -> None:
+                     block: int = 16, num_warps: int = 4) -> None:
     """One decode call in one kernel: fold the q oldest window tokens into the ring means, write
     [sink | slots | window | new] into `out`, and put the new tokens into the window ring in
     place of the folded ones.
@@ -260,13 +261,12 @@ def decode_step_into(out: torch.Tensor, sink: torch.Tensor, means: torch.Tensor,
         raise ValueError(f"decode_step_into folds 1..min(W, M) = {min(window, num_slots)} tokens, got {query}")
     if not out.is_contiguous():
         raise ValueError("decode_step_into needs out contiguous")
-    lap, filled = divmod(folded + query, num_slots)
-    scale = num_slots / (folded + query)
-    block = block or 16
+    filled, more, less = ring_slot_scales(folded + query, num_slots)
+    lap = (folded + query) // num_slots
     grid = (batch * heads, (num_sink + num_slots + window + block - 1) // block)
     layout = (heads, num_sink, num_slots, window, plane_stride(sink, "sink"), plane_stride(means, "means"),
               plane_stride(ring, "ring"), *new_token_strides(keys, values))
-    step = (query, head, folded % num_slots, filled, lap, (lap + 1) * scale, lap * scale)
+    step = (query, head, folded % num_slots, filled, lap, more, less)
     launch(_kernels(interpreting())["step"], grid, (sink, means, ring, keys, values, out), layout, step,
            (block, dim), num_warps=num_warps)
 

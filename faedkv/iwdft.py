@@ -67,6 +67,15 @@ def fold_counts(tokens: int, num_bins: int) -> torch.Tensor:
     return torch.bincount(distances % num_bins, minlength=num_bins)
 
 
+def ring_slot_scales(tokens: int, num_bins: int) -> tuple[int, float, float]:
+    """(filled, more, less) after `tokens` tokens filled M = num_bins ring rows in turn: rows
+    r < filled hold one token more than the others, and slot_r = mean_r * (more if r < filled
+    else less) = mean_r * count_r * M / t (the spec's slot: (M / t) times the row's sum)."""
+    lap, filled = divmod(tokens, num_bins)
+    scale = num_bins / tokens
+    return filled, (lap + 1) * scale, lap * scale
+
+
 def iwdft(x: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Batch IWDFT: real (..., tokens, head_dim) -> complex (..., num_bins, head_dim).
 

@@ -6,18 +6,24 @@ import torch
 
 from faedkv import FrequencyPlan, compression_matrix
 from faedkv.iwdft import fold_by_distance, fold_counts
-from faedkv.variants import (VARIANTS, compress, dct_iterative_expand, expand, idct, dct2,
+from faedkv.variants import (VARIANTS, compress, dct_iterative_expand, expand, idct, dct2, num_slots_for,
                              slot_positions)
 
 
-def random_plan(chunks=22):
-    return FrequencyPlan(layers=[sorted(random.sample(range(chunks), random.randint(1, chunks - 1)))])
+def random_plan(tokens, ratio, chunks=22):
+    """A random one-layer plan that keeps at least one of the compression's M bins.
+
+    With few slots a chunk can hold no bin, and a plan keeping none is refused (test_plans)."""
+    while True:
+        plan = FrequencyPlan(layers=[sorted(random.sample(range(chunks), random.randint(1, chunks - 1)))])
+        if plan.mask(0, num_slots_for(tokens, ratio)).any():
+            return plan
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
 def test_iwdft_columns_have_equal_norms_for_any_keep_mask(ratio):
     tokens = random.randint(30, 300)
-    for plan in (None, random_plan(), random_plan()):
+    for plan in (None, random_plan(tokens, ratio), random_plan(tokens, ratio)):
         norms = compression_matrix("iwdft", tokens, ratio, plan=plan).norm(dim=0)
         assert torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-10), plan
 
@@ -33,7 +39,7 @@ def test_dct_iterative_columns_are_not_equal_after_several_recompressions():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matrix_is_the_map_applied_to_data(variant, dtype):
     tokens, ratio = random.randint(50, 150), random.choice([0.3, 0.75])
-    plan = random_plan()
+    plan = random_plan(tokens, ratio)
     matrix = compression_matrix(variant, tokens, ratio, plan=plan, step=10)
     x = torch.randn(2, 3, tokens, 8).to(dtype)
     keep = (lambda f: plan.keep_frequencies(0, f))

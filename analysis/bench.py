@@ -202,7 +202,8 @@ def write_fragment(path: str, text: str) -> None:
 
 
 # Fragments in the order BENCHMARKS.md shows them; any other *.md in the folder follows.
-REPORT_ORDER = ("gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-before-fusion.md",
+REPORT_ORDER = ("gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
+                "gpu-h200-before-fusion.md",
                 "gpu-h200-grid.md", "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
                 "tasks-cpu.md", "shipped-analyses.md", "server-h200-llama8b.md", "server-h200-smollm2.md",
                 "server-cpu.md")

@@ -92,6 +92,7 @@ def fused_agreement(lengths, ratio: float = 0.75) -> list[dict]:
     return rows
 
 
+DECODE_KINDS = ("full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch", "faedkv-plan", "faedkv-attn-plan")
 DEFAULT_GPU_METHODS = ("iwdft", "iwdft-torch", "iwdft-lowpass", "resample", "snapkv", "streamingllm")
 
 
@@ -121,15 +122,18 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
     from kvpress import SnapKVPress
     from transformers import DynamicCache
 
-    from faedkv import FAEDKVCache
+    from faedkv import FAEDKVCache, FrequencyPlan
 
     config = model.config
     shape = (1, config.num_key_value_heads, tokens, config.head_dim)
     if kind.startswith("faedkv"):
         # faedkv: one kernel writes the slots (fused_decode.decode_step_into); faedkv-attn: the
         # model runs faedkv's attention, which scales the stored means (FoldStep +
-        # SlotAttention); faedkv-torch: the torch path
-        cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64,
+        # SlotAttention); faedkv-torch: the torch path; *-plan: with a low-pass plan (half the
+        # chunks in every layer): faedkv-plan materialises band-limited slots (an FFT over the
+        # M rows per step), faedkv-attn-plan band-limits logits and probabilities in attention
+        plan = FrequencyPlan.low_pass(0.5, config.num_hidden_layers) if kind.endswith("-plan") else None
+        cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=64, plan=plan,
                             fused=False if kind == "faedkv-torch" else None)
     else:
         cache = DynamicCache()
@@ -158,7 +162,7 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
 def decode_row(model, kind: str, tokens: int, ratio: float, steps: int) -> dict:
     from faedkv.attention import restore_sdpa, use_faedkv_attention
 
-    if kind != "faedkv-attn":
+    if not kind.startswith("faedkv-attn"):
         return decode_row_measured(model, kind, tokens, ratio, steps)
     use_faedkv_attention(model.config)
     try:
@@ -240,20 +244,26 @@ def instrumented_update_share(cache, step, repeats: int) -> float:
 def profiled_update_share(cache, step, repeats: int) -> dict:
     """Share of a step's GPU kernel time spent in kernels launched by cache.update (torch
     profiler, CUPTI): what the update would cost if the host did not bound the step (CUDA graphs,
-    a compiled decoder)."""
+    a compiled decoder). Also the GPU time of faedkv's attention kernels and of the plan's
+    band-limiting in attention (faedkv.attention.band_limit, labelled while profiling)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from faedkv import attention
     from faedkv.fused_decode import ATTENTION_KERNELS, UPDATE_KERNELS
 
-    original = cache.update
+    original, band_limit = cache.update, attention.band_limit
 
     def labelled_update(*args, **kwargs):
         with record_function("faedkv.cache.update"):
             return original(*args, **kwargs)
 
-    cache.update = labelled_update
+    def labelled_band_limit(*args, **kwargs):
+        with record_function("faedkv.band_limit"):
+            return band_limit(*args, **kwargs)
+
+    cache.update, attention.band_limit = labelled_update, labelled_band_limit
     try:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -262,14 +272,19 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
             torch.cuda.synchronize()
     finally:
         del cache.update
+        attention.band_limit = band_limit
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-    updates = [e for e in events if e.name == "faedkv.cache.update" and e.device_type == DeviceType.CPU]
 
     def launched_under(event) -> list:
         return list(event.kernels) + [k for child in event.cpu_children for k in launched_under(child)]
 
-    attributed = [k for e in updates for k in launched_under(e)]
+    def attributed_to(name: str) -> list:
+        return [k for e in events if e.name == name and e.device_type == DeviceType.CPU
+                for k in launched_under(e)]
+
+    attributed = attributed_to("faedkv.cache.update")
+    band_limiting = sum(k.duration for k in attributed_to("faedkv.band_limit"))
     # Triton launches through the driver, which the profiler may not link to the enclosing
     # range; only the cache launches FAEDKV's kernels, so the unlinked ones are the update's too.
     linked = sum(1 for k in attributed if k.name in UPDATE_KERNELS)
@@ -279,7 +294,8 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
     slot_attention = sum(e.self_device_time_total for e in kernels if e.name in ATTENTION_KERNELS)
     return {"update_gpu_share": in_update / total if total else None,
             "step_gpu_ms": total / 1e3 / repeats, "update_gpu_ms": in_update / 1e3 / repeats,
-            "slot_attention_gpu_ms": slot_attention / 1e3 / repeats}
+            "slot_attention_gpu_ms": slot_attention / 1e3 / repeats,
+            "band_limit_gpu_ms": band_limiting / 1e3 / repeats}
 
 
 def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[dict]:
@@ -395,6 +411,7 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
     what attention gets and the ring means after every call."""
     import torch
 
+    from faedkv import FrequencyPlan
     from faedkv.cache import FAEDKVLayer
 
     shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
@@ -414,10 +431,11 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
         worst_means = max(worst_means, ((a - b).abs().max() / b.abs().max()).item())
     return {"tokens": tokens, "steps": steps + 2, "kernel_used": layers[0].head != 0,
             "max_rel_diff_attended": worst_out, "max_rel_diff_means": worst_means,
-            **slot_attention_agreement(tokens, ratio)}
+            **slot_attention_agreement(tokens, ratio),
+            **slot_attention_agreement(tokens, ratio, plan=FrequencyPlan.low_pass(0.5, 1))}
 
 
-def materialised_and_scaled_layers(tokens: int, ratio: float):
+def materialised_and_scaled_layers(tokens: int, ratio: float, plan=None):
     """Two FAEDKVLayers holding the same random Llama-3-8B-shaped bf16 prefill: one that
     materialises the slots, one that hands faedkv's attention the ring means (as if that
     attention had answered the probe of a model that runs it)."""
@@ -428,24 +446,25 @@ def materialised_and_scaled_layers(tokens: int, ratio: float):
 
     shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
     context = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    materialised, scaled = FAEDKVLayer(0, ratio, 4, 64), FAEDKVLayer(0, ratio, 4, 64)
+    materialised, scaled = (FAEDKVLayer(0, ratio, 4, 64, plan=plan) for _ in range(2))
     for layer in (materialised, scaled):
         layer.update(*context)
     scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
     return materialised, scaled
 
 
-def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict:
-    """Slot-scaled attention (FoldStep + SlotAttention over the stored ring means)
-    against sdpa over the materialised slots (decode_step_into), bf16, Llama-3-8B's 32 query
-    heads over 8 KV heads, one random query per step: max relative difference of the outputs."""
+def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16, plan=None) -> dict:
+    """Slot-scaled attention (FoldStep + SlotAttention over the stored ring means; with a plan,
+    the band-limiting attention) against sdpa over the materialised slots (decode_step_into; with
+    a plan, the torch path's FFT), bf16, Llama-3-8B's 32 query heads over 8 KV heads, one random
+    query per step: max relative difference of the outputs."""
     import torch
     import torch.nn.functional as F
 
     from faedkv.attention import SLOT_SCALES_ATTR, slot_attention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
-    materialised, scaled = materialised_and_scaled_layers(tokens, ratio)
+    materialised, scaled = materialised_and_scaled_layers(tokens, ratio, plan)
     worst, used = 0.0, True
     for _ in range(steps):
         new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -457,11 +476,11 @@ def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16) -> dict
         got, _ = slot_attention(None, query, keys, values, None, getattr(keys, SLOT_SCALES_ATTR),
                                 scaling=dim ** -0.5)
         worst = max(worst, ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item())
-    return {"slot_attention_used": bool(used), "max_rel_diff_slot_attention": worst}
+    suffix = "" if plan is None else "_plan"
+    return {f"slot_attention_used{suffix}": bool(used), f"max_rel_diff_slot_attention{suffix}": worst}
 
 
-def decode_rows(lengths, ratio: float, steps: int,
-                kinds=("full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch")) -> list[dict]:
+def decode_rows(lengths, ratio: float, steps: int, kinds=DECODE_KINDS) -> list[dict]:
     from tqdm import tqdm
 
     model = llama3_8b()
@@ -587,9 +606,14 @@ def tables(result: dict) -> str:
                          f"{100 * r['update_share']:.1f}% | {gpu_cells(r)} |")
         for r in result["decode"]:
             if r.get("slot_attention_gpu_ms"):
-                lines.append(f"\nfaedkv-attn at {r['tokens']}: its slot attention kernels take "
+                lines.append(f"\n{r['cache']} at {r['tokens']}: its slot attention kernels take "
                              f"{r['slot_attention_gpu_ms']:.2f} of the step's {r['step_gpu_ms']:.2f} GPU ms "
                              "(in the attention, not in the update).")
+            if r.get("band_limit_gpu_ms"):
+                lines.append(f"\n{r['cache']} at {r['tokens']}: band-limiting the ring rows' logits and "
+                             f"probabilities (the plan, in attention) takes {r['band_limit_gpu_ms']:.2f} of the "
+                             f"step's {r['step_gpu_ms']:.2f} GPU ms "
+                             f"({100 * r['band_limit_gpu_ms'] / r['step_gpu_ms']:.1f}%).")
         check = result.get("decode_check")
         if check:
             lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.fused_decode.decode_step_into), faedkv-torch "
@@ -603,6 +627,13 @@ def tables(result: dict) -> str:
                              f"output vs sdpa over the materialised slots, bf16, 16 steps: slot "
                              f"attention used: {check['slot_attention_used']}, max relative difference "
                              f"{check['max_rel_diff_slot_attention']:.1e}.")
+            if "max_rel_diff_slot_attention_plan" in check:
+                lines.append(f"faedkv-attn-plan = the same with a low-pass plan (half the chunks): the attention "
+                             f"band-limits the ring rows' logits and probabilities (an FFT over M numbers "
+                             f"per query head) instead of the cache writing band-limited slots. Its output "
+                             f"vs sdpa over the torch path's band-limited slots, bf16, 16 steps: used: "
+                             f"{check['slot_attention_used_plan']}, max relative difference "
+                             f"{check['max_rel_diff_slot_attention_plan']:.1e}.")
     if result.get("decode_kernel"):
         lines += ["", "The one-kernel decode step alone per layer (q = 1, bf16, batch 1), median of 100 "
                   "calls (CUDA events, launch included); floor = (read sink + means + window, write "
@@ -663,9 +694,10 @@ def run_gpu(args) -> int:
         save()
     if "decode" in args.parts:
         result["decode_check"] = decode_agreement(args.decode_lengths[0])
-        result["decode_kernel"] = decode_kernel_rows(args.decode_lengths, result["bandwidth"])
-        result["slot_attention_kernel"] = slot_attention_rows(args.decode_lengths, result["bandwidth"])
-        result["host_overhead"] = host_overhead_rows(args.decode_lengths[0])
+        if args.kernel_sweeps:
+            result["decode_kernel"] = decode_kernel_rows(args.decode_lengths, result["bandwidth"])
+            result["slot_attention_kernel"] = slot_attention_rows(args.decode_lengths, result["bandwidth"])
+            result["host_overhead"] = host_overhead_rows(args.decode_lengths[0])
         save()
         result["decode"] = decode_rows(args.decode_lengths, 0.75, args.steps, args.decode_kinds)
         save()
@@ -718,10 +750,11 @@ def add_parser(sub) -> None:
                    help="compression methods (analysis.bench.METHODS, iwdft-compiled)")
     p.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
-    p.add_argument("--decode-kinds", nargs="+", default=["full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch"],
-                   choices=["full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch"],
+    p.add_argument("--decode-kinds", nargs="+", default=list(DECODE_KINDS), choices=DECODE_KINDS,
                    help="caches to decode with (faedkv-attn: with faedkv's slot-scaling attention; "
-                        "faedkv-torch: FAEDKVCache without kernels)")
+                        "faedkv-torch: FAEDKVCache without kernels; *-plan: with a low-pass plan)")
+    p.add_argument("--no-kernel-sweeps", dest="kernel_sweeps", action="store_false",
+                   help="decode part: skip the per-layer kernel launch-shape sweeps and host overheads")
     p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
     p.add_argument("--needle-samples", type=int, default=2)
     p.add_argument("--grid-depths", default="0,25,50,75,100")

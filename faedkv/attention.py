@@ -30,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from faedkv.iwdft import band_limit
+
 FAEDKV_SDPA = "faedkv_sdpa"
 BIAS_ATTR = "faedkv_column_bias"
 SLOT_SCALES_ATTR = "faedkv_slot_scales"   # on a key tensor: its ring-mean rows need scales
@@ -39,9 +41,10 @@ PROBE_ATTR = "faedkv_probe"               # on a key tensor: the cache layer ask
 @dataclass
 class SlotScales:
     """Key rows [start, start + count) hold ring means; row start + r stands for the slot
-    mean_r * (more if r < filled else less). A cache layer keeps one and updates it every step;
-    `kernel` keeps the attention's compiled launch for that layer's rows, `workspace` the
-    scratch its cache's layers share."""
+    mean_r * (more if r < filled else less). With a plan, `masks` (2, 1, kv_heads or 1,
+    count//2 + 1, 1) (keys, values: FAEDKVCache's rfft-half masks) band-limit those slots along
+    the rows. A cache layer keeps one and updates it every step; `kernel` keeps the attention's
+    compiled launch for that layer's rows, `workspace` the scratch its cache's layers share."""
     start: int
     count: int
     filled: int
@@ -49,6 +52,7 @@ class SlotScales:
     less: float
     kernel: object = None
     workspace: dict | None = None
+    masks: torch.Tensor | None = None
 
     def column_scales(self, rows: int, device) -> torch.Tensor:
         """(rows,) float32: the scale of every key row (1 outside the ring means)."""
@@ -59,25 +63,43 @@ class SlotScales:
 
 
 def slot_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             scales: SlotScales, scaling: float) -> torch.Tensor:
-    """softmax(scaling * q . (s_j k_j)) . (s_j v_j) over every key row j, in float32.
+                             scales: SlotScales, scaling: float,
+                             matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """softmax(scaling * q . k'_j) . v'_j over every key row j, softmax in float32.
+
+    Outside the ring rows k' = k and v' = v; on them k' = C (s * k) and v' = C (s * v), with s
+    the rows' scales and C the plan's band-limiting circulant (identity without masks). C is
+    real and symmetric and attention is linear in k' and v', so C is applied to the ring rows'
+    logits and, after the softmax, to their probabilities: O(M log M) per query head instead of
+    an FFT over (M, head_dim) rows and a slot tensor written every step.
 
     query (batch, heads, 1, head_dim); key, value (batch, kv_heads, rows, head_dim) ->
-    (batch, 1, heads, head_dim). The definition `fused_decode.SlotAttention` (Triton) matches."""
+    (batch, 1, heads, head_dim). matmul_dtype: the q.k and p.v products (float32: the
+    definition `fused_decode.SlotAttention` matches; the model's dtype: eager attention's
+    rounding, no float32 copy of the rows)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
+    ring = slice(scales.start, scales.start + scales.count)
     column = scales.column_scales(key.shape[-2], query.device)
-    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    weights = torch.softmax(grouped @ key.float().transpose(-1, -2) * (scaling * column), dim=-1)
-    out = (weights * column) @ value.float()
+    grouped = query.to(matmul_dtype).reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    logits = (grouped @ key.to(matmul_dtype).transpose(-1, -2)).float() * column
+    if scales.masks is not None:
+        key_mask, value_mask = scales.masks.transpose(-1, -2)   # (1, kv_heads or 1, 1, M//2 + 1)
+        logits[..., ring] = band_limit(logits[..., ring], key_mask)
+    weights = torch.softmax(logits * scaling, dim=-1)
+    if scales.masks is not None:
+        weights[..., ring] = band_limit(weights[..., ring], value_mask)
+    out = (weights * column).to(matmul_dtype) @ value.to(matmul_dtype)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
 
 
 def slot_attention(module, query, key, value, attention_mask, scales: SlotScales,
                    scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
     """One decode token over FAEDKVCache's stored [sink | ring means | window]: Triton's split-KV
-    kernel where it runs, else the float32 reference. attention_mask is not read: the cache
-    serves unpadded batches and one query token, which sees every row."""
+    kernel where it runs, else the float32 reference. With plan masks the reference runs, its
+    products in the model's dtype on CUDA (a fused kernel cannot filter logits across splits
+    before the softmax). attention_mask is not read: the cache serves unpadded batches and one
+    query token, which sees every row."""
     from faedkv import fused
     from faedkv.fused_decode import SlotAttention
 
@@ -85,6 +107,9 @@ def slot_attention(module, query, key, value, attention_mask, scales: SlotScales
     if query.shape[-2] != 1:
         raise ValueError("slot-scaled attention serves one new token per call; FAEDKVCache "
                          "materialises the slots for longer calls")
+    if scales.masks is not None:
+        matmul_dtype = key.dtype if key.is_cuda else torch.float32
+        return slot_attention_reference(query, key, value, scales, scaling, matmul_dtype), None
     kernel = scales.kernel
     if kernel is None or kernel.keys is not key or kernel.values is not value:
         if not (fused.can_fuse_decode(query) and fused.can_fuse_decode(key) and fused.can_fuse_decode(value)):

@@ -32,7 +32,10 @@ written in one pass, the window kept as a ring (`head` = its oldest row) whose f
 the new tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a
 one-token call does not even write the slots: it folds (FoldStep, O(head_dim) per head)
 and hands attention the buffer itself, ring means and their `SlotScales`; the attention scales
-each mean's logit and value. The torch path below defines the result; both kernels match it.
+each mean's logit and value. With a plan it also band-limits: the slots are C (scaled means)
+for a symmetric circulant C, so the attention applies C to the ring rows' logits and, after
+the softmax, to their probabilities (an FFT over M numbers per query head, not over the M rows
+of every head_dim). The torch path below defines the result; both kernels match it.
 
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
@@ -49,7 +52,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from faedkv import fused as fused_kernels
 from faedkv import fused_decode
 from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales
-from faedkv.iwdft import compute_dtype, ring_slot_scales, symmetric_keep
+from faedkv.iwdft import band_limit, compute_dtype, ring_slot_scales, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 from faedkv.press import budget_slots
 
@@ -166,14 +169,14 @@ class FAEDKVLayer(CacheLayerMixin):
         self.sink, self.means = self.kv[..., :s, :], self.kv[..., s:s + m, :]
         self.window_buffer = self.recent = self.kv[..., s + m:, :]
         self.key_view, self.value_view = self.kv[0], self.kv[1]
-        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0, workspace=self.workspace)
+        self.masks = self.plan_masks(heads)
+        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0, workspace=self.workspace, masks=self.masks)
         setattr(self.key_view, SLOT_SCALES_ATTR, self.slot_scales)
         for index, x in enumerate((keys, values)):
             self.sink[index] = x[:, :, :s]
             self.means[index] = ring_means(x[:, :, s:tokens - w], m)
             self.recent[index] = x[:, :, tokens - w:]
         self.folded = tokens - s - w
-        self.masks = self.plan_masks(heads)
 
     def fold_count(self, query: int) -> int:
         """Old window tokens to fold so that `query` new tokens fit in the window."""
@@ -221,8 +224,7 @@ class FAEDKVLayer(CacheLayerMixin):
             sums = sums.clone()
         sums[..., :filled, :] *= lap + 1
         sums[..., filled:, :] *= lap
-        spectrum = torch.fft.rfft(sums, dim=-2).mul_(self.masks)
-        out.copy_(torch.fft.irfft(spectrum, n=size, dim=-2).mul_(scale))
+        out.copy_(band_limit(sums, self.masks, dim=-2).mul_(scale))
 
     def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(key slots, value slots) (batch, kv_heads, M, head_dim) in ring order: slot r stands
@@ -265,7 +267,8 @@ class FAEDKVLayer(CacheLayerMixin):
         if self.fusable(key_states, value_states):
             if key_states.shape[-2] == 1 and self.slot_attention_ready():
                 return self.scaled_step(key_states, value_states)
-            return self.fused_step(key_states, value_states)
+            if self.masks is None:
+                return self.fused_step(key_states, value_states)
         if self.head:
             self.recent, self.head = self.chronological_window(), 0
         self.fold(self.fold_count(key_states.shape[-2]))
@@ -281,11 +284,12 @@ class FAEDKVLayer(CacheLayerMixin):
         return self.probed(out[0]), out[1]
 
     def fusable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """A kernel step applies: no plan (a plan needs an FFT over the M rows), the window is
-        the buffer's W rows and folds exactly the call's q <= min(W, M) tokens, and a device
-        Triton runs on (fused=None: CUDA with Triton; True: also Triton's CPU interpreter;
-        False: never)."""
-        if self.fused is False or self.masks is not None:
+        """A kernel step applies: the window is the buffer's W rows and folds exactly the call's
+        q <= min(W, M) tokens, and a device Triton runs on (fused=None: CUDA with Triton; True:
+        also Triton's CPU interpreter; False: never). With a plan only the slot-scaled step
+        (fold only; the attention band-limits) runs as a kernel: the one-kernel step writes
+        unfiltered slots."""
+        if self.fused is False:
             return False
         query = key_states.shape[-2]
         if not (1 <= query <= min(self.window, self.num_slots) and self.recent.shape[-2] == self.window):
@@ -396,7 +400,8 @@ class FAEDKVCache(Cache):
     fused: decode calls of q <= min(W, M) tokens without a plan run as one Triton kernel per layer
     (faedkv.fused_decode): None on CUDA with Triton, True also under Triton's CPU interpreter
     (TRITON_INTERPRET=1, for tests), False never. With `use_faedkv_attention(model.config)`, a
-    one-token call writes no slot: the attention scales the stored ring means itself.
+    one-token call writes no slot: the attention scales (and, with a plan, band-limits) the
+    stored ring means itself.
     A prefill too short for sink + window + 1 slot raises ValueError naming the minimum length.
     """
 

@@ -76,6 +76,15 @@ def ring_slot_scales(tokens: int, num_bins: int) -> tuple[int, float, float]:
     return filled, (lap + 1) * scale, lap * scale
 
 
+def band_limit(x: torch.Tensor, half_mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """irfft(rfft(x) * half_mask) along dim: x's circular convolution with the real, even
+    kernel irfft(half_mask) (a conjugate-symmetric mask's rfft half), i.e. x times the symmetric
+    circulant C = F^-1 diag(mask) F. Real x (..., M, ...), half_mask broadcastable to the rfft
+    (..., M//2 + 1, ...) along dim."""
+    size = x.shape[dim]
+    return torch.fft.irfft(torch.fft.rfft(x, dim=dim) * half_mask, n=size, dim=dim)
+
+
 def iwdft(x: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Batch IWDFT: real (..., tokens, head_dim) -> complex (..., num_bins, head_dim).
 

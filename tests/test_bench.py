@@ -36,7 +36,11 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
               "fused_check": [{"tokens": 32768, "fused_used": True, "max_rel_diff": 0.0}],
               "decode": [{"tokens": 32768, "cache": "faedkv", "ms_per_token": 30.0, "speed_vs_full": 2.0,
                           "kv_bytes": 1.07e9, "kv_vs_full": 0.25, "peak_over_weights": 1.1e9,
-                          "update_share": 0.187, "steps": 20}]}
+                          "update_share": 0.187, "steps": 20},
+                         {"tokens": 32768, "cache": "faedkv-attn-plan", "ms_per_token": 20.0, "speed_vs_full": 3.0,
+                          "kv_bytes": 1.07e9, "kv_vs_full": 0.25, "peak_over_weights": 1.1e9,
+                          "update_share": 0.04, "steps": 20, "update_gpu_share": 0.01, "step_gpu_ms": 8.0,
+                          "update_gpu_ms": 0.08, "slot_attention_gpu_ms": 0.0, "band_limit_gpu_ms": 0.4}]}
     path = tmp_path / "gpu-bench.json"
     path.write_text(json.dumps(result))
     fragment = tmp_path / "gpu.md"
@@ -45,4 +49,6 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     assert "| 32768 | iwdft | 8192 | 0.080 | 2.56 | 0.040 | 2.00 | 0.04 |" in text
     assert "| 32768 | faedkv | 30.00 | 2.00 | 1.07 | 0.250 | 1.10 | 18.7% |" in text
     assert "fused kernel used: True" in text
+    assert "| 32768 | faedkv-attn-plan | 20.00 | 3.00 | 1.07 | 0.250 | 1.10 | 4.0% | 8.00 | 1.0% |" in text
+    assert "faedkv-attn-plan at 32768: band-limiting" in text and "takes 0.40 of the step's 8.00 GPU ms (5.0%)" in text
     assert bench_gpu.tables({**result, "decode": []}).count("| context |") == 0

@@ -249,11 +249,50 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     assert (plain - expected).abs().max() > 1e-3
 
 
-def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch):
+def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
+    """With plan masks (per KV head for values) slot_attention_reference filters the ring rows'
+    logits and probabilities; that must equal plain attention over the materialised
+    band-limited slots C (s * means) (the torch path's slot rows)."""
+    from faedkv.attention import SlotScales, slot_attention_reference
+    from faedkv.cache import half_spectrum_mask
+    from faedkv.iwdft import band_limit, ring_slot_scales
+
+    batch, heads, kv_heads, dim, sink, window = 2, 4, 2, 16, 4, 8
+    slots, folded = random.randint(20, 60), random.randint(200, 400)
+    rows = sink + slots + window
+    query = torch.randn(batch, heads, 1, dim)
+    keys, values = torch.randn(2, batch, kv_heads, rows, dim).unbind(0)
+    freqs = bin_frequencies(slots)
+    plan = FrequencyPlan(layers=[{"key": [0, 3, 9], "value": [[0, 1, 2], [0, 12, 20]]}])
+    masks = torch.stack(torch.broadcast_tensors(*[
+        half_spectrum_mask(plan.keep_some_frequencies(0, freqs, kind, kv_heads), slots)
+        for kind in ("key", "value")])).unsqueeze(1)
+    filled, more, less = ring_slot_scales(folded, slots)
+    scales = SlotScales(sink, slots, filled, more, less, masks=masks)
+    got = slot_attention_reference(query, keys, values, scales, scaling=0.3)
+
+    ring = slice(sink, sink + slots)
+    column = scales.column_scales(rows, "cpu")[ring, None]
+    materialised = []
+    for index, x in enumerate((keys, values)):
+        x = x.clone()
+        x[..., ring, :] = band_limit(x[..., ring, :] * column, masks[index], dim=-2)
+        materialised.append(x.repeat_interleave(heads // kv_heads, dim=1))
+    weights = torch.softmax(query @ materialised[0].transpose(-1, -2) * 0.3, dim=-1)
+    expected = (weights @ materialised[1]).transpose(1, 2)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the masks matter: without them the answer differs
+    unfiltered = slot_attention_reference(query, keys, values, SlotScales(sink, slots, filled, more, less), 0.3)
+    assert (unfiltered - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2], {"key": [0, 7], "value": [[0, 5], [1, 2, 3]]},
+                                                              [0, 21]])], ids=["all-bins", "plan"])
+def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch, plan):
     """With faedkv's attention on the model, one-token calls hand attention the stored ring
     means and their scales (no slot written) and give the logits of the torch path; a
     multi-token call in between materialises; switching the model back to sdpa makes the cache
-    materialise again."""
+    materialise again. With a plan the attention band-limits the ring rows itself."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
     from faedkv import fused_decode
     from faedkv.attention import restore_sdpa, use_faedkv_attention
@@ -270,7 +309,7 @@ def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch):
     results = []
     for use_kernel in (False, True):
         use_faedkv_attention(model.config)
-        cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=4, window=8, fused=use_kernel)
+        cache = FAEDKVCache(compression_ratio=0.75, sink_tokens=4, window=8, fused=use_kernel, plan=plan)
         logits, position, scaled_calls = [], tokens, []
         with torch.no_grad():
             model(input_ids=ids[:, :tokens], past_key_values=cache)

@@ -62,7 +62,7 @@ class SlotScales:
         return scales
 
 
-def slot_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def slot_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              scales: SlotScales, scaling: float,
                              matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """softmax(scaling * q . k'_j) . v'_j over every key row j, softmax in float32.
@@ -96,8 +96,8 @@ def slot_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torc
 def slot_attention(module, query, key, value, attention_mask, scales: SlotScales,
                    scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
     """One decode token over FAEDKVCache's stored [sink | ring means | window]: Triton's split-KV
-    kernel where it runs, else the float32 reference. With plan masks the reference runs, its
-    products in the model's dtype on CUDA (a fused kernel cannot filter logits across splits
+    kernel where it runs, else `slot_attention_torch` in float32. With plan masks the torch one
+    runs, its products in the model's dtype on CUDA (a fused kernel cannot filter logits across splits
     before the softmax). attention_mask is not read: the cache serves unpadded batches and one
     query token, which sees every row."""
     from faedkv import fused
@@ -109,11 +109,11 @@ def slot_attention(module, query, key, value, attention_mask, scales: SlotScales
                          "materialises the slots for longer calls")
     if scales.masks is not None:
         matmul_dtype = key.dtype if key.is_cuda else torch.float32
-        return slot_attention_reference(query, key, value, scales, scaling, matmul_dtype), None
+        return slot_attention_torch(query, key, value, scales, scaling, matmul_dtype), None
     kernel = scales.kernel
     if kernel is None or kernel.keys is not key or kernel.values is not value:
         if not (fused.can_fuse_decode(query) and fused.can_fuse_decode(key) and fused.can_fuse_decode(value)):
-            return slot_attention_reference(query, key, value, scales, scaling), None
+            return slot_attention_torch(query, key, value, scales, scaling), None
         kernel = scales.kernel = SlotAttention(key, value, scales.start, scales.count,
                                                workspace=scales.workspace)
     out = query.new_empty(query.shape[0], 1, query.shape[1], query.shape[-1])

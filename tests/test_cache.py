@@ -226,10 +226,10 @@ def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
 
 def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     """The split-KV Triton attention (Triton's CPU interpreter here) against
-    slot_attention_reference: GQA, several splits (the last one short for most row counts),
+    slot_attention_torch: GQA, several splits (the last one short for most row counts),
     slot rows scaled by two factors. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
-    from faedkv.attention import SlotScales, slot_attention_reference
+    from faedkv.attention import SlotScales, slot_attention_torch
     from faedkv.fused_decode import SlotAttention
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -238,22 +238,22 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     keys, values = torch.randn(2, batch, kv_heads, rows, dim).unbind(0)
     scales = SlotScales(start=4, count=rows - 20, filled=random.randint(0, rows - 20),
                         more=1.25, less=0.8)
-    expected = slot_attention_reference(query, keys, values, scales, scaling=0.25)
+    expected = slot_attention_torch(query, keys, values, scales, scaling=0.25)
     out = torch.empty(batch, 1, heads, dim)
     attention = SlotAttention(keys, values, scales.start, scales.count, block_n=16, target_programs=16)
     assert attention.splits >= 3 and attention.rows_per_split % 16 == 0   # several splits of whole tiles
     attention(out, query, scales.filled, scales.more, scales.less, scaling=0.25)
     assert torch.allclose(out, expected, atol=1e-5)
     # the scales matter: plain attention over the means differs
-    plain = slot_attention_reference(query, keys, values, SlotScales(4, rows - 20, 0, 1.0, 1.0), 0.25)
+    plain = slot_attention_torch(query, keys, values, SlotScales(4, rows - 20, 0, 1.0, 1.0), 0.25)
     assert (plain - expected).abs().max() > 1e-3
 
 
 def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
-    """With plan masks (per KV head for values) slot_attention_reference filters the ring rows'
+    """With plan masks (per KV head for values) slot_attention_torch filters the ring rows'
     logits and probabilities; that must equal plain attention over the materialised
     band-limited slots C (s * means) (the torch path's slot rows)."""
-    from faedkv.attention import SlotScales, slot_attention_reference
+    from faedkv.attention import SlotScales, slot_attention_torch
     from faedkv.cache import half_spectrum_mask
     from faedkv.iwdft import band_limit, ring_slot_scales
 
@@ -269,7 +269,7 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
         for kind in ("key", "value")])).unsqueeze(1)
     filled, more, less = ring_slot_scales(folded, slots)
     scales = SlotScales(sink, slots, filled, more, less, masks=masks)
-    got = slot_attention_reference(query, keys, values, scales, scaling=0.3)
+    got = slot_attention_torch(query, keys, values, scales, scaling=0.3)
 
     ring = slice(sink, sink + slots)
     column = scales.column_scales(rows, "cpu")[ring, None]
@@ -282,7 +282,7 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
     expected = (weights @ materialised[1]).transpose(1, 2)
     assert torch.allclose(got, expected, atol=1e-5)
     # the masks matter: without them the answer differs
-    unfiltered = slot_attention_reference(query, keys, values, SlotScales(sink, slots, filled, more, less), 0.3)
+    unfiltered = slot_attention_torch(query, keys, values, SlotScales(sink, slots, filled, more, less), 0.3)
     assert (unfiltered - expected).abs().max() > 1e-3
 
 

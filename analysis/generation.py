@@ -156,6 +156,26 @@ def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
             for i in range(num_layers)]
 
 
+def cache_report(press, compression_ratio: float, prompt_tokens: int,
+                 cache_lengths: list[int]) -> dict:
+    """What the compressed cache actually holds against what the budget asked for.
+
+    budget_tokens = round((1 - ratio) * T), the kvpress convention (a press may round by one
+    token differently). `compressed` is False when some layer kept the whole prompt (e.g. a
+    FAEDKV prompt not longer than sink + window has no middle to compress). `layers` carries a
+    FAEDKV press's per-layer record (slots, middle, and the sink / window it actually used
+    when the budget forced them smaller)."""
+    stats = getattr(press, "last_stats", None) or {}
+    layers = [{k: stats[i][k] for k in ("slots", "middle", "sink_tokens", "window") if k in stats[i]}
+              if i in stats else {} for i in range(len(cache_lengths))]
+    kept = sum(cache_lengths) / len(cache_lengths) if cache_lengths else float(prompt_tokens)
+    return {"prompt_tokens": prompt_tokens,
+            "budget_tokens": round((1 - compression_ratio) * prompt_tokens),
+            "kept_tokens": kept, "kept_fraction": kept / prompt_tokens if prompt_tokens else 1.0,
+            "compressed": bool(cache_lengths) and all(n < prompt_tokens for n in cache_lengths),
+            "layers": layers}
+
+
 def generate(loaded, params: GenerateParams) -> dict:
     """One interactive generation (the server's "generate" job): the prompt of `params.prompt`
     (a needle sample built from its seed, or free text) answered under `params.method`, and,
@@ -180,6 +200,8 @@ def generate(loaded, params: GenerateParams) -> dict:
     result = {
         "method": params.method.model_dump(mode="json"),
         "method_label": method_label(params.method),
+        "model": loaded.info.name,
+        "model_revision": loaded.info.revision,
         "query_mode": params.query_mode,
         "answer": main.text,
         "full_answer": (main.text if press is None else full.text) if params.compare_full else None,
@@ -187,6 +209,9 @@ def generate(loaded, params: GenerateParams) -> dict:
         "expected_cache_length": main.expected_cache_lengths,
         "reconstruction_error": reconstruction_errors(press, len(main.cache_lengths)),
         "prompt_tokens": main.prompt_tokens,
+        "cache": cache_report(press, params.method.compression_ratio, main.prompt_tokens,
+                              main.cache_lengths),
+        "question": question or None,
         "seconds": main.seconds,
         "seconds_full": (main.seconds if press is None else full.seconds)
         if params.compare_full else None,

@@ -42,18 +42,39 @@ class FigureEntry:
     def stem(self) -> str:
         return file_stem(self.name, self.provenance)
 
+    def key(self) -> str:
+        """Identity in the session's registry: the figure and the run it shows."""
+        run = self.provenance.get("run")
+        return f"{self.name}@{run}" if run else self.name
+
+
+def entry(name: str, title: str, fig: go.Figure, provenance: dict,
+          data: pd.DataFrame | None = None, config: dict | None = None) -> FigureEntry:
+    """A FigureEntry whose figure carries its title and, as subtitle, the provenance line, so
+    exported files say what they show."""
+    line = " · ".join(str(provenance[k]) for k in ("model", "text", "method", "budget")
+                      if provenance.get(k))
+    fig.update_layout(title=dict(text=f"<b>{title}</b>", x=0.01, xanchor="left",
+                                 subtitle=dict(text=line)))
+    fig.update_layout(margin=dict(t=max(90, fig.layout.margin.t or 0)))
+    return FigureEntry(name=name, title=title, figure=fig, provenance=provenance, data=data,
+                       config=config or {})
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.@+-]+", "-", str(text)).strip("-").lower() or "x"
 
 
 def file_stem(name: str, provenance: dict) -> str:
-    """"<name>_<model>_<method>_r<ratio>": filenames say what they hold."""
+    """"<name>_<model>_<method>_r<ratio>_<run>": filenames say what they hold, and two runs
+    (or two generations) never export to the same name."""
     parts = [slug(name), slug(provenance.get("model", "model"))]
     if provenance.get("method"):
-        parts.append(slug(provenance["method"]))
+        parts.append(slug(provenance["method"])[:80])
     if provenance.get("ratio") is not None:
         parts.append(f"r{float(provenance['ratio']):g}")
+    if provenance.get("run"):
+        parts.append(slug(str(provenance["run"]))[:12])
     return "_".join(parts)
 
 

@@ -51,11 +51,14 @@ def log_energy(energy: np.ndarray) -> np.ndarray:
     return np.log10(np.maximum(energy, floor))
 
 
-def _chunk_lines(fig: go.Figure, chunks: int, row=None, col=None) -> None:
+CHUNK_LINE_ON_WHITE = "rgba(60,60,60,0.35)"
+CHUNK_LINE_ON_HEATMAP = "rgba(255,255,255,0.75)"     # visible on every Viridis colour
+
+
+def _chunk_lines(fig: go.Figure, chunks: int, color: str = CHUNK_LINE_ON_WHITE) -> None:
+    """Dotted vertical lines at the chunk boundaries (the grid a plan keeps or drops)."""
     for edge in chunk_edges(chunks)[1:-1]:
-        kwargs = dict(row=row, col=col) if row is not None else {}
-        fig.add_vline(x=float(edge), line=dict(color="rgba(60,60,60,0.25)", width=1, dash="dot"),
-                      **kwargs)
+        fig.add_vline(x=float(edge), line=dict(color=color, width=1.2, dash="dot"), layer="above")
 
 
 def spectra_heatmap(freqs: Sequence[float], energy: np.ndarray, layers: Sequence[int],
@@ -66,7 +69,7 @@ def spectra_heatmap(freqs: Sequence[float], energy: np.ndarray, layers: Sequence
         x=x, y=[f"L{l}" for l in layers], z=log_energy(z), colorscale="Viridis",
         colorbar=dict(title="log₁₀ energy"),
         hovertemplate="layer %{y}<br>freq %{x:.4f}<br>log₁₀ energy %{z:.3f}<extra></extra>"))
-    _chunk_lines(fig, chunks)
+    _chunk_lines(fig, chunks, CHUNK_LINE_ON_HEATMAP)
     fig.update_layout(**LAYOUT, title=title, xaxis_title="normalised frequency (cycles / token)",
                       yaxis_title="layer", height=max(320, 18 * len(layers) + 140))
     fig.update_yaxes(autorange="reversed")

@@ -88,6 +88,21 @@ def model_info() -> dict:
     return (st.session_state.get("_health") or {}).get("model") or {}
 
 
+def model_banner(info: dict) -> None:
+    """The model the backend holds, on every page: results always belong to one model."""
+    if not info:
+        return
+    st.caption(f":material/memory: Backend model **{info.get('name', '?')}** "
+               f"({info.get('revision', '?')}) · {info.get('device', '?')} · "
+               f"{info.get('dtype', '?')} · {plural(info.get('num_layers', '?'), 'layer')} · "
+               f"at {backend_url()}")
+
+
+def plural(n, word: str, many: str | None = None) -> str:
+    """"1 sample", "3 samples" ("?" stays plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 # ----------------------------------------------------------------------------- errors
 
 def _hint(exc: Exception) -> str:
@@ -106,6 +121,21 @@ def _hint(exc: Exception) -> str:
     return ""
 
 
+def validation_message(exc: Exception) -> str:
+    """A pydantic ValidationError as one sentence per problem ("field: what is wrong."),
+    without pydantic's type names and documentation links; other errors as their text."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    sentences = []
+    for err in errors(include_url=False):
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in err.get("loc", ()))
+        sentence = f"{field}: {msg}" if field else msg[:1].upper() + msg[1:]
+        sentences.append(sentence.rstrip(".") + ".")
+    return " ".join(sentences)
+
+
 def show_error(what: str, exc: Exception) -> None:
     message = str(exc) or exc.__class__.__name__
     hint = _hint(exc)
@@ -119,7 +149,7 @@ def call(what: str, fn: Callable, *args, **kwargs):
     except BackendError as exc:
         show_error(what, exc)
     except ValueError as exc:          # request validation (pydantic) before anything is sent
-        st.error(f"**{what.capitalize()}: invalid parameters.** {exc}")
+        st.error(f"**{what.capitalize()}:** {validation_message(exc)}")
     except Exception as exc:  # noqa: BLE001 - connection drops etc.: a message, not a traceback
         show_error(what, exc)
     return None
@@ -169,10 +199,57 @@ def run_model(summary: dict) -> str:
     return model.get("name") if isinstance(model, dict) and model.get("name") else model_name()
 
 
+def same_model(summary: dict) -> bool:
+    """Whether a run was computed on the model the backend holds (name, and revision when both
+    sides know it). A run without a model record counts as this model's."""
+    model = (summary.get("config") or {}).get("model")
+    if not isinstance(model, dict) or not model.get("name"):
+        return True
+    info = model_info()
+    if model["name"] != info.get("name", model["name"]):
+        return False
+    revision, current = model.get("revision"), info.get("revision")
+    return revision is None or current is None or revision == current
+
+
+def run_details(summary: dict) -> str:
+    """What a run was computed on, in a few words: tokens, chunks, samples."""
+    p = run_params(summary)
+    parts = []
+    if p.get("lengths"):
+        parts.append("/".join(str(n) for n in p["lengths"]) + " tok")
+    else:
+        tokens = p.get("num_tokens") or p.get("prefix_tokens") or p.get("context_length")
+        if tokens:
+            parts.append(f"{tokens} tok")
+    if p.get("chunks"):
+        parts.append(plural(p["chunks"], "chunk"))
+    if p.get("samples"):
+        parts.append(plural(p["samples"], "sample"))
+    if p.get("num_texts"):
+        parts.append(plural(p["num_texts"], "text"))
+    return " · ".join(parts)
+
+
 def run_label(summary: dict) -> str:
     created = str(summary.get("created", ""))[:16].replace("T", " ")
     cells = f"{summary.get('cells_done', '?')}/{summary.get('cells_total', '?')}"
-    return f"{created} · {summary.get('status', '?')} · {cells} cells · {summary.get('key', '')[:10]}"
+    details = run_details(summary)
+    other = "" if same_model(summary) else f" · OTHER MODEL {run_model(summary)}"
+    return (f"{created} · {summary.get('status', '?')} · {cells} cells" +
+            (f" · {details}" if details else "") + f" · {summary.get('key', '')[:10]}" + other)
+
+
+def current_model_first(summaries: list[dict]) -> list[dict]:
+    """Runs of the backend's model first (newest first within each group)."""
+    return sorted(summaries, key=lambda s: not same_model(s))
+
+
+def warn_other_model(summary: dict) -> None:
+    if not same_model(summary):
+        st.warning(f"This run was computed on **{run_model(summary)}**, not on the model the "
+                   f"backend holds ({model_name()}): do not compare its numbers with this "
+                   "model's runs.", icon=":material/warning:")
 
 
 def pick_run(page: str, kind: str, summaries: list[dict], key_name: str = "run") -> dict | None:
@@ -181,10 +258,12 @@ def pick_run(page: str, kind: str, summaries: list[dict], key_name: str = "run")
 
     if not summaries:
         return None
+    summaries = current_model_first(summaries)
     keys = [s["key"] for s in summaries]
     by_key = {s["key"]: s for s in summaries}
     wkey = state.bind(page, key_name, keys[0], valid=lambda k: k in by_key)
     chosen = st.selectbox(f"{kind} run", keys, key=wkey, format_func=lambda k: run_label(by_key[k]))
+    warn_other_model(by_key[chosen])
     return by_key[chosen]
 
 
@@ -209,19 +288,61 @@ def submit(kind: str, params) -> dict | None:
     return call(f"starting the {kind} job", client().submit, kind, body)
 
 
-def job_panel(slot: str, on_done: Callable[[dict], None] | None = None) -> dict | None:
-    """Progress bar + Cancel for the job whose id is in session_state[slot]; polls every second
-    in a fragment so the rest of the page stays put. On a terminal status, clears the slot,
-    calls on_done(job) and reruns the page once. Returns the last job seen."""
-    job_id = st.session_state.get(slot)
+def attach_job(slot: str, kind: str) -> str | None:
+    """The id of the `kind` job this page watches: the one it started, else (after a reload, or
+    from a shared link with ?job=<id>) the backend's queued or running job of that kind.
+    A link to a job that has finished opens its run instead."""
+    if st.session_state.get(slot):
+        return st.session_state[slot]
+    jobs = call("listing jobs", client().jobs) or []
+    wanted = st.query_params.get("job")
+    linked = next((j for j in jobs if j.get("id") == wanted and j.get("kind") == kind), None)
+    if linked is not None and linked.get("status") in TERMINAL:
+        del st.query_params["job"]
+        if linked.get("run_key"):
+            st.query_params["run"] = linked["run_key"]
+        return None
+    live = [j for j in jobs if j.get("kind") == kind and j.get("status") not in TERMINAL]
+    job = linked or (live[0] if live else None)
+    if job is None:
+        if wanted and linked is None:
+            del st.query_params["job"]
+        return None
+    st.session_state[slot] = job["id"]
+    st.session_state[slot + ".params"] = job.get("params")
+    return job["id"]
+
+
+def watch_job(slot: str, job: dict) -> None:
+    """Start watching a job this page submitted (its id also goes into the URL)."""
+    st.session_state[slot] = job["id"]
+    st.session_state[slot + ".params"] = job.get("params")
+    st.query_params["job"] = job["id"]
+
+
+def job_finished(slot: str) -> None:
+    st.session_state.pop(slot, None)
+    if "job" in st.query_params:
+        del st.query_params["job"]
+
+
+def job_panel(slot: str, on_done: Callable[[dict], None] | None = None,
+              kind: str | None = None) -> dict | None:
+    """Progress bar + Cancel for the job whose id is in session_state[slot] (or, with `kind`,
+    the backend's running job of that kind: see attach_job); polls every second in a fragment
+    so the rest of the page stays put. On a terminal status, clears the slot, calls
+    on_done(job) and reruns the page once. Returns the last job seen."""
+    job_id = attach_job(slot, kind) if kind else st.session_state.get(slot)
     if not job_id:
         return None
+    if st.query_params.get("job") != job_id:
+        st.query_params["job"] = job_id
 
     @st.fragment(run_every=1.0)
     def panel():
         job = call("reading job status", client().job, job_id)
         if job is None:
-            st.session_state.pop(slot, None)
+            job_finished(slot)
             return
         st.session_state[slot + ".last"] = job
         progress = job.get("progress") or {}
@@ -235,7 +356,7 @@ def job_panel(slot: str, on_done: Callable[[dict], None] | None = None) -> dict 
             if right.button("Cancel", key=f"{slot}.cancel", type="secondary"):
                 call("cancelling the job", client().cancel, job_id)
             return
-        st.session_state.pop(slot, None)
+        job_finished(slot)
         if status == "failed":
             st.error(f"**The {job.get('kind')} job failed:** {job.get('error')}")
         elif status in ("cancelled", "interrupted"):
@@ -252,9 +373,9 @@ def job_panel(slot: str, on_done: Callable[[dict], None] | None = None) -> dict 
 # ----------------------------------------------------------------------------- figures
 
 def provenance(model: str | None = None, text: str = "", method: str = "",
-               budget: str = "", ratio: float | None = None) -> dict:
+               budget: str = "", ratio: float | None = None, run: str | None = None) -> dict:
     return {"model": model or model_name(), "text": text, "method": method, "budget": budget,
-            "ratio": ratio}
+            "ratio": ratio, "run": run}
 
 
 def provenance_line(prov: dict) -> str:
@@ -263,41 +384,49 @@ def provenance_line(prov: dict) -> str:
 
 
 def budget_text(ratio: float | None) -> str:
+    """The budget a ratio asks for (what a grid's runs were set to; the lab shows what was kept)."""
     if ratio is None:
         return ""
-    return f"ratio {ratio:g} (keeps {100 * (1 - ratio):.0f}% of the cache)"
+    return f"ratio {ratio:g} (budget {100 * (1 - ratio):.0f}% of the cache)"
+
+
+def kept_text(kept: float, prompt_tokens: int) -> str:
+    """The cache a generation actually kept."""
+    return f"kept {kept:.0f} of {plural(prompt_tokens, 'token')} ({kept / max(1, prompt_tokens):.0%})"
 
 
 def show_figure(name: str, title: str, fig: go.Figure, prov: dict,
                 data: pd.DataFrame | None = None, config: dict | None = None) -> None:
-    """Chart + provenance caption + export buttons; registers it for the Export page.
-    The provenance is also the figure's subtitle, so exported files carry it."""
-    fig.update_layout(title=dict(text=f"<b>{title}</b>", x=0.01, xanchor="left",
-                                 subtitle=dict(text=provenance_line(prov))))
-    fig.update_layout(margin=dict(t=max(90, fig.layout.margin.t or 0)))
-    entry = export.FigureEntry(name=name, title=title, figure=fig, provenance=prov, data=data,
-                               config=config or {})
-    st.session_state.setdefault(FIGURES_KEY, {})[name] = entry
-    st.plotly_chart(fig, key=f"chart.{name}", config={"displaylogo": False})
+    """Chart + export buttons; registers it for the Export page."""
+    show_entry(export.entry(name, title, fig, prov, data, config))
+
+
+def show_entry(entry: export.FigureEntry) -> None:
+    """Chart (its subtitle is the provenance, so exported files carry it) + export buttons;
+    the session's registry keeps the view as shown (the Export page prefers it to the stored
+    run's default view)."""
+    st.session_state.setdefault(FIGURES_KEY, {})[entry.key()] = entry
+    st.plotly_chart(entry.figure, key=f"chart.{entry.name}", config={"displaylogo": False})
     export_buttons(entry)
 
 
-def export_buttons(entry: export.FigureEntry) -> None:
+def export_buttons(entry: export.FigureEntry, key: str = "") -> None:
     stem = entry.stem()
+    key = key or entry.name
     cols = st.columns([1, 1, 1, 1, 1, 3])
     for col, fmt in zip(cols, export.IMAGE_FORMATS):
         col.download_button(fmt.upper(), data=_deferred_image(entry.figure, fmt),
-                            file_name=f"{stem}.{fmt}", mime=_MIME[fmt], key=f"dl.{entry.name}.{fmt}",
+                            file_name=f"{stem}.{fmt}", mime=_MIME[fmt], key=f"dl.{key}.{fmt}",
                             on_click="ignore", width="stretch",
                             help=f"Download the figure as {fmt.upper()}")
     if entry.data is not None:
         cols[3].download_button("CSV", data=export.csv_bytes(entry.data), file_name=f"{stem}.csv",
-                                mime="text/csv", key=f"dl.{entry.name}.csv", on_click="ignore",
+                                mime="text/csv", key=f"dl.{key}.csv", on_click="ignore",
                                 width="stretch", help="Download the plotted data")
     cols[4].download_button(
         "JSON", data=export.json_bytes({"title": entry.title, "provenance": entry.provenance,
                                         "config": entry.config}),
-        file_name=f"{stem}.json", mime="application/json", key=f"dl.{entry.name}.json",
+        file_name=f"{stem}.json", mime="application/json", key=f"dl.{key}.json",
         on_click="ignore", width="stretch", help="Download what produced it (config, provenance)")
 
 
@@ -319,7 +448,10 @@ def page_setup(title: str, intro: str) -> dict | None:
             st.html(f"<style>{f.read()}</style>")
     st.title(title)
     st.caption(intro)
-    return connect()
+    health = connect()
+    if health is not None:
+        model_banner(health.get("model") or {})
+    return health
 
 
 def empty_state(message: str) -> None:

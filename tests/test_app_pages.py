@@ -59,7 +59,7 @@ class FakeClient:
         self._arrays = arrays or {}
         self._records = records or {}
         self.fail = fail or {}          # method name -> BackendError to raise
-        self.jobs = {}
+        self._jobs = {}
 
     def _log(self, name, *args):
         self.calls.append((name, args))
@@ -85,20 +85,24 @@ class FakeClient:
 
     def submit(self, kind, params):
         self._log("submit", kind, params)
-        job = {"id": f"job{len(self.jobs)}", "kind": kind, "params": params, "status": "queued",
+        job = {"id": f"job{len(self._jobs)}", "kind": kind, "params": params, "status": "queued",
                "progress": {"done": 0, "total": 4}, "run_key": None, "result": None,
                "error": None}
-        self.jobs[job["id"]] = job
+        self._jobs[job["id"]] = job
         return job
 
     def job(self, job_id):
         self._log("job", job_id)
-        return self.jobs[job_id]
+        return self._jobs[job_id]
+
+    def jobs(self):
+        self._log("jobs")
+        return sorted(self._jobs.values(), key=lambda j: j.get("created", ""), reverse=True)
 
     def cancel(self, job_id):
         self._log("cancel", job_id)
-        self.jobs[job_id]["status"] = "cancelled"
-        return self.jobs[job_id]
+        self._jobs[job_id]["status"] = "cancelled"
+        return self._jobs[job_id]
 
     def generate(self, params):
         self._log("generate", params)
@@ -211,7 +215,7 @@ def test_lab_reruns_generation_with_the_edited_plan():
     plan = body["method"]["params"]["plan"]
     assert body["method"]["name"] == "faedkv" and body["compare_full"] is True
     assert plan["chunks"] == CHUNKS and plan["layers"] == [list(range(11))] * LAYERS
-    assert "full says 42" in texts(at.markdown) and "compressed says 7" in texts(at.markdown)
+    assert "full says 42" in texts(at.text) and "compressed says 7" in texts(at.text)
 
     # drop chunks 0 and 1 in every layer: the next request carries the edited plan
     at.multiselect(key="lab.bulk").set_value([0, 1]).run()

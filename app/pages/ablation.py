@@ -7,20 +7,15 @@ ROOT = str(Path(__file__).resolve().parents[2])
 if ROOT not in sys.path:    # AppTest runs a page file on its own
     sys.path.insert(0, ROOT)
 
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from analysis.params import AblateParams  # noqa: E402
-from app import figures, plans, state, ui  # noqa: E402
+from app import plans, state, ui, views  # noqa: E402
 
 PAGE = "ablation"
 JOB = "ablation.job"
 ARRAYS = "ablation"
-MEASURES = {"continuation": ("delta_mean", "delta_sem", "Δ NLL of the continuation"),
-            "needle": ("needle_delta_mean", "needle_delta_sem", "Δ NLL of the needle answer")}
 
 
 def compute_form(layers: int, context: int) -> None:
@@ -45,7 +40,7 @@ def compute_form(layers: int, context: int) -> None:
                              window=int(window))
             job = ui.submit("ablate", params) if params is not None else None
             if job:
-                st.session_state[JOB] = job["id"]
+                ui.watch_job(JOB, job)
 
 
 
@@ -57,19 +52,6 @@ def plan_comparison(metrics: dict) -> pd.DataFrame | None:
     return None
 
 
-def stored_plans(metrics: dict) -> pd.DataFrame | None:
-    """The plans the ablation job derived (metrics "plans" / "needle_plans": ratio -> plan JSON)."""
-    rows = []
-    for measure, field in (("continuation", "plans"), ("needle", "needle_plans")):
-        for ratio, plan in (metrics.get(field) or {}).items():
-            layers = plan.get("layers") or []
-            rows.append({"measure": measure, "kept ratio": ratio, "name": plan.get("name"),
-                         "chunks per layer": len(layers[0]) if layers and isinstance(layers[0], list) else None,
-                         "layer 0 keeps": " ".join(map(str, layers[0])) if layers else "",
-                         "plan JSON": json.dumps(plan)})
-    return pd.DataFrame(rows) if rows else None
-
-
 def main() -> None:
     health = ui.page_setup("Ablation", "Which frequency chunks does each layer need? Red: removing "
                            "the chunk raises the loss (keep it); blue: removing it helps.")
@@ -79,7 +61,7 @@ def main() -> None:
     summaries = [r for r in ui.runs("ablate") if r.get("status") == "complete"]
     with st.expander("Compute an ablation", expanded=not summaries, icon=":material/add_chart:"):
         compute_form(int(info.get("num_layers") or 1), int(info.get("context_length") or 8192))
-        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE))
+        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE), kind="ablate")
     if not summaries:
         ui.empty_state("No ablation run in the store yet: compute one above (or ship "
                        "assets/results).")
@@ -88,73 +70,46 @@ def main() -> None:
     data = ui.arrays(summary["key"], ARRAYS)
     if data is None:
         return
-    params = ui.run_params(summary)
-    measures = [m for m, (mean, _, _) in MEASURES.items() if mean in data]
+    measures = views.ablation_measures(data)
     c1, c2 = st.columns([2, 3])
     measure = c1.segmented_control("loss", measures, key=state.bind(
         PAGE, "measure", measures[0], valid=state.options_valid(measures))) or measures[0]
     ratio = c2.slider("plan: fraction of chunks kept per layer", 0.05, 1.0, step=0.05,
                       key=state.bind(PAGE, "ratio", 0.25, float, lambda v: 0 < v <= 1))
     state.sync(PAGE, {"run": summary["key"], "measure": measure, "ratio": ratio})
-    mean_name, sem_name, what = MEASURES[measure]
-    mean = np.asarray(data[mean_name], dtype=float)                  # (ablated layers, chunks)
-    sem = np.asarray(data[sem_name], dtype=float) if sem_name in data else None
-    layers = [int(l) for l in data["layers"]] if "layers" in data else list(range(mean.shape[0]))
-    num_layers = int(info.get("num_layers") or len(layers))
-    text = (f"{params.get('num_texts', '?')} essays, {params.get('prefix_tokens', '?')}+"
-            f"{params.get('continuation_tokens', '?')} tokens" if measure == "continuation" else
-            f"{params.get('needle_samples', '?')} needle samples")
-    prov = ui.provenance(model=ui.run_model(summary), text=text,
-                         method=f"remove one chunk from {params.get('target', 'kv')} "
-                                f"(sink {params.get('sink_tokens', '?')}, window "
-                                f"{params.get('window', '?')})",
-                         budget="lossless except the removed chunk")
-    config = {"run": summary["key"], "params": params, "measure": measure}
-    fig = figures.ablation_heatmap(mean, sem, what=what, layers=layers)
-    frame = pd.DataFrame([{"layer": l, "chunk": c, "delta_mean": mean[i, c],
-                           "delta_sem": None if sem is None else sem[i, c]}
-                          for i, l in enumerate(layers) for c in range(mean.shape[1])])
-    ui.show_figure("ablation-heatmap", f"Loss increase when one chunk is removed ({measure})",
-                   fig, prov, frame, config)
+    layers = views.ablation_layers(data)
+    num_layers = int(info.get("num_layers") or len(layers)) if ui.same_model(summary) \
+        else max(layers) + 1
+    heatmap, plan_entry = views.ablation_entries(summary, data, measure, ratio, num_layers)
+    ui.show_entry(heatmap)
 
     st.subheader("Derived plan")
-    scores = plans.fill_layers(mean, layers, num_layers)
-    mask = plans.from_scores(scores, ratio)
-    name = f"ablation-{measure}-{ratio:g}"
+    mask, _, name = views.ablation_plan(data, measure, ratio, num_layers)
     if len(layers) < num_layers:
         st.caption(f"Only layers {layers} were ablated: every other layer takes the scores of its "
                    "nearest ablated layer.")
-    plan_prov = {**prov, "method": f"plan {name}", "budget": f"{mask.sum(axis=1)[0]} of "
-                 f"{mask.shape[1]} chunks per layer", "ratio": None}
-    fig = figures.mask_heatmap(mask, scores=scores, score_name=what)
-    ui.show_figure("ablation-plan", f"Plan: each layer keeps its {mask.sum(axis=1)[0]} chunks with "
-                   "the largest loss increase", fig, plan_prov,
-                   pd.DataFrame({"layer": range(mask.shape[0]),
-                                 "kept_chunks": [" ".join(map(str, np.flatnonzero(r))) for r in mask]}),
-                   {**config, "plan": plans.to_json_dict(mask, name)})
+    ui.show_entry(plan_entry)
     c1, c2 = st.columns([1, 3])
     c1.download_button("Download plan JSON", plans.to_json(mask, name), on_click="ignore",
-                       file_name=f"plan_{name}_{ui.run_model(summary)}.json", mime="application/json",
-                       icon=":material/download:", key="ablation.plan_json")
-    if c2.button("Open in the frequency lab", icon=":material/tune:", key="ablation.to_lab"):
+                       file_name=f"plan_{name}_{ui.run_model(summary)}_{summary['key'][:10]}.json",
+                       mime="application/json", icon=":material/download:", key="ablation.plan_json")
+    if c2.button("Open in the frequency lab", icon=":material/tune:", key="ablation.to_lab",
+                 disabled=not ui.same_model(summary),
+                 help=None if ui.same_model(summary) else "This run is of another model."):
         st.session_state["lab.mask"] = mask
         st.session_state["lab.plan_name"] = name
         st.session_state["lab.version"] = st.session_state.get("lab.version", 0) + 1
         st.switch_page(str(Path(__file__).with_name("frequency_lab.py")))
 
-    metrics = run_metrics(summary)
+    metrics = summary.get("metrics") or {}
     table = plan_comparison(metrics)
     if table is not None:
         st.subheader("Plan comparison")
         st.dataframe(table, hide_index=True, width="stretch")
-    table = stored_plans(metrics)
+    table = views.stored_plans(metrics)
     if table is not None:
         with st.expander("Plans stored with this run (computed by the ablation job)"):
             st.dataframe(table, hide_index=True, width="stretch")
-
-
-def run_metrics(summary: dict) -> dict:
-    return summary.get("metrics") or {}
 
 
 main()

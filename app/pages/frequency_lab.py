@@ -1,10 +1,15 @@
-"""Frequency lab: edit which frequency chunks each layer keeps, then re-run generation."""
+"""Frequency lab: edit which frequency chunks each layer keeps, re-run generation, and compare
+the runs (plans, methods, slot normalisations) in a table and side by side."""
 import sys
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[2])
 if ROOT not in sys.path:    # AppTest runs a page file on its own
     sys.path.insert(0, ROOT)
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -18,6 +23,10 @@ PAGE = "lab"
 STARTS = ("low-pass", "energy", "ablation")
 PLANNED = ("faedkv", "dct_iterative")          # methods that take a frequency plan
 SPACE_LABEL = {"post_rope": "post-RoPE keys", "pre_rope": "pre-RoPE keys"}
+NORMALISATIONS = ("mean", "sum")
+NORM_LABEL = {"mean": "class means (correct)", "sum": "(M/t) × class sums (old; shows why it fails)"}
+HISTORY = "lab.history"         # this session's generations: [{id, created, request, result}]
+DEFAULT_PLAN = "low-pass-0.5"
 
 
 # ----------------------------------------------------------------------------- plan state
@@ -29,58 +38,92 @@ def _set_mask(mask: np.ndarray, name: str) -> None:
     st.session_state["lab.version"] = st.session_state.get("lab.version", 0) + 1
 
 
+def link_plan(text: str, layers: int) -> np.ndarray:
+    """The plan a link carries (`plan=<chunks>:<hex word per layer>`); ValueError naming what
+    is wrong with it."""
+    head = text.partition(":")[0]
+    if not head.isdigit() or not 1 <= int(head) <= 256:
+        raise ValueError(f"it does not start with a chunk count (e.g. '22:'), got {head!r}")
+    try:
+        return plans.check(state.decode_mask(text, layers, int(head)))
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("plan in the link is ")) from None
+
+
 def _init_mask(layers: int) -> None:
     current = st.session_state.get("lab.mask")
     if current is not None and current.shape[0] == layers:
         return
-    chunks = plans.DEFAULT_CHUNKS
-    mask = state.initial(PAGE, "plan", None,
-                         parse=lambda t: state.decode_mask(t, layers, int(t.partition(":")[0])))
-    if mask is None:
-        mask = plans.low_pass(0.5, layers, chunks)
-        _set_mask(mask, "low-pass-0.5")
-        return
-    _set_mask(mask, state.initial(PAGE, "plan_name", "custom"))
+    text = st.query_params.get("plan") or state._memory(PAGE).get("plan")
+    if text:
+        try:
+            mask = link_plan(text, layers)
+        except ValueError as exc:
+            st.session_state["lab.plan_warning"] = (
+                f"The plan in the link (`plan={text}`) is not a plan for this model "
+                f"({ui.plural(layers, 'layer')}): {exc}; showing {DEFAULT_PLAN} instead.")
+        else:
+            _set_mask(mask, state.initial(PAGE, "plan_name", "custom"))
+            return
+    _set_mask(plans.low_pass(0.5, layers, plans.DEFAULT_CHUNKS), DEFAULT_PLAN)
+
+
+def _source_scores(source: str, layers: int, column) -> tuple[np.ndarray | None, str | None]:
+    """(layers, chunks) scores of the chosen spectra / ablation run of this model, with its key."""
+    kind, array = ("spectra", "spectra") if source == "energy" else ("ablate", "ablation")
+    every = [r for r in ui.runs(kind) if r.get("status") == "complete"]
+    runs = [r for r in every if ui.same_model(r)]
+    what = "spectra" if source == "energy" else "ablation"
+    if len(runs) < len(every):
+        column.caption(f"{ui.plural(len(every) - len(runs), f'{what} run')} of other models not "
+                       "listed: a plan is per model.")
+    run = column.selectbox(f"{what} run", runs, format_func=ui.run_label, key=f"lab.{source}_run")
+    if run is None:
+        column.caption(f"No {what} run of this model yet: compute one on the "
+                       f"{'Spectra' if source == 'energy' else 'Ablation'} page.")
+        return None, None
+    data = ui.arrays(run["key"], array)
+    if data is None:
+        return None, None
+    if source == "energy":
+        # energy per chunk of keys and values (post-RoPE, IWDFT), summed over heads
+        return np.asarray(data["chunk_energy"])[:, :, :, 0, 0, :].sum(axis=(1, 2)), run["key"]
+    ablated = data["layers"] if "layers" in data else range(len(data["delta_mean"]))
+    if max(int(l) for l in ablated) >= layers:
+        st.warning(f"That ablation covers layers up to {max(int(l) for l in ablated)}, but this "
+                   f"model has {ui.plural(layers, 'layer')}: pick a run of this model.")
+        return None, None
+    return plans.fill_layers(data["delta_mean"], ablated, layers), run["key"]
 
 
 def plan_source(layers: int, chunks: int) -> None:
-    """Start from low-pass at a ratio, from a spectra run's energy, or from an ablation run."""
+    """Start from low-pass at a ratio, from a spectra run's energy, or from an ablation run.
+    A run's plan takes the run's chunk count."""
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
-    source = c1.segmented_control("start from", STARTS, key="lab.start", default="low-pass")
+    source = c1.segmented_control("start from", STARTS, key=state.bind(
+        PAGE, "start", "low-pass", valid=state.options_valid(STARTS))) or "low-pass"
     plan_ratio = c2.slider("chunks kept per layer", 0.05, 1.0, 0.5, 0.05, key="lab.plan_ratio",
                            help="Fraction of the chunks each layer keeps (the plan's ratio). The "
                                 "cache length is set by the compression ratio below.")
-    k = plans.kept_per_layer(plan_ratio, chunks)
+    state.sync(PAGE, {"start": source})
     scores, name = None, f"low-pass-{plan_ratio:g}"
-    if source == "energy":
-        runs = [r for r in ui.runs("spectra") if r.get("status") == "complete"]
-        run = c3.selectbox("spectra run", runs, format_func=ui.run_label, key="lab.energy_run")
-        if run is None:
-            c3.caption("No spectra run yet: compute one on the Spectra page.")
+    if source == "low-pass":
+        chunks = int(c3.number_input("chunks", 2, 256, chunks, key="lab.low_pass_chunks",
+                                     help="How many equal chunks [0, 0.5] cycles/token is cut into."))
+    else:
+        scores, run_key = _source_scores(source, layers, c3)
+        if scores is None:
             return
-        data = ui.arrays(run["key"], "spectra")
-        if data is None:
+        if scores.shape[0] != layers:
+            st.warning(f"That run has {ui.plural(scores.shape[0], 'layer')}, this model "
+                       f"{layers}: pick a run of this model.")
             return
-        # energy per chunk of keys and values (post-RoPE, IWDFT), summed over heads
-        scores = np.asarray(data["chunk_energy"])[:, :, :, 0, 0, :].sum(axis=(1, 2))
-        name = f"energy-{plan_ratio:g}"
-    elif source == "ablation":
-        runs = [r for r in ui.runs("ablate") if r.get("status") == "complete"]
-        run = c3.selectbox("ablation run", runs, format_func=ui.run_label, key="lab.ablation_run")
-        if run is None:
-            c3.caption("No ablation run yet: compute one on the Ablation page.")
-            return
-        data = ui.arrays(run["key"], "ablation")
-        if data is None:
-            return
-        ablated = data["layers"] if "layers" in data else range(len(data["delta_mean"]))
-        scores = plans.fill_layers(data["delta_mean"], ablated, layers)
-        name = f"ablation-{plan_ratio:g}"
-    if scores is not None and scores.shape != (layers, chunks):
-        st.warning(f"That run has {scores.shape[0]} layers × {scores.shape[1]} chunks; the plan "
-                   f"has {layers} × {chunks}. Pick a run of this model (or set chunks to "
-                   f"{scores.shape[1]}).")
-        return
+        if scores.shape[1] != chunks:
+            st.caption(f"That run has {scores.shape[1]} chunks (the plan now has {chunks}): its "
+                       f"plan takes the run's {scores.shape[1]} chunks.")
+        chunks = scores.shape[1]
+        name = f"{source}-{plan_ratio:g}"
+    k = plans.kept_per_layer(plan_ratio, chunks)
     if st.button(f"Use {source} plan ({k} of {chunks} chunks per layer)", icon=":material/restart_alt:",
                  key="lab.apply"):
         mask = plans.low_pass(plan_ratio, layers, chunks) if scores is None else \
@@ -105,6 +148,9 @@ def bulk_toggles(chunks: int) -> None:
         st.rerun()
 
 
+GRID_COLUMN_PX = 52         # wide enough for a two-digit header next to its sort arrow
+
+
 def grid_editor(mask: np.ndarray) -> np.ndarray:
     """A layers x chunks grid of checkboxes; returns the edited mask."""
     layers, chunks = mask.shape
@@ -112,22 +158,28 @@ def grid_editor(mask: np.ndarray) -> np.ndarray:
     frame = pd.DataFrame(mask, columns=[str(c) for c in range(chunks)],
                          index=[f"L{l}" for l in range(layers)])
     config = {str(c): st.column_config.CheckboxColumn(
-        str(c), width=43, help=f"chunk {c}: frequencies {edges[c]:.3f}–{edges[c + 1]:.3f} (cycles/token)")
+        str(c), width=GRID_COLUMN_PX,
+        help=f"chunk {c}: frequencies {edges[c]:.3f}–{edges[c + 1]:.3f} (cycles/token)")
         for c in range(chunks)}
     edited = st.data_editor(frame, column_config=config, key=f"lab.editor.{st.session_state['lab.version']}",
                             height=min(35 * layers + 40, 720), width="stretch")
     return edited.to_numpy(dtype=bool)
 
 
-def plan_files(mask: np.ndarray, name: str, layers: int) -> None:
-    c1, c2 = st.columns([1, 2], vertical_alignment="center")
+def plan_problem(mask: np.ndarray) -> str | None:
     try:
-        text = plans.to_json(mask, name)
-        c1.download_button("Download plan JSON", text, file_name=f"plan_{name}_{ui.model_name()}.json",
-                           mime="application/json", icon=":material/download:", on_click="ignore",
-                           key="lab.plan_download")
+        plans.check(mask)
     except ValueError as exc:
-        c1.error(str(exc))
+        return str(exc)
+    return None
+
+
+def plan_files(mask: np.ndarray, name: str, layers: int, problem: str | None) -> None:
+    c1, c2 = st.columns([1, 2], vertical_alignment="center")
+    c1.download_button("Download plan JSON", "" if problem else plans.to_json(mask, name),
+                       file_name=f"plan_{name}_{ui.model_name()}.json", disabled=bool(problem),
+                       mime="application/json", icon=":material/download:", on_click="ignore",
+                       key="lab.plan_download")
     upload = c2.file_uploader("Load a plan (JSON)", type=["json"], key="lab.plan_upload")
     if upload is not None and st.session_state.get("lab.uploaded") != upload.file_id:
         st.session_state["lab.uploaded"] = upload.file_id
@@ -142,15 +194,19 @@ def plan_files(mask: np.ndarray, name: str, layers: int) -> None:
 
 # ----------------------------------------------------------------------------- generation
 
-def prompt_form(context: int) -> TaskPrompt | None:
+def prompt_form(context: int) -> tuple[TaskPrompt | None, dict]:
     kind = st.segmented_control("prompt", ("needle", "text"), key=state.bind(PAGE, "prompt", "needle"),
                                 format_func={"needle": "needle task", "text": "my own text"}.get)
     if kind == "text":
         text = st.text_area("context (compressed)", key="lab.text", height=160,
                             placeholder="Paste a long text; its KV cache is what gets compressed.")
         question = st.text_input("question (asked after the context)", key="lab.question")
-        return ui.call("checking the prompt", TaskPrompt, kind="text", text=text or None,
-                       question=question or None)
+        if not (text or "").strip():
+            st.info("Paste the text to compress (and a question about it), then re-run.",
+                    icon=":material/edit_note:")
+            return None, {"prompt": kind}
+        return ui.call("checking the prompt", TaskPrompt, kind="text", text=text,
+                       question=question or None), {"prompt": kind}
     c1, c2, c3, c4 = st.columns(4)
     needle = c1.selectbox("needle", NEEDLE_KINDS, key=state.bind(
         PAGE, "needle", "sentence", valid=state.options_valid(NEEDLE_KINDS)))
@@ -158,13 +214,13 @@ def prompt_form(context: int) -> TaskPrompt | None:
         PAGE, "length", min(2048, context), int, lambda v: 64 <= v <= context))
     depth = c3.slider("depth (%)", 0, 100, step=5, key=state.bind(PAGE, "depth", 50, int))
     seed = c4.number_input("seed", 0, 10_000, key=state.bind(PAGE, "seed", 0, int))
-    state.sync(PAGE, {"prompt": kind, "needle": needle, "length": int(length), "depth": int(depth),
-                      "seed": int(seed)})
+    values = {"prompt": kind, "needle": needle, "length": int(length), "depth": int(depth),
+              "seed": int(seed)}
     return ui.call("checking the prompt", TaskPrompt, kind="needle", needle=needle,
-                   context_length=int(length), depth=float(depth), seed=int(seed))
+                   context_length=int(length), depth=float(depth), seed=int(seed)), values
 
 
-def method_form(mask: np.ndarray, plan_name: str) -> tuple[MethodSpec | None, dict]:
+def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[MethodSpec | None, dict]:
     c1, c2, c3 = st.columns([2, 2, 2])
     name = c1.selectbox("method", METHODS, key=state.bind(PAGE, "method", "faedkv",
                                                           valid=state.options_valid(METHODS)))
@@ -176,10 +232,15 @@ def method_form(mask: np.ndarray, plan_name: str) -> tuple[MethodSpec | None, di
         help="query_aware: the question is part of the compressed context (SnapKV-style)")
     params: dict = {}
     if name in PLANNED:
-        c1, c2, c3, c4, c5 = st.columns(5)
+        c1, c2, c3, c4, c5, c6 = st.columns(6)
         if name == "faedkv":
             params["variant"] = c1.selectbox("variant", VARIANTS, key=state.bind(
                 PAGE, "variant", "iwdft", valid=state.options_valid(VARIANTS)))
+            params["slot_normalization"] = c6.selectbox(
+                "slot normalisation", NORMALISATIONS, format_func=NORM_LABEL.get,
+                key=state.bind(PAGE, "norm", "mean", valid=state.options_valid(NORMALISATIONS)),
+                help="Each slot is its class's mean key and value (correct), or the old (M/t) × "
+                     "class sum, whose large common key component lets one slot win the softmax.")
         params["key_space"] = c2.selectbox("key space", KEY_SPACES, format_func=SPACE_LABEL.get,
                                            key=state.bind(PAGE, "key_space", "post_rope",
                                                           valid=state.options_valid(KEY_SPACES)))
@@ -187,61 +248,243 @@ def method_form(mask: np.ndarray, plan_name: str) -> tuple[MethodSpec | None, di
             PAGE, "sink", 4, int)))
         params["window"] = int(c4.number_input("recent window", 0, 65536, key=state.bind(
             PAGE, "window", 64, int)))
-        params["mass_correction"] = c5.toggle("mass correction", key=state.bind(
-            PAGE, "mass", False, state.decode_bool), help="add log(tokens per slot) to the slots' "
-            "attention logits")
+        params["mass_correction"] = c5.toggle("mass (log count)", key=state.bind(
+            PAGE, "mass", True, state.decode_bool), help="add log(tokens in the class) to each "
+            "slot's attention logit: attention then equals attention over the cache in which every "
+            "middle token is replaced by its class mean")
         use_plan = st.toggle("apply the plan above", key=state.bind(PAGE, "use_plan", True,
                                                                    state.decode_bool),
                              help="off: keep every frequency bin (plan = null)")
         if use_plan:
-            try:
-                params["plan"] = plans.to_json_dict(mask, plan_name)
-            except ValueError as exc:
-                st.error(f"**The plan is not valid:** {exc}")
+            if problem:
                 return None, {}
+            params["plan"] = plans.to_json_dict(mask, plan_name)
     values = {"method": name, "ratio": float(ratio), "query_mode": query_mode}
-    values.update({k: v for k, v in params.items() if k != "plan"})
+    values.update({("norm" if k == "slot_normalization" else
+                    "sink" if k == "sink_tokens" else "mass" if k == "mass_correction" else k): v
+                   for k, v in params.items() if k != "plan"})
     spec = ui.call("checking the method", MethodSpec, name=name,
                    compression_ratio=0.0 if name == "full" else float(ratio), params=params)
     return spec, values
 
 
-def show_result(result: dict, request: dict) -> None:
+# ----------------------------------------------------------------------------- history
+
+def entry_id(request: dict, result: dict) -> str:
+    blob = json.dumps([request, result.get("seconds"), result.get("answer")], sort_keys=True,
+                      default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def history() -> list[dict]:
+    """This session's generations and the backend's stored ones (its finished `generate` jobs),
+    newest first, each once."""
+    entries = {e["id"]: e for e in st.session_state.get(HISTORY, [])}
+    for job in ui.call("listing stored generations", ui.client().jobs) or []:
+        if job.get("kind") == "generate" and job.get("status") == "done" and job.get("result"):
+            e = {"request": job.get("params") or {}, "result": job["result"],
+                 "created": str(job.get("finished") or job.get("created") or "")}
+            e["id"] = entry_id(e["request"], e["result"])
+            entries.setdefault(e["id"], e)
+    return sorted(entries.values(), key=lambda e: e["created"], reverse=True)
+
+
+def remember(request: dict, result: dict) -> dict:
+    e = {"id": entry_id(request, result), "request": request, "result": result,
+         "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+    st.session_state.setdefault(HISTORY, []).append(e)
+    return e
+
+
+def plan_summary(method: dict) -> str:
+    plan = (method.get("params") or {}).get("plan")
+    if method.get("name") not in PLANNED:
+        return "—"
+    if not plan:
+        return "every bin"
+    kept = [len(l) for l in plan.get("layers", []) if isinstance(l, list)]
+    return f"{plan.get('name', 'custom')} ({min(kept) if kept else '?'}/{plan.get('chunks', '?')})"
+
+
+def cache_of(result: dict) -> dict:
+    """The generation's cache report (older results: rebuilt from cache_lengths)."""
+    if result.get("cache"):
+        return result["cache"]
+    lengths, tokens = result.get("cache_lengths") or [], int(result.get("prompt_tokens") or 0)
+    ratio = (result.get("method") or {}).get("compression_ratio") or 0.0
+    kept = float(np.mean(lengths)) if lengths else float(tokens)
+    return {"prompt_tokens": tokens, "budget_tokens": round((1 - ratio) * tokens),
+            "kept_tokens": kept, "kept_fraction": kept / tokens if tokens else 1.0,
+            "compressed": bool(lengths) and all(n < tokens for n in lengths), "layers": []}
+
+
+def found(result: dict) -> str:
+    score = result.get("score")
+    if not isinstance(score, dict):
+        return "—"
+    return "yes" if score.get("exact") else "no"
+
+
+def comparison_row(n: int, e: dict, current: dict | None) -> dict:
+    method, result = e["request"].get("method") or {}, e["result"]
+    params, cache = method.get("params") or {}, cache_of(result)
+    score = result.get("score") if isinstance(result.get("score"), dict) else {}
+    return {"#": n, "current": "✓" if current is not None and e["request"] == current else "",
+            "model": result.get("model", "?"), "method": result.get("method_label") or method.get("name"),
+            "plan": plan_summary(method),
+            "normalisation": params.get("slot_normalization", "mean") if method.get("name") == "faedkv" else "—",
+            "mass": ("on" if params.get("mass_correction") else "off") if method.get("name") in PLANNED else "—",
+            "prompt": prompt_label(e["request"].get("prompt") or {}, result),
+            "answer": result.get("answer", ""), "found": found(result),
+            "rouge_l": score.get("rouge_l"),
+            "cache kept": f"{cache['kept_tokens']:.0f}/{cache['prompt_tokens']}"
+                          + ("" if cache["compressed"] else " (whole)"),
+            "seconds": result.get("seconds"), "id": e["id"]}
+
+
+def prompt_label(prompt: dict, result: dict) -> str:
+    if prompt.get("kind") == "text":
+        return f"own text ({ui.plural(result.get('prompt_tokens', '?'), 'token')})"
+    return (f"needle {prompt.get('needle')} {prompt.get('context_length')} tok @ "
+            f"{float(prompt.get('depth', 0)):g}% (seed {prompt.get('seed')})")
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The request fields that differ (nested keys joined with dots; the plan as one field)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and k != "plan":
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def comparison(entries: list[dict], current: dict | None) -> None:
+    st.subheader("3 · Compare runs")
+    if not entries:
+        ui.empty_state("Every generation you run lands here (and the backend's stored ones), so "
+                       "plans, methods and normalisations can be compared.")
+        return
+    rows = [comparison_row(len(entries) - i, e, current) for i, e in enumerate(entries)]
+    frame = pd.DataFrame(rows)
+    models = set(frame["model"])
+    if len(models) > 1:
+        st.warning(f"These runs come from {len(models)} models ({', '.join(sorted(map(str, models)))}): "
+                   "compare rows of one model only.", icon=":material/warning:")
+    st.dataframe(frame.drop(columns=["id"]), hide_index=True, width="stretch",
+                 column_config={"rouge_l": st.column_config.NumberColumn(format="%.2f"),
+                                "seconds": st.column_config.NumberColumn(format="%.2f s")})
+    st.caption("✓: computed with the settings above. `found`: the needle's answer was in the "
+               "reply (needle prompts only).")
+    if len(entries) < 2:
+        return
+    labels = {e["id"]: f"#{r['#']} {r['method']} · {r['plan']} · {r['normalisation']}"
+              for e, r in zip(entries, rows)}
+    ids = list(labels)
+    picked = st.session_state.get("lab.compare_pick")
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("left", ids, format_func=labels.get, key="lab.compare_a",
+                     index=ids.index(picked[0]) if picked and picked[0] in ids else 1)
+    b = c2.selectbox("right", ids, format_func=labels.get, key="lab.compare_b",
+                     index=ids.index(picked[1]) if picked and picked[1] in ids else 0)
+    by_id = {e["id"]: e for e in entries}
+    diff = differences(by_id[a]["request"], by_id[b]["request"])
+    st.caption("They differ in: " + (", ".join(f"`{d}`" for d in diff) if diff else "nothing (same request)"))
+    for column, key in ((c1, a), (c2, b)):
+        with column.container(border=True):
+            answer_card(by_id[key]["result"], by_id[key]["request"])
+
+
+# ----------------------------------------------------------------------------- results
+
+def answer_card(result: dict, request: dict) -> None:
+    method = request.get("method") or {}
+    st.markdown(f"**{result.get('method_label') or method.get('name')}** · "
+                f"{plan_summary(method)}")
+    st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
+    _score(result.get("score"))
+    cache = cache_of(result)
+    st.caption(f"{ui.kept_text(cache['kept_tokens'], cache['prompt_tokens'])} · "
+               f"{result.get('seconds', 0):.2f} s")
+
+
+def cache_warning(result: dict, method: dict) -> str | None:
+    """One sentence when the cache kept is not the budget, saying why and what to change."""
+    cache = cache_of(result)
+    if method.get("name") == "full" or not method.get("compression_ratio"):
+        return None
+    tokens, kept, budget = cache["prompt_tokens"], cache["kept_tokens"], cache["budget_tokens"]
+    params = method.get("params") or {}
+    if not cache["compressed"]:
+        why = ""
+        if method.get("name") in PLANNED:
+            sink, window = params.get("sink_tokens", 4), params.get("window", 64)
+            if tokens <= sink + window:
+                why = (f": the prompt is not longer than sink ({sink}) + window ({window}) = "
+                       f"{sink + window} tokens, so there is no middle to compress; use a longer "
+                       "text or lower the sink and window")
+        return (f"Nothing was compressed: the cache kept all {tokens} prompt tokens instead of "
+                f"the budget's {budget}{why or ''}.")
+    if abs(kept - budget) > 1:
+        used = [l for l in cache.get("layers") or [] if "sink_tokens" in l or "window" in l]
+        forced = (f"; the budget forced sink {used[0].get('sink_tokens')} and window "
+                  f"{used[0].get('window')}" if used else "")
+        return (f"The cache kept {kept:.0f} tokens on average, not the budget's {budget} "
+                f"({100 * (1 - method['compression_ratio']):.0f}% of {tokens}){forced}.")
+    return None
+
+
+def show_result(entry: dict, stale: list[str]) -> None:
+    result, request = entry["result"], entry["request"]
     method = request["method"]
     label = result.get("method_label") or method.get("name")
     prompt = request["prompt"]
-    text = (f"needle {prompt['needle']} {prompt['context_length']} tok @ {prompt['depth']:g}% "
-            f"(seed {prompt['seed']})" if prompt["kind"] == "needle" else
-            f"own text ({result.get('prompt_tokens', '?')} tokens)")
+    cache = cache_of(result)
     ratio = method.get("compression_ratio")
-    prov = ui.provenance(text=text, method=label, budget=ui.budget_text(ratio), ratio=ratio)
+    budget = (f"ratio {ratio:g} · " if ratio else "") + ui.kept_text(cache["kept_tokens"],
+                                                                      cache["prompt_tokens"])
+    prov = ui.provenance(model=result.get("model"), text=prompt_label(prompt, result),
+                         method=label, budget=budget, ratio=ratio, run=f"gen-{entry['id']}")
+    if stale:
+        st.warning("**Stale:** the settings above changed since this result ("
+                   + ", ".join(f"`{d}`" for d in stale[:6]) + "): re-run to update it.",
+                   icon=":material/history:")
     st.caption(ui.provenance_line(prov))
-    if result.get("question"):
-        st.markdown(f"**Question:** {result['question']}  \n**Expected:** `{result.get('expected_answer')}`")
+    warning = cache_warning(result, method)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
+    question = result.get("question") or prompt.get("question")
+    if question:
+        st.markdown("**Question:**")
+        st.text(question)
+    if result.get("expected_answer"):
+        st.markdown(f"**Expected:** `{result.get('expected_answer')}`")
     left, right = st.columns(2)
     with left.container(border=True):
         st.markdown("**Full cache**")
         if result.get("full_answer") is not None:
-            st.markdown(f"> {result.get('answer_prefix') or ''} {result['full_answer']}")
+            st.text(f"{result.get('answer_prefix') or ''} {result['full_answer']}".strip())
             _score(result.get("full_score"))
             st.caption(f"{result.get('seconds_full', 0):.2f} s")
         else:
             st.caption("not asked (turn on 'compare with the full cache')")
     with right.container(border=True):
         st.markdown(f"**{label}**")
-        st.markdown(f"> {result.get('answer_prefix') or ''} {result.get('answer', '')}")
+        st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
         _score(result.get("score"))
         st.caption(f"{result.get('seconds', 0):.2f} s")
     lengths = result.get("cache_lengths") or []
     c1, c2, c3 = st.columns(3)
-    c1.metric("prompt tokens", result.get("prompt_tokens", "?"))
-    c2.metric("mean cache length", f"{np.mean(lengths):.0f}" if lengths else "?",
-              f"{np.mean(lengths) / max(1, result.get('prompt_tokens') or 1) - 1:+.0%}" if lengths else None,
+    c1.metric("prompt tokens", cache["prompt_tokens"])
+    c2.metric("cache kept (mean over layers)", f"{cache['kept_tokens']:.0f}",
+              f"{cache['kept_fraction'] - 1:+.0%} (budget {cache['budget_tokens']})",
               delta_color="off")
     c3.metric("time (compressed run)", f"{result.get('seconds', 0):.2f} s")
-    config = {"request": request, "result": {k: v for k, v in result.items()}}
+    config = {"request": request, "result": dict(result)}
     if lengths:
-        full = [result.get("prompt_tokens")] * len(lengths) if result.get("prompt_tokens") else None
+        full = [cache["prompt_tokens"]] * len(lengths)
         fig = figures.layer_bars(lengths, "cache length (tokens)", reference=full,
                                  reference_name="full cache")
         ui.show_figure("lab-cache-lengths", "Cache length per layer after compression", fig, prov,
@@ -267,17 +510,33 @@ def _score(score) -> None:
                             if k != "exact" and isinstance(v, (int, float))))
 
 
+def run_generation(body: dict, label: str) -> dict | None:
+    with st.spinner(f"generating with {label}" + (" and the full cache" if body["compare_full"]
+                                                  else "") + "..."):
+        result = ui.call("re-running generation", ui.client().generate, body)
+    return remember(body, result) if result is not None else None
+
+
+def with_normalisation(body: dict, norm: str) -> dict:
+    method = {**body["method"], "params": {**body["method"]["params"], "slot_normalization": norm}}
+    return {**body, "method": method}
+
+
 # ----------------------------------------------------------------------------- page
 
 def main() -> None:
     health = ui.page_setup("Frequency lab", "Choose which frequency chunks each layer keeps "
-                           "(a plan), then re-run generation and compare with the full cache.")
+                           "(a plan), re-run generation, and compare runs. FAEDKV's slots are "
+                           "class means with a log(count) mass in attention; a plan band-limits "
+                           "the sequence of means.")
     if health is None:
         st.stop()
     info = health.get("model") or {}
     layers = int(info.get("num_layers") or 1)
     context = int(info.get("context_length") or 8192)
     _init_mask(layers)
+    if st.session_state.get("lab.plan_warning"):
+        st.warning(st.session_state["lab.plan_warning"], icon=":material/link_off:")
 
     st.subheader("1 · Plan: retained chunks per layer")
     mask = st.session_state["lab.mask"]
@@ -290,34 +549,56 @@ def main() -> None:
         st.session_state["lab.mask"] = mask = edited
         st.session_state["lab.plan_name"] = "custom"
     plan_name = st.session_state.get("lab.plan_name", "custom")
+    problem = plan_problem(mask)
+    if problem:
+        st.error(f"**The plan is not valid:** {problem}")
     st.markdown(f"Plan **{plan_name}**: {mask.sum()} of {mask.size} layer-chunks kept "
-                f"({plans.ratio(mask):.0%}).")
-    plan_files(mask, plan_name, layers)
+                f"({plans.ratio(mask):.0%}), {ui.plural(mask.shape[1], 'chunk')} per layer.")
+    no_dc = [int(l) for l in np.flatnonzero(~mask[:, 0])]
+    if no_dc and not problem:
+        st.caption(f"Layer(s) {no_dc} drop chunk 0: their slots lose the mean level of the class "
+                   "means and keep only its variations.")
+    plan_files(mask, plan_name, layers, problem)
 
     st.subheader("2 · Re-run generation")
-    prompt = prompt_form(context)
-    spec, values = method_form(mask, plan_name)
-    c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="bottom")
+    prompt, prompt_values = prompt_form(context)
+    spec, values = method_form(mask, plan_name, problem)
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
     max_new = c1.number_input("max new tokens", 1, 512, key=state.bind(PAGE, "max_new", 32, int))
     compare = c2.toggle("compare with the full cache", key=state.bind(PAGE, "compare", True,
                                                                      state.decode_bool))
-    state.sync(PAGE, {**values, "max_new": int(max_new), "compare": compare,
+    state.sync(PAGE, {**prompt_values, **values, "max_new": int(max_new), "compare": compare,
                       "plan": state.encode_mask(mask), "plan_name": plan_name})
-    run = c3.button("Re-run generation", type="primary", icon=":material/play_arrow:",
-                    disabled=prompt is None or spec is None, key="lab.run")
-    if run:
+    body = None
+    if prompt is not None and spec is not None:
         params = ui.call("checking the request", GenerateParams, prompt=prompt, method=spec,
                          query_mode=values["query_mode"], max_new_tokens=int(max_new),
                          compare_full=compare)
-        if params is not None:
-            body = params.model_dump(mode="json")
-            with st.spinner(f"generating with {spec.label}" + (" and the full cache" if compare
-                                                               else "") + "..."):
-                result = ui.call("re-running generation", ui.client().generate, body)
-            if result is not None:
-                st.session_state["lab.result"] = (result, body)
-    if st.session_state.get("lab.result"):
-        show_result(*st.session_state["lab.result"])
+        body = params.model_dump(mode="json") if params is not None else None
+    run = c3.button("Re-run generation", type="primary", icon=":material/play_arrow:",
+                    disabled=body is None, key="lab.run")
+    both = c4.button("Run both normalisations", icon=":material/compare:", key="lab.run_both",
+                     disabled=body is None or spec.name != "faedkv",
+                     help="Run this request with class means and with the old (M/t) × class "
+                          "sums, then compare them side by side below.")
+    if run and body is not None:
+        e = run_generation(body, spec.label)
+        if e is not None:
+            st.session_state["lab.shown"] = e["id"]
+    if both and body is not None:
+        done = [run_generation(with_normalisation(body, n), f"{spec.label} ({n})")
+                for n in NORMALISATIONS]
+        if all(done):
+            st.session_state["lab.shown"] = done[0]["id"]
+            st.session_state["lab.compare_pick"] = (done[0]["id"], done[1]["id"])
+            for key in ("lab.compare_a", "lab.compare_b"):
+                st.session_state.pop(key, None)
+
+    entries = history()
+    shown = next((e for e in entries if e["id"] == st.session_state.get("lab.shown")), None)
+    if shown is not None:
+        show_result(shown, differences(shown["request"], body) if body is not None else [])
+    comparison(entries, body)
 
 
 main()

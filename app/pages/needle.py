@@ -9,43 +9,80 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import (METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS, MethodSpec,  # noqa: E402
-                             NeedleParams)
-from app import figures, state, ui  # noqa: E402
+from analysis.params import METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS, NeedleParams  # noqa: E402
+from app import figures, state, ui, views  # noqa: E402
 
 PAGE = "needle"
 JOB = "needle.job"
+PENDING = "needle.pending"       # (params, cost sentence) of a grid waiting for confirmation
 METRICS = ("exact", "partial", "rouge_l")
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_METHODS = ["faedkv", "snapkv", "streaming_llm"]
 
 
-def method_label(spec: dict) -> str:
-    """The label the needle task files a method's cells under (analysis.methods.method_label
-    for the default params the app sends)."""
-    m = MethodSpec(**spec)
-    return "full" if m.name == "full" else m.label
+CONFIRM_ABOVE_S = 600            # ask before starting a grid estimated to take longer
+CONFIRM_UNTIMED_CELLS = 100      # ... or one this large when no cell was timed yet
 
 
-def grid_axes(params: dict, records: list[dict]) -> tuple[list[str], list[int], list[float]]:
-    """(method labels with full first, lengths, depths) of a grid: from its parameters, plus
-    whatever the records hold (depths spaced by the server, labels with extra params)."""
-    labels = ["full"] + [method_label(m) for m in params.get("methods", []) if m["name"] != "full"]
-    lengths = [int(n) for n in params.get("lengths", [])]
-    depths = [float(d) for d in params.get("depths", [])] \
-        if params.get("depth_spacing", "given") == "given" else []
-    for r in records:
-        label = r.get("label", r.get("method"))
-        if label not in labels:
-            labels.append(label)
-        if int(r["length"]) not in lengths:
-            lengths.append(int(r["length"]))
-        if float(r["depth"]) not in depths:
-            depths.append(float(r["depth"]))
-    return labels, sorted(lengths), sorted(depths)
+def cell_seconds(summaries: list[dict]) -> dict[int, float]:
+    """{context length: mean seconds per cell} measured by the stored needle grids of the
+    backend's model (their metrics' by_length rows), over every method."""
+    sums: dict[int, list[float]] = {}
+    for summary in summaries:
+        if not ui.same_model(summary):
+            continue
+        for row in ((summary.get("metrics") or {}).get("by_length") or []):
+            if row.get("seconds") is not None and row.get("length") and row.get("n"):
+                total = sums.setdefault(int(row["length"]), [0.0, 0])
+                total[0] += float(row["seconds"]) * row["n"]
+                total[1] += row["n"]
+    return {length: t / n for length, (t, n) in sums.items() if n}
 
 
-def configure(context: int) -> None:
+def estimate_seconds(params: NeedleParams, measured: dict[int, float]) -> float | None:
+    """Seconds the grid should take: per length, its cells x the measured time per cell at the
+    nearest timed length, scaled by length (None when no grid of this model was timed)."""
+    if not measured:
+        return None
+    methods = len(params.methods) + (not any(m.name == "full" for m in params.methods))
+    depths = len(params.depths) if params.depth_spacing == "given" else params.num_depths
+    total = 0.0
+    for length in params.lengths:
+        nearest = min(measured, key=lambda n: (abs(n - length), n))
+        total += methods * depths * params.samples * measured[nearest] * length / nearest
+    return total
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def grid_cost(params: NeedleParams, summaries: list[dict]) -> tuple[str, bool]:
+    """(one sentence on the grid's size and expected time, whether to ask before starting)."""
+    cells = params.num_cells() + (0 if any(m.name == "full" for m in params.methods) else
+                                  params.num_cells() // len(params.methods))
+    measured = cell_seconds(summaries)
+    seconds = estimate_seconds(params, measured)
+    if seconds is None:
+        return (f"{ui.plural(cells, 'cell')}; no needle grid of this model has been timed yet, "
+                "so the time is unknown.", cells > CONFIRM_UNTIMED_CELLS)
+    timed = ", ".join(f"{measured[n]:.1f} s at {n} tokens" for n in sorted(measured))
+    return (f"{ui.plural(cells, 'cell')}, about {duration(seconds)} at the measured time per "
+            f"cell ({timed}, from the stored grids).", seconds > CONFIRM_ABOVE_S)
+
+
+def start(params: NeedleParams) -> None:
+    job = ui.submit("needle", params)
+    if job:
+        ui.watch_job(JOB, {**job, "params": params.model_dump(mode="json")})
+    st.session_state.pop(PENDING, None)
+
+
+def configure(context: int, summaries: list[dict]) -> None:
     with st.form("needle.configure"):
         st.markdown("**New grid.** Every method runs on the same needle samples; the full cache "
                     "is added as the reference.")
@@ -77,28 +114,40 @@ def configure(context: int) -> None:
             if params is not None and (not methods or not ratios or not lengths or not depths):
                 st.error("Pick at least one method, ratio, length and depth.")
             elif params is not None:
-                job = ui.submit("needle", params)
-                if job:
-                    st.session_state[JOB] = job["id"]
-                    st.session_state[JOB + ".params"] = params.model_dump(mode="json")
+                cost, ask = grid_cost(params, summaries)
+                if ask:
+                    st.session_state[PENDING] = (params, cost)
+                else:
+                    st.session_state["needle.cost"] = cost
+                    start(params)
+    pending = st.session_state.get(PENDING)
+    if pending:
+        params, cost = pending
+        st.warning(f"**This grid is large:** {cost} Start it?", icon=":material/schedule:")
+        c1, c2, _ = st.columns([1, 1, 4])
+        if c1.button("Start anyway", type="primary", key="needle.confirm"):
+            st.session_state["needle.cost"] = cost
+            start(params)
+            st.rerun()
+        if c2.button("Don't start", key="needle.abandon"):
+            st.session_state.pop(PENDING, None)
+            st.rerun()
 
 
-def heatmaps(params: dict, records: list[dict], metric: str, key: str):
-    labels, lengths, depths = grid_axes(params, records)
-    return figures.needle_grid(records, labels, lengths, depths, metric=metric), labels
-
-
-def live(metric: str) -> None:
-    """Progress, cancel and the grid as it fills in; polls the job and the run every second."""
-    job_id = st.session_state.get(JOB)
+def live(metric: str) -> bool:
+    """Progress, cancel and the grid as it fills in; polls the job and the run every second.
+    After a reload (or from a shared link) it re-attaches to the backend's running grid."""
+    job_id = ui.attach_job(JOB, "needle")
     if not job_id:
-        return
+        return False
+    if st.query_params.get("job") != job_id:
+        st.query_params["job"] = job_id
 
     @st.fragment(run_every=1.0)
     def panel():
         job = ui.call("reading the job", ui.client().job, job_id)
         if job is None:
-            st.session_state.pop(JOB, None)
+            ui.job_finished(JOB)
             return
         progress = job.get("progress") or {}
         done, total = int(progress.get("done") or 0), int(progress.get("total") or 0)
@@ -113,10 +162,11 @@ def live(metric: str) -> None:
             run = ui.run(job["run_key"], fresh=True)
             records = (run or {}).get("records") or []
         params = job.get("params") or st.session_state.get(JOB + ".params") or {}
-        fig, _ = heatmaps(params, records, metric, "live")
-        st.plotly_chart(fig, key="needle.live_chart", config={"displaylogo": False})
+        labels, lengths, depths = views.needle_axes(params, records)
+        st.plotly_chart(figures.needle_grid(records, labels, lengths, depths, metric=metric),
+                        key="needle.live_chart", config={"displaylogo": False})
         if status in ui.TERMINAL:
-            st.session_state.pop(JOB, None)
+            ui.job_finished(JOB)
             if status == "failed":
                 st.error(f"**The needle grid failed:** {job.get('error')}")
             if job.get("run_key"):
@@ -126,11 +176,13 @@ def live(metric: str) -> None:
             st.rerun(scope="app")
 
     st.markdown("#### Running grid")
+    if st.session_state.get("needle.cost"):
+        st.caption(st.session_state["needle.cost"])
     panel()
+    return True
 
 
-def finished(metric: str) -> None:
-    summaries = ui.runs("needle")
+def finished(metric: str, summaries: list[dict]) -> None:
     if not summaries:
         ui.empty_state("No needle grid in the store yet: configure one above and press Start.")
         return
@@ -140,24 +192,10 @@ def finished(metric: str) -> None:
     if run is None:
         return
     records = run.get("records") or []
-    params = ui.run_params(summary)
     if not records:
         ui.empty_state("This grid has no finished cell yet.")
         return
-    fig, labels = heatmaps(params, records, metric, "done")
-    lengths = grid_axes(params, records)[1]
-    ratios = sorted({float(r.get("ratio", 0)) for r in records if r.get("method") != "full"})
-    ratio = ratios[0] if len(ratios) == 1 else None
-    prov = ui.provenance(model=ui.run_model(summary),
-                         text=f"needle {params.get('needle', '?')}, {params.get('query_mode', '')}, "
-                              f"{'/'.join(str(n) for n in lengths)} tokens, "
-                              f"{params.get('samples', '?')} samples",
-                         method=", ".join(labels),
-                         budget=ui.budget_text(ratio) if ratio is not None else
-                         "ratios " + ", ".join(f"{r:g}" for r in ratios), ratio=ratio)
-    table = figures.needle_table(records, metric)
-    ui.show_figure("needle-grid", f"Needle {metric} by depth and context length", fig, prov, table,
-                   {"run": summary["key"], "params": params})
+    ui.show_entry(views.needle_entries(summary, records, metric)[0])
     by_method = (run.get("metrics") or summary.get("metrics") or {}).get("by_method")
     if by_method:
         st.markdown("**Per method** (accuracy with 95% Wilson interval; `acc_given_full`: "
@@ -179,17 +217,16 @@ def main() -> None:
     if health is None:
         st.stop()
     context = int((health.get("model") or {}).get("context_length") or 8192)
-    has_runs = bool(ui.runs("needle", limit=1))
-    with st.expander("Configure a grid", expanded=not st.session_state.get(JOB) and not has_runs,
+    summaries = ui.runs("needle")
+    running = bool(ui.attach_job(JOB, "needle"))
+    with st.expander("Configure a grid", expanded=not running and not summaries,
                      icon=":material/tune:"):
-        configure(context)
+        configure(context, summaries)
     metric = st.segmented_control("score", METRICS, key=state.bind(
         PAGE, "metric", "exact", valid=state.options_valid(METRICS)))
     metric = metric or "exact"
-    if st.session_state.get(JOB):
-        live(metric)
-    else:
-        finished(metric)
+    if not live(metric):
+        finished(metric, summaries)
 
 
 main()

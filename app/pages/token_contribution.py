@@ -6,16 +6,13 @@ ROOT = str(Path(__file__).resolve().parents[2])
 if ROOT not in sys.path:    # AppTest runs a page file on its own
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from analysis.params import METHODS, ContribParams  # noqa: E402
-from app import figures, state, ui  # noqa: E402
+from app import state, ui, views  # noqa: E402
 
 PAGE = "contribution"
 JOB = "contrib.job"
-SUMMARIES = ("one_minus_gini", "oldest_over_newest", "min_over_max")
 SUMMARY_HELP = ("1 − Gini of the contributions (1: every token equal); mean contribution of the "
                 "oldest tenth over the newest tenth; smallest over largest contribution.")
 DEFAULT_METHODS = ["faedkv", "dct_iterative", "streaming_llm", "snapkv"]
@@ -40,33 +37,23 @@ def compute_form(context: int) -> None:
                              context_length=int(length), text_seed=int(seed))
             job = ui.submit("contrib", params) if params is not None else None
             if job:
-                st.session_state[JOB] = job["id"]
+                ui.watch_job(JOB, job)
 
-
-
-def curves_and_summary(run: dict) -> tuple[dict, pd.DataFrame]:
-    """({label: contribution over positions}, summary table indexed by label) of a contrib run:
-    one record per method with its label ("method"), "contribution" and the summaries."""
-    curves, rows = {}, {}
-    for record in run.get("records") or []:
-        label = record["method"]
-        if record.get("contribution") is not None:
-            curves[label] = np.asarray(record["contribution"], dtype=float)
-        rows[label] = {k: record[k] for k in SUMMARIES if record.get(k) is not None}
-    return curves, pd.DataFrame.from_dict(rows, orient="index")
 
 
 def main() -> None:
     health = ui.page_setup("Token contribution", "FAEDKV's claim: every past token contributes "
-                           "equally to the compressed cache, unlike eviction (drops tokens) and "
-                           "iterative compression (blurs old tokens more).")
+                           "equally to the compressed cache (each token enters its class mean "
+                           "with weight 1/count, and the mean counts log(count) in attention), "
+                           "unlike eviction (drops tokens) and iterative compression (blurs old "
+                           "tokens more).")
     if health is None:
         st.stop()
     context = int((health.get("model") or {}).get("context_length") or 8192)
     summaries = [r for r in ui.runs("contrib") if r.get("status") == "complete"]
     with st.expander("Compute contributions", expanded=not summaries, icon=":material/add_chart:"):
         compute_form(context)
-        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE))
+        ui.job_panel(JOB, on_done=ui.show_run_of(PAGE), kind="contrib")
     if not summaries:
         ui.empty_state("No contribution run in the store yet: compute one above.")
         return
@@ -75,28 +62,12 @@ def main() -> None:
     run = ui.run(summary["key"])
     if run is None:
         return
-    curves, table = curves_and_summary(run)
-    params = ui.run_params(summary)
-    ratios = sorted({float(m.get("compression_ratio", 0)) for m in params.get("methods", [])})
-    ratio = ratios[0] if len(ratios) == 1 else None
-    prov = ui.provenance(model=ui.run_model(summary),
-                         text=f"essays seed {params.get('text_seed', 0)}, "
-                              f"{params.get('context_length', '?')} tokens",
-                         method=", ".join(curves) or ", ".join(table.index),
-                         budget=ui.budget_text(ratio) if ratio is not None else "", ratio=ratio)
-    config = {"run": summary["key"], "params": params}
-    if curves:
-        longest = max(len(c) for c in curves.values())
-        frame = pd.DataFrame({k: np.pad(v, (0, longest - len(v)), constant_values=np.nan)
-                              for k, v in curves.items()}).rename_axis("position").reset_index()
-        ui.show_figure("contribution-lines", "Contribution of each original token", 
-                       figures.contribution_lines(curves), prov, frame, config)
-    if not table.empty:
-        ui.show_figure("contribution-summary", "Equality of contributions (1 = every token equal)",
-                       figures.summary_bars(table), prov, table.rename_axis("method").reset_index(),
-                       config)
-        st.caption(SUMMARY_HELP)
-    if not curves and table.empty:
+    entries = views.contribution_entries(summary, run.get("records") or [])
+    for entry in entries:
+        ui.show_entry(entry)
+        if entry.name == "contribution-summary":
+            st.caption(SUMMARY_HELP)
+    if not entries:
         ui.empty_state("This run holds no contribution records.")
 
 

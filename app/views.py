@@ -1,0 +1,282 @@
+"""The figures of a stored run, as export.FigureEntry lists: one builder per run kind, used by
+its page (with the view the page's widgets chose) and by the Export page (with the page's
+default view), so every figure can be rebuilt from the store after a reload or from a typed URL.
+
+No Streamlit here: inputs are a run summary (GET /runs), its records or arrays, and a view.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from app import figures, plans
+from app.export import FigureEntry, entry
+
+SPACE_LABEL = {"post_rope": "post-RoPE", "pre_rope": "pre-RoPE"}
+KV = ("keys", "values")
+SPACES = ("post_rope", "pre_rope")
+TRANSFORMS = ("iwdft", "dft")
+NEEDLE_METRICS = ("exact", "partial", "rouge_l")
+ABLATION_MEASURES = {"continuation": ("delta_mean", "delta_sem", "Δ NLL of the continuation"),
+                     "needle": ("needle_delta_mean", "needle_delta_sem", "Δ NLL of the needle answer")}
+
+
+def plural(n, word: str) -> str:
+    return f"{n} {word if n == 1 else word + 's'}"
+
+
+def run_params(summary: dict) -> dict:
+    """The job parameters a run was computed with (the store keeps them under config.task)."""
+    config = summary.get("config") or {}
+    return config.get("task") or config.get("params") or {}
+
+
+def run_model(summary: dict, fallback: str = "model") -> str:
+    model = (summary.get("config") or {}).get("model") or {}
+    return model.get("name") if isinstance(model, dict) and model.get("name") else fallback
+
+
+def provenance(summary: dict, text: str = "", method: str = "", budget: str = "",
+               ratio: float | None = None) -> dict:
+    return {"model": run_model(summary), "text": text, "method": method, "budget": budget,
+            "ratio": ratio, "run": summary.get("key")}
+
+
+def budget_text(ratio: float | None) -> str:
+    return "" if ratio is None else f"ratio {ratio:g} (budget {100 * (1 - ratio):.0f}% of the cache)"
+
+
+# ----------------------------------------------------------------------------- spectra
+
+@dataclass(frozen=True)
+class SpectraView:
+    layers: tuple[int, ...] | None = None       # None: every layer
+    heads: tuple[int, ...] | None = None
+    kv: str = "keys"
+    space: str = "post_rope"
+    transform: str = "iwdft"
+    per_head: bool = False
+
+
+def spectra_chunks(summary: dict, data: dict) -> int:
+    params = run_params(summary)
+    chunk_energy = data.get("chunk_energy")
+    return int(params.get("chunks") or (np.shape(chunk_energy)[-1] if chunk_energy is not None else 22))
+
+
+def spectra_entries(summary: dict, data: dict, view: SpectraView = SpectraView(),
+                    text_info: dict | None = None) -> list[FigureEntry]:
+    energy = np.asarray(data["energy"], dtype=float)     # (layers, heads, kv, space, transform, G)
+    freqs = np.asarray(data["freqs"], dtype=float)
+    chunk_energy = np.asarray(data["chunk_energy"], dtype=float) if "chunk_energy" in data else None
+    layers = list(view.layers) if view.layers is not None else list(range(energy.shape[0]))
+    heads = list(view.heads) if view.heads is not None else list(range(energy.shape[1]))
+    space = "post_rope" if view.kv == "values" else view.space   # values carry no rotation
+    params = run_params(summary)
+    chunks = spectra_chunks(summary, data)
+    text_info = text_info or (summary.get("metrics") or {}).get("text") or {}
+    k, s, t = KV.index(view.kv), SPACES.index(space), TRANSFORMS.index(view.transform)
+    chosen = energy[np.ix_(layers, heads)][:, :, k, s, t, :]           # (L', H', G)
+    tensor = f"{view.kv} {SPACE_LABEL[space]}" if view.kv == "keys" else "values"
+    prov = provenance(summary, text=f"{params.get('num_tokens', '?')} tokens of essays from "
+                                    f"{text_info.get('first_essay', 'seed %s' % params.get('text_seed', 0))}",
+                      method=f"{tensor}, {view.transform}", budget="no compression")
+    config = {"run": summary.get("key"), "params": params, "layers": layers, "heads": heads,
+              "tensor": view.kv, "key_space": space, "transform": view.transform}
+    layer_mean = chosen.mean(axis=1)                                   # (L', G)
+    out = [entry("spectra-heatmap", f"Energy of {view.kv} by layer and frequency (mean of "
+                 f"{plural(len(heads), 'head')}, log scale; dotted: the {chunks} chunks)",
+                 figures.spectra_heatmap(freqs, layer_mean, layers, chunks), prov,
+                 pd.DataFrame(layer_mean.T, columns=[f"L{l}" for l in layers]).assign(freq=freqs),
+                 config)]
+    if view.per_head:
+        lines = {f"L{l} H{h}": chosen[i, j] for i, l in enumerate(layers) for j, h in enumerate(heads)}
+    else:
+        lines = {f"L{l}": layer_mean[i] for i, l in enumerate(layers)}
+    out.append(entry("spectra-lines", f"Spectra of {view.kv}, " + ("per head" if view.per_head
+                     else "per layer"), figures.spectra_lines(freqs, lines, chunks), prov,
+                     pd.DataFrame(dict(lines)).assign(freq=freqs), config))
+    if chunk_energy is not None:
+        share = chunk_energy[np.ix_(layers, heads)][:, :, k, s, t, :].mean(axis=1)
+        share = share / np.maximum(share.sum(axis=1, keepdims=True), 1e-30)
+        out.append(entry("spectra-chunk-share", f"Share of each layer's {view.kv} energy per chunk "
+                         "(what an energy plan keeps)",
+                         figures.layer_chunk_heatmap(share, "energy share", layers=layers,
+                                                     diverging=False), prov,
+                         pd.DataFrame(share, columns=[f"chunk{c}" for c in range(share.shape[1])]
+                                      ).assign(layer=layers), config))
+    return out
+
+
+# ----------------------------------------------------------------------------- needle
+
+def needle_method_label(spec: dict) -> str:
+    """The label the needle task files a method's cells under (analysis.methods.method_label
+    for the default params the app sends)."""
+    from analysis.params import MethodSpec
+
+    m = MethodSpec(**spec)
+    return "full" if m.name == "full" else m.label
+
+
+def needle_axes(params: dict, records: list[dict]) -> tuple[list[str], list[int], list[float]]:
+    """(method labels with full first, lengths, depths) of a grid: from its parameters, plus
+    whatever the records hold (depths spaced by the server, labels with extra params)."""
+    labels = ["full"] + [needle_method_label(m) for m in params.get("methods", [])
+                         if m["name"] != "full"]
+    lengths = [int(n) for n in params.get("lengths", [])]
+    depths = [float(d) for d in params.get("depths", [])] \
+        if params.get("depth_spacing", "given") == "given" else []
+    for r in records:
+        label = r.get("label", r.get("method"))
+        if label not in labels:
+            labels.append(label)
+        if int(r["length"]) not in lengths:
+            lengths.append(int(r["length"]))
+        if float(r["depth"]) not in depths:
+            depths.append(float(r["depth"]))
+    return labels, sorted(lengths), sorted(depths)
+
+
+def needle_entries(summary: dict, records: list[dict], metric: str = "exact") -> list[FigureEntry]:
+    params = run_params(summary)
+    labels, lengths, depths = needle_axes(params, records)
+    fig = figures.needle_grid(records, labels, lengths, depths, metric=metric)
+    ratios = sorted({float(r.get("ratio", 0)) for r in records if r.get("method") != "full"})
+    ratio = ratios[0] if len(ratios) == 1 else None
+    samples = params.get("samples", "?")
+    prov = provenance(summary, text=f"needle {params.get('needle', '?')}, "
+                                    f"{params.get('query_mode', '')}, "
+                                    f"{'/'.join(str(n) for n in lengths)} tokens, "
+                                    f"{plural(samples, 'sample')}",
+                      method=", ".join(labels),
+                      budget=budget_text(ratio) if ratio is not None else
+                      "ratios " + ", ".join(f"{r:g}" for r in ratios), ratio=ratio)
+    return [entry("needle-grid", f"Needle {metric} by depth and context length", fig, prov,
+                  figures.needle_table(records, metric), {"run": summary.get("key"), "params": params})]
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def ablation_measures(data: dict) -> list[str]:
+    return [m for m, (mean, _, _) in ABLATION_MEASURES.items() if mean in data]
+
+
+def ablation_layers(data: dict) -> list[int]:
+    return [int(l) for l in data["layers"]] if "layers" in data else list(range(len(data["delta_mean"])))
+
+
+def ablation_plan(data: dict, measure: str, ratio: float, num_layers: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mask, scores filled to every layer, plan name) of the plan derived from an ablation."""
+    mean = np.asarray(data[ABLATION_MEASURES[measure][0]], dtype=float)
+    scores = plans.fill_layers(mean, ablation_layers(data), num_layers)
+    return plans.from_scores(scores, ratio), scores, f"ablation-{measure}-{ratio:g}"
+
+
+def ablation_entries(summary: dict, data: dict, measure: str | None = None, ratio: float = 0.25,
+                     num_layers: int | None = None) -> list[FigureEntry]:
+    measure = measure or ablation_measures(data)[0]
+    params = run_params(summary)
+    mean_name, sem_name, what = ABLATION_MEASURES[measure]
+    mean = np.asarray(data[mean_name], dtype=float)                  # (ablated layers, chunks)
+    sem = np.asarray(data[sem_name], dtype=float) if sem_name in data else None
+    layers = ablation_layers(data)
+    num_layers = num_layers or (max(layers) + 1)
+    text = (f"{plural(params.get('num_texts', '?'), 'essay')}, {params.get('prefix_tokens', '?')}+"
+            f"{params.get('continuation_tokens', '?')} tokens" if measure == "continuation" else
+            plural(params.get('needle_samples', '?'), 'needle sample'))
+    prov = provenance(summary, text=text,
+                      method=f"remove one chunk from {params.get('target', 'kv')} "
+                             f"(sink {params.get('sink_tokens', '?')}, window "
+                             f"{params.get('window', '?')})",
+                      budget="lossless except the removed chunk")
+    config = {"run": summary.get("key"), "params": params, "measure": measure}
+    frame = pd.DataFrame([{"layer": l, "chunk": c, "delta_mean": mean[i, c],
+                           "delta_sem": None if sem is None else sem[i, c]}
+                          for i, l in enumerate(layers) for c in range(mean.shape[1])])
+    out = [entry("ablation-heatmap", f"Loss increase when one chunk is removed ({measure})",
+                 figures.ablation_heatmap(mean, sem, what=what, layers=layers), prov, frame, config)]
+    mask, scores, name = ablation_plan(data, measure, ratio, num_layers)
+    kept = int(mask.sum(axis=1)[0])
+    plan_prov = {**prov, "method": f"plan {name}",
+                 "budget": f"{kept} of {plural(mask.shape[1], 'chunk')} per layer", "ratio": None}
+    out.append(entry("ablation-plan", f"Plan: each layer keeps its {plural(kept, 'chunk')} with "
+                     "the largest loss increase", figures.mask_heatmap(mask, scores=scores,
+                                                                        score_name=what),
+                     plan_prov, pd.DataFrame({"layer": range(mask.shape[0]), "kept_chunks": [
+                         " ".join(map(str, np.flatnonzero(r))) for r in mask]}),
+                     {**config, "plan": plans.to_json_dict(mask, name)}))
+    return out
+
+
+def stored_plans(metrics: dict) -> pd.DataFrame | None:
+    """The plans the ablation job derived (metrics "plans" / "needle_plans": ratio -> plan JSON)."""
+    rows = []
+    for measure, field_name in (("continuation", "plans"), ("needle", "needle_plans")):
+        for ratio, plan in (metrics.get(field_name) or {}).items():
+            layers = plan.get("layers") or []
+            rows.append({"measure": measure, "kept ratio": ratio, "name": plan.get("name"),
+                         "chunks per layer": len(layers[0]) if layers and isinstance(layers[0], list) else None,
+                         "layer 0 keeps": " ".join(map(str, layers[0])) if layers else "",
+                         "plan JSON": json.dumps(plan)})
+    return pd.DataFrame(rows) if rows else None
+
+
+# ----------------------------------------------------------------------------- contribution
+
+CONTRIB_SUMMARIES = ("one_minus_gini", "oldest_over_newest", "min_over_max")
+
+
+def contribution_curves(records: list[dict]) -> tuple[dict, pd.DataFrame]:
+    """({label: contribution over positions}, summary table indexed by label) of a contrib run:
+    one record per method with its label ("method"), "contribution" and the summaries."""
+    curves, rows = {}, {}
+    for record in records:
+        label = record["method"]
+        if record.get("contribution") is not None:
+            curves[label] = np.asarray(record["contribution"], dtype=float)
+        rows[label] = {k: record[k] for k in CONTRIB_SUMMARIES if record.get(k) is not None}
+    return curves, pd.DataFrame.from_dict(rows, orient="index")
+
+
+def contribution_entries(summary: dict, records: list[dict]) -> list[FigureEntry]:
+    curves, table = contribution_curves(records)
+    params = run_params(summary)
+    ratios = sorted({float(m.get("compression_ratio", 0)) for m in params.get("methods", [])})
+    ratio = ratios[0] if len(ratios) == 1 else None
+    prov = provenance(summary, text=f"essays seed {params.get('text_seed', 0)}, "
+                                    f"{params.get('context_length', '?')} tokens",
+                      method=", ".join(curves) or ", ".join(table.index),
+                      budget=budget_text(ratio), ratio=ratio)
+    config = {"run": summary.get("key"), "params": params}
+    out = []
+    if curves:
+        longest = max(len(c) for c in curves.values())
+        frame = pd.DataFrame({k: np.pad(v, (0, longest - len(v)), constant_values=np.nan)
+                              for k, v in curves.items()}).rename_axis("position").reset_index()
+        out.append(entry("contribution-lines", "Contribution of each original token",
+                         figures.contribution_lines(curves), prov, frame, config))
+    if not table.empty:
+        out.append(entry("contribution-summary", "Equality of contributions (1 = every token equal)",
+                         figures.summary_bars(table), prov, table.rename_axis("method").reset_index(),
+                         config))
+    return out
+
+
+@dataclass
+class RunFigures:
+    """What the Export page needs to rebuild a kind's figures: the array it reads (None: the
+    run's records) and the builder with the page's default view."""
+    array: str | None
+    build: object = field(repr=False)
+
+
+EXPORTABLE = {
+    "spectra": RunFigures("spectra", lambda s, d: spectra_entries(s, d)),
+    "needle": RunFigures(None, lambda s, r: needle_entries(s, r)),
+    "ablate": RunFigures("ablation", lambda s, d: ablation_entries(s, d)),
+    "contrib": RunFigures(None, lambda s, r: contribution_entries(s, r)),
+}

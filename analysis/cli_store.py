@@ -1,4 +1,7 @@
-"""`python -m analysis store list|show|delete|reindex --out results/`.
+"""`python -m analysis store list|show|delete|reindex|verify --out results/`.
+
+Writing commands (delete, reindex, verify --repair) take the store's writer lock, so they
+refuse to run while a server or another command writes the same store.
 
 Wire it into a CLI with
 
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
 
-from analysis.store import ResultsStore, StoreError
+from analysis.store import INCOMPLETE_RUN, ResultsStore, StoreError
 
 DEFAULT_OUT = "results"
 
@@ -49,9 +53,25 @@ def _short_time(stamp: str | None) -> str:
     return (stamp or "")[:19].replace("T", " ")
 
 
+def _recount(store: ResultsStore, row: dict) -> dict:
+    """The row with its cell files counted again (a cell deleted by hand does not reach the
+    index); a complete run short of cells is listed as incomplete. `store verify` also reads
+    every cell's checksum."""
+    folder = store.runs_dir / f"{row['kind']}-{row['key']}" / "cells"
+    try:
+        files = sum(1 for e in os.scandir(folder) if e.name.endswith(".json")
+                    and not e.name.startswith("."))
+    except OSError:
+        return row
+    row = {**row, "cells_done": files}
+    if row["status"] == "complete" and row["cells_total"] is not None and files < row["cells_total"]:
+        row.update(status="incomplete", error=INCOMPLETE_RUN)
+    return row
+
+
 def cmd_list(args) -> int:
     store = ResultsStore(args.out)
-    rows = store.runs(kind=args.kind, limit=args.limit)
+    rows = [_recount(store, r) for r in store.runs(kind=args.kind, limit=args.limit)]
     if not rows:
         print(f"no runs in {store.root}" + (f" of kind {args.kind!r}" if args.kind else ""))
         return 0
@@ -66,7 +86,7 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     store = ResultsStore(args.out)
     run = store.get(args.key)
-    done = run.done()
+    done, damaged = run.inspect()
     total = run.cells_total
     print(format_table([
         {"field": "run", "value": run.name},
@@ -74,7 +94,8 @@ def cmd_show(args) -> int:
         {"field": "status", "value": run.status},
         {"field": "error", "value": run.error},
         {"field": "created", "value": _short_time(run.created)},
-        {"field": "cells", "value": f"{len(done)}/{total if total is not None else '?'}"},
+        {"field": "cells", "value": f"{len(done)}/{total if total is not None else '?'}"
+                                    + (f" ({len(damaged)} damaged: see store verify)" if damaged else "")},
         {"field": "arrays", "value": ", ".join(run.array_names())},
         {"field": "predictions", "value": f"{len(run.read_predictions())} rows"},
     ], ["field", "value"]))
@@ -84,6 +105,12 @@ def cmd_show(args) -> int:
     print("\nmetrics:")
     print(json.dumps(metrics, indent=2) if metrics is not None else "(none yet)")
     return 0
+
+
+def _show_problems(problems) -> None:
+    print(format_table([{"run": p.run, "problem": p.what, "file": p.file,
+                         "detail": p.reason if len(p.reason) <= 160 else p.reason[:157] + "..."}
+                        for p in problems], ["run", "problem", "file", "detail"]))
 
 
 def cmd_delete(args) -> int:
@@ -96,14 +123,34 @@ def cmd_delete(args) -> int:
 
 def cmd_reindex(args) -> int:
     store = ResultsStore(args.out)
-    good, bad = store.scan()
+    for repair in store.repairs:
+        print(repair)
     n = store.reindex()
     print(f"indexed {n} run(s) in {store.index_path}")
-    if bad:
-        print(f"skipped {len(bad)} broken folder(s):")
-        print(format_table([{"folder": p.name, "problem": reason} for p, reason in bad],
-                           ["folder", "problem"]))
-    return 1 if bad else 0
+    problems = store.verify()
+    if problems:
+        print(f"{len(problems)} problem(s); runs with damaged or missing cells are listed as "
+              "incomplete (`store verify --repair`, then run their jobs again):")
+        _show_problems(problems)
+    return 1 if problems else 0
+
+
+def cmd_verify(args) -> int:
+    store = ResultsStore(args.out)
+    problems = store.verify(repair=args.repair)
+    runs = len(store.scan()[0])
+    if not problems:
+        print(f"verified {runs} run(s) in {store.root}: every cell matches its checksum")
+        return 0
+    _show_problems(problems)
+    if args.repair:
+        print(f"repaired: damaged files moved aside (*.damaged), {len({p.run for p in problems})} "
+              "run(s) marked incomplete; run their jobs or commands again to compute exactly "
+              "the missing cells and rebuild their metrics.")
+    else:
+        print(f"{len(problems)} problem(s) in {runs} run(s); `store verify --repair --out "
+              f"{args.out}` moves the damaged files aside so the next run recomputes them.")
+    return 1
 
 
 def _guard(func):
@@ -123,7 +170,7 @@ def add_store_commands(subparsers) -> argparse.ArgumentParser:
     `func(args) -> exit code`. Returns the `store` parser."""
     store = subparsers.add_parser("store", help="list, inspect, delete or reindex stored runs",
                                   description="Inspect the results store (runs, cells, metrics).")
-    sub = store.add_subparsers(dest="store_command", metavar="{list,show,delete,reindex}")
+    sub = store.add_subparsers(dest="store_command", metavar="{list,show,delete,reindex,verify}")
     sub.required = True
 
     def leaf(name: str, help_text: str, func):
@@ -140,7 +187,12 @@ def add_store_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("key", help="run key (16 hex digits) or <kind>-<key>")
     p = leaf("delete", "delete runs (their folders and index rows)", cmd_delete)
     p.add_argument("keys", nargs="+", help="run keys (16 hex digits) or <kind>-<key>")
-    leaf("reindex", "rebuild index.sqlite from the run folders", cmd_reindex)
+    leaf("reindex", "rebuild index.sqlite from the run folders (exit 1 on any problem)", cmd_reindex)
+    p = leaf("verify", "check every cell's checksum, missing cells and metrics (exit 1 on any "
+                       "problem)", cmd_verify)
+    p.add_argument("--repair", action="store_true",
+                   help="move damaged files aside and mark their runs incomplete, so running "
+                        "the same job again recomputes exactly those cells")
     return store
 
 

@@ -12,7 +12,9 @@ runs the `generate` jobs queued meanwhile, so an answer never waits for a 30-min
 
 Persistence: every job is a JSON file `<store>/jobs/<id>.json`, written atomically on every
 change of state (progress at most once a second). A restarted server lists them all and marks
-the ones that were queued or running as "interrupted". Resubmitting the same parameters resumes:
+the ones that were queued or running as "interrupted" (the store marks their runs interrupted
+too); a job file that does not parse is skipped and reported (`skipped`, /health). A job that
+fails marks its run "failed" with the message. Resubmitting the same parameters resumes:
 the results store keys runs by content, so the job opens the same run and skips its finished
 cells.
 
@@ -64,6 +66,14 @@ MAX_KEPT_JOBS = 1000
 _PROGRESS_PERSIST_SECONDS = 1.0
 INTERRUPTED = ("the server stopped (restart or crash) before this job finished; submit the same "
                "job again to resume from its finished cells")
+
+
+# Queued jobs one server accepts at most (then 429): a client loop cannot fill the disk.
+MAX_QUEUED = 256
+
+
+class QueueFull(RuntimeError):
+    """The queue already holds max_queued jobs."""
 
 
 class JobUnavailable(LookupError):
@@ -139,9 +149,19 @@ class Job:
         return {**dataclasses.asdict(self), "progress": dict(self.progress)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Job":
+    def from_dict(cls, data: Any) -> "Job":
+        """A job from its file's JSON; ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        job = cls(**{k: v for k, v in data.items() if k in names})
+        if not isinstance(job.id, str) or job.kind not in JOB_PARAMS or job.status not in STATUSES:
+            raise ValueError("not a job record (id, kind, status)")
+        if not isinstance(job.params, dict) or not isinstance(job.progress, dict):
+            raise ValueError("params and progress must be objects")
+        if not isinstance(job.created, str) or not (job.run_key is None or isinstance(job.run_key, str)):
+            raise ValueError("created must be a string, run_key a string or null")
+        return job
 
 
 class _JobStore(ResultsStore):
@@ -161,11 +181,17 @@ class JobQueue:
     """Jobs of one backend. Thread-safe; `start()` launches the single worker thread."""
 
     def __init__(self, model, store_root: str | Path, executor: str = "local",
-                 ray_address: str | None = None):
+                 ray_address: str | None = None, read_only: bool = False,
+                 max_queued: int = MAX_QUEUED):
         self.model = model                      # LoadedModel (or runner.ModelHandle)
-        self.store = _JobStore(store_root)
+        # read_only: another server writes this store; jobs live in memory only (generate).
+        self.read_only = read_only
+        self.max_queued = max_queued
+        self.store = _JobStore(store_root, read_only=read_only)
         self.jobs_dir = Path(store_root) / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.skipped: list[str] = []            # job files that did not parse (file: why)
+        if not read_only:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.executor = executor
         self.ray_address = ray_address
         self._jobs: dict[str, Job] = {}
@@ -186,6 +212,9 @@ class JobQueue:
         return self.jobs_dir / f"{job_id}.json"
 
     def _persist(self, job: Job) -> None:
+        if self.read_only:
+            return
+        self.store._writable()         # this process holds the store's writer lock
         atomic_write_text(self._path(job.id), json.dumps(json_safe(job.to_dict()), indent=1))
         self._persisted_at[job.id] = time.monotonic()
 
@@ -197,10 +226,13 @@ class JobQueue:
                 continue
             try:
                 job = Job.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                if job.id != path.stem:
+                    raise ValueError(f"it holds job {job.id!r}")
             except (OSError, ValueError, TypeError) as exc:
-                log.warning("ignoring unreadable job file %s (%s); delete it", path, exc)
+                self.skipped.append(f"jobs/{path.name}: {exc.__class__.__name__}: {exc}")
+                log.warning("skipping unreadable job file %s (%s); delete it", path, exc)
                 continue
-            if job.status not in TERMINAL:
+            if job.status not in TERMINAL and not self.read_only:
                 job.status, job.error, job.finished = "interrupted", INTERRUPTED, _now()
                 self._persist(job)
             jobs.append(job)
@@ -219,8 +251,9 @@ class JobQueue:
             del self._jobs[job.id]
             self._persisted_at.pop(job.id, None)
             self._input_errors.discard(job.id)
-            with contextlib.suppress(OSError):
-                self._path(job.id).unlink()
+            if not self.read_only:
+                with contextlib.suppress(OSError):
+                    self._path(job.id).unlink()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -251,8 +284,16 @@ class JobQueue:
                              if kind in JOB_PARAMS else
                              f"unknown job kind {kind!r}; known: {', '.join(JOB_PARAMS)}")
         job_function(kind)      # fail now, not in the worker, when the kind cannot run
+        if self.read_only and kind not in INTERACTIVE:
+            raise StoreError("this server opened its store read-only (another server writes "
+                             "it): it answers generate requests but runs no batch job; submit "
+                             "it to the server that writes the store.")
         job = Job(id=uuid.uuid4().hex, kind=kind, params=params.model_dump(mode="json"))
         with self._cond:
+            queued = sum(1 for j in self._jobs.values() if j.status == "queued")
+            if queued >= self.max_queued:
+                raise QueueFull(f"the queue already holds {queued} jobs (this server's limit); "
+                                "wait for some to finish or cancel some (POST /jobs/{id}/cancel).")
             self._jobs[job.id] = job
             self._prune()
             self._persist(job)
@@ -387,10 +428,23 @@ class JobQueue:
             if isinstance(exc, ValueError) and not isinstance(exc, StoreError):
                 self._input_errors.add(job.id)
             status, error = "failed", error_message(exc)
+            self._fail_run(job, error)
         finally:
             self.store.on_open = None
             with self._cond:
                 self._finish(job, status, result=result, error=error)
+
+    def _fail_run(self, job: Job, error: str) -> None:
+        """The job's run says why it stopped (run_cells does so for a failing cell; this covers
+        failures before or after the cells), unless it finished."""
+        if job.run_key is None:
+            return
+        try:
+            run = self.store.get(job.run_key)
+            if run.status in ("running", "interrupted"):
+                run.set_status("failed", error)
+        except (StoreError, OSError) as exc:
+            log.warning("job %s: could not mark run %s failed: %s", job.id, job.run_key, exc)
 
     def _loaded(self):
         get = getattr(self.model, "get", None)

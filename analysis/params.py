@@ -6,9 +6,17 @@ Bounds are deliberate: a request outside them is a 422 naming the field, never a
 """
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import math
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt,
+                      field_validator, model_validator)
+
+# Numbers are never coerced from strings ("512" is a 422, not a length) and bools never from 0/1.
+Int = StrictInt
+Float = Annotated[float, Field(strict=True)]      # an int is a float too (0 -> 0.0), a string is not
+Bool = StrictBool
 
 # Method names the registry (analysis.methods) knows. Kept here so the app can list them
 # without importing torch; analysis.methods asserts it implements exactly these.
@@ -32,6 +40,7 @@ SUITE_TASKS = ("multikey_niah", "multivalue_niah", "variable_tracking", "common_
 
 MAX_GRID_CELLS = 20_000     # a job may not ask for more (configurable on the server)
 MAX_CONTEXT = 131_072       # further bounded by the loaded model's context on the server
+MAX_SEED = 2**31 - 1
 
 
 class Strict(BaseModel):
@@ -42,12 +51,144 @@ class Strict(BaseModel):
         return self.model_dump(mode="json")
 
 
+# ------------------------------------------------------------------- method parameter rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one method parameter accepts. `check(value)` returns None or what is wrong with it
+    (a clause that completes "params.<name> must ..."); nothing is coerced."""
+    kind: Literal["int", "float", "bool", "choice", "plan"]
+    low: float | None = None          # inclusive bounds for int / float
+    high: float | None = None
+    choices: tuple = ()
+    odd: bool = False
+
+    def check(self, value: Any) -> str | None:
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "be true or false"
+        if self.kind == "choice":
+            return None if value in self.choices and isinstance(value, str) else (
+                "be one of " + ", ".join(repr(c) for c in self.choices))
+        if self.kind == "plan":
+            return plan_problem(value)
+        numeric = (int,) if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            return f"be {'an integer' if self.kind == 'int' else 'a number'} in {self.range()}"
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            return f"be in {self.range()}, got {value!r}"
+        if self.odd and value % 2 == 0:
+            return f"be odd (a centred pooling kernel), got {value!r}"
+        return None
+
+    def range(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{low}, {high}]"
+
+
+def IntRule(low: int = 0, high: int = MAX_CONTEXT, odd: bool = False) -> Rule:
+    return Rule("int", low, high, odd=odd)
+
+
+def FloatRule(low: float, high: float) -> Rule:
+    return Rule("float", low, high)
+
+
+BOOL = Rule("bool")
+PLAN = Rule("plan")
+
+_FAEDKV_RULES = {
+    "variant": Rule("choice", choices=VARIANTS),
+    "key_space": Rule("choice", choices=KEY_SPACES),
+    "sink_tokens": IntRule(0),
+    "window": IntRule(0),
+    "mass_correction": BOOL,
+    "plan": PLAN,
+    "slot_normalization": Rule("choice", choices=("mean", "sum")),
+}
+
+# method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry
+# defaults (analysis.methods.REGISTRY) has a rule (tests/test_params.py checks it); a parameter
+# not listed here is refused at submission. Add a method's rules with the method.
+METHOD_RULES: dict[str, dict[str, Rule]] = {
+    "full": {},
+    "faedkv": dict(_FAEDKV_RULES),
+    # the name fixes the variant; "variant": "dct-iterative" is accepted (it is what it runs)
+    "dct_iterative": {**{k: r for k, r in _FAEDKV_RULES.items() if k != "variant"},
+                      "variant": Rule("choice", choices=("dct-iterative",))},
+    "streaming_llm": {"n_sink": IntRule(0)},
+    "snapkv": {"window_size": IntRule(1), "kernel_size": IntRule(1, 1023, odd=True)},
+    "h2o": {},
+    "pyramidkv": {"window_size": IntRule(1), "kernel_size": IntRule(1, 1023, odd=True),
+                  "beta": FloatRule(1, 1e6)},
+    "tova": {},
+    "knorm": {},
+    "expected_attention": {"n_future_positions": IntRule(1), "n_sink": IntRule(0),
+                           "use_covariance": BOOL, "use_vnorm": BOOL,
+                           "epsilon": FloatRule(0, 1e6)},
+}
+
+
+# method -> (params, compression_ratio) -> the fewest prompt tokens it can compress, and why.
+# The server checks every job's shortest prompt against it before queueing (these presses fail
+# with a shape error or an assertion deep in the prefill). FAEDKV's budget rule lives in
+# faedkv (the server asks the press itself: `num_slots`).
+MINIMUM_TOKENS: dict[str, Callable[[dict, float], tuple[int, str]]] = {
+    "streaming_llm": lambda p, r: (p.get("n_sink", 4) + 1, f"n_sink ({p.get('n_sink', 4)}) + 1"),
+    "snapkv": lambda p, r: (p.get("window_size", 64) + 1,
+                            f"window_size ({p.get('window_size', 64)}) + 1"),
+    "pyramidkv": lambda p, r: (p.get("window_size", 64) + 1,
+                               f"window_size ({p.get('window_size', 64)}) + 1"),
+    "expected_attention": lambda p, r: (p.get("n_sink", 4) + 1, f"n_sink ({p.get('n_sink', 4)}) + 1"),
+}
+
+
+def minimum_tokens(spec: "MethodSpec") -> tuple[int, str]:
+    """(fewest prompt tokens `spec` can compress, what sets it); (1, "") when any prompt will do."""
+    rule = MINIMUM_TOKENS.get(spec.name)
+    return rule(spec.params, spec.compression_ratio) if rule else (1, "")
+
+
+def plan_problem(plan: Any) -> str | None:
+    """What is wrong with a FrequencyPlan JSON dict (the shape FrequencyPlan.to_json writes), or
+    None. The layer count and per-head lists are checked against the model by the server."""
+    if plan is None:
+        return None
+    if not isinstance(plan, dict):
+        return ("be a FrequencyPlan JSON object {\"name\", \"chunks\", \"layers\"} or null, got a "
+                + type(plan).__name__)
+    unknown = sorted(set(plan) - {"name", "chunks", "layers"})
+    if unknown:
+        return f"have only the fields name, chunks, layers (unknown: {', '.join(unknown)})"
+    chunks = plan.get("chunks", 22)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 4096:
+        return f"have chunks an integer in [1, 4096], got {chunks!r}"
+    if not isinstance(plan.get("name", ""), str):
+        return "have a string name"
+    layers = plan.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return "have layers: a non-empty list with the kept chunks of every layer"
+    for i, layer in enumerate(layers):
+        for kind, kept in (layer.items() if isinstance(layer, dict) else [("", layer)]):
+            if kind not in ("", "key", "value"):
+                return f"have layer {i} as a list or {{\"key\": [...], \"value\": [...]}}"
+            heads = kept if isinstance(kept, list) and kept and isinstance(kept[0], list) else [kept]
+            for chunk_list in heads:
+                if not isinstance(chunk_list, list) or any(
+                        isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < chunks
+                        for c in chunk_list):
+                    return f"keep chunks 0..{chunks - 1} in layer {i}, got {chunk_list!r:.60}"
+    return None
+
+
 class MethodSpec(Strict):
-    """A compression method at a budget. `params` are the method's own knobs, e.g. for faedkv
-    {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
-     "mass_correction": false, "plan": <FrequencyPlan JSON dict or null>}."""
+    """A compression method at a budget. `params` are the method's own knobs (METHOD_RULES),
+    e.g. for faedkv {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4,
+    "window": 64, "mass_correction": false, "plan": <FrequencyPlan JSON dict or null>}."""
     name: str
-    compression_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    compression_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
     params: dict = Field(default_factory=dict)
 
     @field_validator("name")
@@ -58,12 +199,20 @@ class MethodSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _faedkv_params(self):
-        p = self.params
-        if "variant" in p and p["variant"] not in VARIANTS:
-            raise ValueError(f"unknown faedkv variant {p['variant']!r}; use one of {VARIANTS}")
-        if "key_space" in p and p["key_space"] not in KEY_SPACES:
-            raise ValueError(f"unknown key_space {p['key_space']!r}; use one of {KEY_SPACES}")
+    def _method_params(self):
+        if self.name == "full" and self.compression_ratio != 0:
+            raise ValueError(f"method 'full' keeps the whole cache, so its compression_ratio "
+                             f"must be 0 (got {self.compression_ratio:g}); drop the ratio or "
+                             "pick a compressing method")
+        rules = METHOD_RULES.get(self.name, {})
+        for key, value in self.params.items():
+            if key not in rules:
+                allowed = ", ".join(rules) or "none"
+                raise ValueError(f"method {self.name!r} has no parameter {key!r}; its "
+                                 f"parameters: {allowed}")
+            problem = rules[key].check(value)
+            if problem:
+                raise ValueError(f"params.{key} of method {self.name!r} must {problem}")
         return self
 
     @property
@@ -82,9 +231,9 @@ class TaskPrompt(Strict):
     """A prompt for one generation: either a generated needle sample or free text."""
     kind: Literal["needle", "text"] = "needle"
     needle: Literal["sentence", "passkey", "multi"] = "sentence"
-    context_length: int = Field(2048, ge=64, le=MAX_CONTEXT)
-    depth: float = Field(50.0, ge=0.0, le=100.0)
-    seed: int = Field(0, ge=0)
+    context_length: Int = Field(2048, ge=64, le=MAX_CONTEXT)
+    depth: Float = Field(50.0, ge=0.0, le=100.0)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     text: str | None = Field(None, max_length=1_000_000)       # kind == "text": the context
     question: str | None = Field(None, max_length=10_000)      # kind == "text": the question
 
@@ -100,25 +249,25 @@ class GenerateParams(Strict):
     prompt: TaskPrompt = Field(default_factory=TaskPrompt)
     method: MethodSpec
     query_mode: Literal["query_agnostic", "query_aware"] = "query_agnostic"
-    max_new_tokens: int = Field(32, ge=1, le=512)
-    compare_full: bool = True       # also answer with the full cache, same prompt
+    max_new_tokens: Int = Field(32, ge=1, le=512)
+    compare_full: Bool = True       # also answer with the full cache, same prompt
 
 
 class GridBase(Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
     query_mode: Literal["query_agnostic", "query_aware"] = "query_agnostic"
-    samples: int = Field(5, ge=1, le=100)
-    seed: int = Field(0, ge=0)
-    max_new_tokens: int = Field(32, ge=1, le=256)
+    samples: Int = Field(5, ge=1, le=100)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    max_new_tokens: Int = Field(32, ge=1, le=256)
 
 
 class NeedleParams(GridBase):
     needle: Literal["sentence", "passkey", "multi"] = "sentence"
-    num_needles: int = Field(3, ge=1, le=10)                # for needle == "multi"
-    lengths: list[int] = Field(default=[1024, 2048, 4096], min_length=1, max_length=32)
-    depths: list[float] = Field(default=[0, 25, 50, 75, 100], min_length=1, max_length=41)
+    num_needles: Int = Field(3, ge=1, le=10)                # for needle == "multi"
+    lengths: list[Int] = Field(default=[1024, 2048, 4096], min_length=1, max_length=32)
+    depths: list[Float] = Field(default=[0, 25, 50, 75, 100], min_length=1, max_length=41)
     depth_spacing: Literal["given", "linear", "sigmoid"] = "given"
-    num_depths: int = Field(5, ge=1, le=41)                 # used when spacing != "given"
+    num_depths: Int = Field(5, ge=1, le=41)                 # used when spacing != "given"
 
     @field_validator("lengths")
     @classmethod
@@ -143,7 +292,7 @@ class NeedleParams(GridBase):
 
 class SuiteParams(GridBase):
     tasks: list[str] = Field(default=list(SUITE_TASKS), min_length=1)
-    context_length: int = Field(2048, ge=256, le=MAX_CONTEXT)
+    context_length: Int = Field(2048, ge=256, le=MAX_CONTEXT)
 
     @field_validator("tasks")
     @classmethod
@@ -159,36 +308,48 @@ class SuiteParams(GridBase):
 
 class PplParams(Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
-    prefix_tokens: int = Field(2048, ge=64, le=MAX_CONTEXT)
-    continuation_tokens: int = Field(256, ge=8, le=4096)
-    num_texts: int = Field(3, ge=1, le=49)
-    seed: int = Field(0, ge=0)
+    prefix_tokens: Int = Field(2048, ge=64, le=MAX_CONTEXT)
+    continuation_tokens: Int = Field(256, ge=8, le=4096)
+    num_texts: Int = Field(3, ge=1, le=49)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
 
     def num_cells(self) -> int:
         return len(self.methods) * self.num_texts
 
 
 class SpectraParams(Strict):
-    num_tokens: int = Field(2048, ge=64, le=MAX_CONTEXT)
-    text_seed: int = Field(0, ge=0)          # which essays (0 = the first, in file order)
-    grid_points: int = Field(257, ge=17, le=4097)   # fixed normalised-frequency grid on [0, 0.5]
-    chunks: int = Field(22, ge=2, le=256)
+    num_tokens: Int = Field(2048, ge=64, le=MAX_CONTEXT)
+    text_seed: Int = Field(0, ge=0, le=MAX_SEED)          # which essays (0 = the first, in file order)
+    grid_points: Int = Field(257, ge=17, le=4097)   # fixed normalised-frequency grid on [0, 0.5]
+    chunks: Int = Field(22, ge=2, le=256)
 
     def num_cells(self) -> int:
         return 1
 
 
 class AblateParams(Strict):
-    chunks: int = Field(22, ge=2, le=256)
-    layers: list[int] | None = None            # None: every layer
+    chunks: Int = Field(22, ge=2, le=256)
+    layers: list[Int] | None = Field(None, min_length=1, max_length=4096)   # None: every layer
     target: Literal["kv", "keys", "values"] = "kv"
-    prefix_tokens: int = Field(2048, ge=64, le=MAX_CONTEXT)
-    continuation_tokens: int = Field(256, ge=8, le=4096)
-    num_texts: int = Field(3, ge=1, le=49)
-    needle_samples: int = Field(2, ge=0, le=50)   # also the needle answer's NLL (0: skip)
-    sink_tokens: int = Field(4, ge=0, le=4096)
-    window: int = Field(64, ge=0, le=65536)
-    seed: int = Field(0, ge=0)
+    prefix_tokens: Int = Field(2048, ge=64, le=MAX_CONTEXT)
+    continuation_tokens: Int = Field(256, ge=8, le=4096)
+    num_texts: Int = Field(3, ge=1, le=49)
+    needle_samples: Int = Field(2, ge=0, le=50)   # also the needle answer's NLL (0: skip)
+    sink_tokens: Int = Field(4, ge=0, le=4096)
+    window: Int = Field(64, ge=0, le=65536)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _middle_holds_the_chunks(self):
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} lists a layer twice; give each layer once")
+        middle = self.prefix_tokens - 1 - self.sink_tokens - self.window
+        if middle < 2 * self.chunks:
+            raise ValueError(f"a {self.prefix_tokens}-token prefix leaves {middle} middle tokens "
+                             f"(sink_tokens {self.sink_tokens}, window {self.window}): too few "
+                             f"for {self.chunks} chunks (need {2 * self.chunks}); raise "
+                             "prefix_tokens or lower chunks, sink_tokens or window")
+        return self
 
     def num_cells(self, num_layers: int) -> int:
         layers = len(self.layers) if self.layers is not None else num_layers
@@ -197,8 +358,8 @@ class AblateParams(Strict):
 
 class ContribParams(Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
-    context_length: int = Field(2048, ge=64, le=MAX_CONTEXT)
-    text_seed: int = Field(0, ge=0)
+    context_length: Int = Field(2048, ge=64, le=MAX_CONTEXT)
+    text_seed: Int = Field(0, ge=0, le=MAX_SEED)
 
     def num_cells(self) -> int:
         return len(self.methods)

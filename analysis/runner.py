@@ -6,7 +6,8 @@
 
 Both executors share the semantics: cells already in the run are skipped (resume), each new
 record is written with `run.put` by this process as soon as it arrives (one writer per run),
-`progress(done, total)` counts resumed cells too, `should_stop()` is polled between cells and
+`progress(done, total)` counts resumed cells too (a damaged cell file is moved aside and its
+cell computed again), `should_stop()` is polled between cells and
 turns into `Cancelled` (run status "cancelled"), and a cell whose compute raises marks the run
 "failed" with the message and re-raises (the finished cells stay, a rerun resumes).
 """
@@ -171,7 +172,7 @@ def run_cells(run: Run, cells: list[dict], compute: Callable[[dict], dict], *,
         raise ValueError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     _check_cells(cells)
     run.set_total(len(cells))
-    done = run.done()
+    done = run.done(repair=True)       # damaged cells are moved aside and computed again
     pending = [cell for cell in cells if cell["id"] not in done]
     tracker = _Tracker(run, len(cells), len(cells) - len(pending), progress, desc, show_progress)
     tracker.records.update({c["id"]: done[c["id"]] for c in cells if c["id"] in done})

@@ -30,16 +30,28 @@ a run removes the ones whose writer is gone. A cell file that does not parse (wh
 never produce: something else damaged it) is an error naming the file, not a silently missing
 cell: delete the file and the cell is recomputed by the next run.
 
-Concurrency: several threads and processes may write to one store. Each index access opens its
-own short-lived SQLite connection (WAL journal, 30 s busy timeout); read-modify-write updates of
-a run's status file happen inside an IMMEDIATE transaction of the index, which doubles as the
-store-wide lock. The index lives on a local disk (SQLite's WAL does not work over NFS).
+One writer per store: the first write of a process takes an exclusive lock on `<root>/.lock`
+(flock) and holds it until the process exits (or `release()`); the server takes it at start.
+A second process that tries to write gets `StoreLocked` naming the holder; readers (`store list`,
+a `read_only=True` store, a read-only server) never need it. Taking the lock marks the runs a
+dead writer left "running" as "interrupted". Threads of the writing process share the lock:
+each index access opens its own short-lived SQLite connection (WAL journal, 30 s busy timeout),
+read-modify-write updates of a run's status file happen inside an IMMEDIATE transaction of the
+index. The index lives on a local disk (SQLite's WAL and flock do not work over NFS).
+
+Integrity: every cell file carries the sha256 of its record; a cell that does not parse or
+whose checksum does not match is damaged. `verify()` lists damaged and missing cells and
+unreadable metrics; `verify(repair=True)` (and every resumed grid) moves damaged cells aside
+(`cells/<name>.json.damaged`) so exactly those are computed again, and a resumed grid rebuilds
+metrics.json from the cells. A damaged index.sqlite is moved aside and rebuilt at open.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as _dt
+import fcntl
 import functools
 import hashlib
 import io
@@ -52,6 +64,8 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -63,7 +77,13 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("running", "complete", "failed", "cancelled")
+# "interrupted": its writer died (set when the next writer takes the store's lock);
+# "incomplete": marked complete, but cells are missing or damaged (verify --repair, reindex).
+STATUSES = ("running", "complete", "failed", "cancelled", "interrupted", "incomplete")
+INTERRUPTED_RUN = ("the process writing this run stopped (crash or kill) before it finished; "
+                   "run the same job or command again to resume from its finished cells")
+INCOMPLETE_RUN = ("cells are missing or damaged; run the same job or command again to compute "
+                  "exactly those (see `python -m analysis store verify`)")
 INDEX_VERSION = 1
 KEY_LENGTH = 16
 _KIND = re.compile(r"[A-Za-z0-9_]+")
@@ -77,6 +97,101 @@ _REPO = Path(__file__).resolve().parent.parent
 
 class StoreError(ValueError):
     """A store file is corrupt, foreign or missing; the message names the file and the fix."""
+
+
+class StoreLocked(StoreError):
+    """Another process writes this store (one writer per store)."""
+
+
+class StoreReadOnly(StoreError):
+    """The store was opened read-only."""
+
+
+# ------------------------------------------------------------------------ the writer's lock
+
+_LOCKS: dict[str, int] = {}          # lock file (resolved) -> open fd holding the flock
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_path(root: Path) -> Path:
+    return root / ".lock"
+
+
+def lock_holder(root: str | os.PathLike) -> dict | None:
+    """What the lock file says about the process holding the lock ({pid, host, command,
+    since}); None when nobody holds it."""
+    path = _lock_path(Path(root))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if str(path.resolve()) not in _LOCKS:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None                 # free: the text is a dead writer's
+            except BlockingIOError:
+                pass
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = {}
+        return info if isinstance(info, dict) else {}
+    finally:
+        os.close(fd)
+
+
+def _describe_holder(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return (f"process {info.get('pid', '?')} ({info.get('command', '?')}) since "
+            f"{str(info.get('since', '?'))[:19].replace('T', ' ')} UTC")
+
+
+def acquire_lock(root: str | os.PathLike) -> bool:
+    """Take the store's writer lock for this process (held until exit or `release_lock`);
+    True when this call took it, False when this process already held it. StoreLocked when
+    another process holds it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(root)
+    key = str(path.resolve())
+    with _LOCKS_GUARD:
+        if key in _LOCKS:
+            return False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(root)
+            raise StoreLocked(
+                f"the results store {root} is being written by {_describe_holder(holder)}: "
+                "one writer per store. Stop that process, use another --out/--store folder, "
+                "or read this one without writing (`python -m analysis store list`, "
+                "`python -m analysis.server --read-only`).") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+                "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:200]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        _LOCKS[key] = fd
+        return True
+
+
+def release_lock(root: str | os.PathLike) -> None:
+    """Give the writer lock back (a no-op when this process does not hold it)."""
+    key = str(_lock_path(Path(root)).resolve())
+    with _LOCKS_GUARD:
+        fd = _LOCKS.pop(key, None)
+    if fd is not None:
+        os.close(fd)       # closing the only descriptor releases the flock
+
+
+def holds_lock(root: str | os.PathLike) -> bool:
+    return str(_lock_path(Path(root)).resolve()) in _LOCKS
 
 
 # ---------------------------------------------------------------------------------- identity
@@ -137,6 +252,11 @@ def canonical_json(obj: Any) -> str:
     """Sorted keys, no whitespace, no NaN: the same value always gives the same text."""
     return json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+
+
+def record_checksum(record: dict) -> str:
+    """sha256 of the record's canonical JSON: what a cell file's "sha256" must be."""
+    return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
 
 
 def run_key(kind: str, config: dict) -> str:
@@ -317,6 +437,7 @@ class Run:
         return self._status_file().get("cells_total")
 
     def _update_status(self, **changes) -> None:
+        self.store._writable()
         with self.store._transaction() as conn:
             data = self._status_file()
             data.update(changes, updated=_now())
@@ -342,9 +463,11 @@ class Run:
         """Write one finished cell atomically; returns the record as stored (NaN -> None)."""
         if not isinstance(record, dict):
             raise ValueError(f"cell {cell_id!r}: a record must be a dict, got {type(record).__name__}")
+        self.store._writable()
         record = json_safe(record, f"cell {cell_id!r}")
         target = self._cell_path(cell_id)
-        text = _dump_json({"cell_id": cell_id, "record": record, "written": _now()})
+        text = _dump_json({"cell_id": cell_id, "record": record, "written": _now(),
+                           "sha256": record_checksum(record)})
         tmp = _tmp_path(target)
         try:
             with open(tmp, "wb") as f:
@@ -389,13 +512,42 @@ class Run:
         if safe_name(data["cell_id"]) + ".json" != path.name:
             raise StoreError(f"{path} holds cell {data['cell_id']!r}, which belongs in another "
                              f"file; {hint}.")
+        # Cells written before checksums existed (shipped assets) have none: accepted as read.
+        if "sha256" in data and data["sha256"] != record_checksum(data["record"]):
+            raise StoreError(f"{path} does not match its checksum (edited or damaged); {hint}.")
         return data["cell_id"], data["record"]
 
-    def done(self) -> dict[str, dict]:
-        """cell_id -> record of every finished cell (and re-syncs the index's count)."""
-        out = dict(self._read_cell(p) for p in sorted(self._cell_files()))
+    def inspect(self) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
+        """(cell_id -> record of every intact cell, [(file, problem)] of the damaged ones)."""
+        good, bad = {}, []
+        for path in sorted(self._cell_files()):
+            try:
+                cell_id, record = self._read_cell(path)
+            except StoreError as exc:
+                bad.append((path, str(exc)))
+                continue
+            good[cell_id] = record
+        return good, bad
+
+    def done(self, repair: bool = False) -> dict[str, dict]:
+        """cell_id -> record of every finished cell (and re-syncs the index's count). A damaged
+        cell is a StoreError naming it; with `repair=True` it is moved aside instead
+        (`<name>.json.damaged`), so the grid computes exactly that cell again."""
+        out, bad = self.inspect()
+        if bad and not repair:
+            raise StoreError(bad[0][1])
+        for path, reason in bad:
+            self.quarantine(path, reason)
         self.store._sync_count(self, len(out))
         return out
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move a damaged file aside (kept for inspection, ignored by readers)."""
+        self.store._writable()
+        target = path.with_name(path.name + ".damaged")
+        os.replace(path, target)
+        log.warning("moved damaged %s aside to %s: %s", path.name, target.name, reason)
+        return target
 
     def records(self) -> list[dict]:
         """Every finished cell's record with its "cell_id", sorted by cell id."""
@@ -409,6 +561,7 @@ class Run:
     def put_array(self, name: str, **arrays) -> None:
         if not arrays:
             raise ValueError(f"put_array({name!r}) needs at least one array, e.g. put_array(name, x=...)")
+        self.store._writable()
         values = {k: np.asarray(v) for k, v in arrays.items()}
         for k, v in values.items():
             if v.dtype == object:
@@ -434,6 +587,7 @@ class Run:
     def write_predictions(self, rows: list[dict]) -> None:
         """predictions.csv, one row per generation; columns in first-seen order, nested values
         as JSON text, NaN as an empty field."""
+        self.store._writable()
         columns: dict[str, None] = {}
         for row in rows:
             columns.update(dict.fromkeys(row))
@@ -467,19 +621,59 @@ class Run:
             raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}; use one of {', '.join(STATUSES)}")
+        self.store._writable()
         atomic_write_text(self.path / "metrics.json",
                           _dump_json(json_safe(metrics, "metrics"), indent=2))
         self._update_status(status=status, error=None)
 
     def metrics(self) -> dict | None:
+        hint = ("the metrics are derived from the cells: run the same job or command again to "
+                "rebuild metrics.json (the cells are kept)")
         try:
-            data = _read_json(self.path / "metrics.json", self.path)
+            data = _read_json(self.path / "metrics.json", self.path, hint)
         except FileNotFoundError:
             return None
         if not isinstance(data, dict):
-            raise StoreError(f"{self.path / 'metrics.json'} is not a JSON object; "
-                             f"{_fix_hint(self.path)}.")
+            raise StoreError(f"{self.path / 'metrics.json'} is not a JSON object; {hint}.")
         return data
+
+    def problems(self) -> list["Problem"]:
+        """Everything wrong with this run's files: damaged cells, cells missing from a run
+        marked complete, unreadable metrics."""
+        out = []
+        good, bad = self.inspect()
+        out += [Problem(self.name, "damaged cell", path.name, reason) for path, reason in bad]
+        state = self._status_file()
+        total = state.get("cells_total")
+        if state["status"] in ("complete", "incomplete") and total is not None and len(good) < total:
+            out.append(Problem(self.name, "missing cells", "cells/",
+                               f"{total - len(good)} of {total} cells are missing or damaged"))
+        try:
+            self.metrics()
+        except StoreError as exc:
+            out.append(Problem(self.name, "damaged metrics", "metrics.json", str(exc)))
+        return out
+
+    def repair(self, problems: list["Problem"]) -> None:
+        """Move damaged cells and metrics aside and mark the run incomplete, so running the
+        same job again computes exactly the missing cells and rebuilds the metrics."""
+        for problem in problems:
+            if problem.what in ("damaged cell", "damaged metrics"):
+                folder = self.path / "cells" if problem.what == "damaged cell" else self.path
+                path = folder / problem.file
+                if path.exists():
+                    self.quarantine(path, problem.reason)
+        if problems and self.status in ("complete", "running"):
+            self.set_status("incomplete", INCOMPLETE_RUN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing `ResultsStore.verify()` found wrong."""
+    run: str          # folder name
+    what: str         # "damaged cell" | "missing cells" | "damaged metrics" | "broken run"
+    file: str
+    reason: str
 
 
 # ----------------------------------------------------------------------------------- store
@@ -503,28 +697,89 @@ CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 
 
 class ResultsStore:
-    """Run folders under `root/runs/` and their index `root/index.sqlite`."""
+    """Run folders under `root/runs/` and their index `root/index.sqlite`.
 
-    def __init__(self, root: str | os.PathLike):
+    `read_only=True`: every write raises StoreReadOnly (for reading a store another process
+    writes). `repairs` lists what opening the store fixed (a damaged index rebuilt)."""
+
+    def __init__(self, root: str | os.PathLike, read_only: bool = False):
         self.root = Path(root)
+        self.read_only = read_only
         self.runs_dir = self.root / "runs"
         self.index_path = self.root / "index.sqlite"
+        self.repairs: list[str] = []
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         fresh = not self.index_path.exists()
+        try:
+            fresh = self._open_index() or fresh
+        except StoreError as exc:
+            # The index is derivable: keep the damaged file for inspection, build a new one.
+            aside = self._move_index_aside()
+            self.repairs.append(f"{self.index_path.name} was damaged ({exc.__cause__}); moved "
+                                f"it to {aside.name} and rebuilt the index from the run folders")
+            log.warning("%s", self.repairs[-1])
+            self._open_index()
+            fresh = True
+        clean_tmp(self.runs_dir)
+        if fresh and any(self._run_folders()):
+            self._rebuild_index()
+
+    def _open_index(self) -> bool:
+        """Create or check the index; True when it had to be (re)created."""
+        fresh = False
         with self._connect() as conn:
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version != INDEX_VERSION:
-                    # The index is derivable: an older or unknown layout is simply rebuilt.
+                    # An older or unknown layout is simply rebuilt.
                     conn.execute("DROP TABLE IF EXISTS runs")
                     fresh = True
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {INDEX_VERSION}")
+                conn.execute("SELECT count(*) FROM runs").fetchone()
             except sqlite3.DatabaseError as exc:
                 raise self._index_error(exc) from exc
-        clean_tmp(self.runs_dir)
-        if fresh and any(self._run_folders()):
-            self.reindex()
+        return fresh
+
+    def _move_index_aside(self) -> Path:
+        aside = self.index_path.with_name(f"{self.index_path.name}.damaged-{int(time.time())}")
+        os.replace(self.index_path, aside)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(self.index_path) + suffix)
+        return aside
+
+    # -- the writer's lock ------------------------------------------------------------------
+
+    def lock(self) -> "ResultsStore":
+        """Take the store's writer lock now (the server does, for its whole life); StoreLocked
+        when another process writes the store. Returns self."""
+        self._writable()
+        return self
+
+    def release(self) -> None:
+        """Give the writer lock back (this process stops writing the store)."""
+        release_lock(self.root)
+
+    def _writable(self) -> None:
+        """Every write goes through here: refuse on a read-only store, take the lock on the
+        first write of this process and then mark what a dead writer left running."""
+        if self.read_only:
+            raise StoreReadOnly(f"the results store {self.root} is open read-only; open it "
+                                "without --read-only (after stopping the process that writes it) "
+                                "to change it.")
+        if acquire_lock(self.root):
+            self._mark_interrupted()
+
+    def _mark_interrupted(self) -> None:
+        """Runs still "running" when this process takes the lock lost their writer."""
+        for row in self.runs(limit=1_000_000):
+            if row["status"] != "running":
+                continue
+            with contextlib.suppress(StoreError, OSError):
+                run = self.get(row["key"])
+                if run.status == "running":
+                    run.set_status("interrupted", INTERRUPTED_RUN)
 
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.root)!r})"
@@ -573,15 +828,23 @@ class ResultsStore:
 
     def _row(self, run: Run, cells_done: int | None = None) -> dict:
         state = run._status_file()
-        metrics = run.metrics()
+        status, error = state["status"], state.get("error")
+        try:
+            metrics = run.metrics()
+        except StoreError:
+            # Still listed (its cells are intact), marked so it is not taken for a result.
+            metrics, status, error = None, "incomplete", INCOMPLETE_RUN
         files = list(run._cell_files())
         if cells_done is None:
             cells_done = len(files)
+        total = state.get("cells_total")
+        if status == "complete" and total is not None and cells_done < total:
+            status, error = "incomplete", INCOMPLETE_RUN
         newest = max((p.stat().st_mtime for p in files), default=None)
         updated = max(state.get("updated") or run.created,
                       _iso(newest) if newest is not None else "")
-        return {"key": run.key, "kind": run.kind, "status": state["status"],
-                "error": state.get("error"), "created": run.created,
+        return {"key": run.key, "kind": run.kind, "status": status,
+                "error": error, "created": run.created,
                 "updated": updated, "cells_done": cells_done,
                 "cells_total": state.get("cells_total"), "config": canonical_json(run.config),
                 "metrics": None if metrics is None else canonical_json(metrics)}
@@ -641,6 +904,7 @@ class ResultsStore:
 
     def open_run(self, kind: str, config: dict) -> Run:
         """The run of (kind, config), created on first use. Idempotent and safe to race."""
+        self._writable()
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise ValueError(f"run kind {kind!r} must match [A-Za-z0-9_]+ (e.g. 'needle')")
         if not isinstance(config, dict):
@@ -722,6 +986,7 @@ class ResultsStore:
         return out
 
     def delete(self, key: str) -> None:
+        self._writable()
         path = self._find(key)
         match = _RUN_FOLDER.fullmatch(path.name)
         # Rename first: a half-deleted folder must not look like a run.
@@ -738,29 +1003,51 @@ class ResultsStore:
             try:
                 run = self._load(path)
                 run._status_file()
-                run.metrics()
                 good.append(run)
             except StoreError as exc:
                 bad.append((path, str(exc)))
         return good, bad
 
     def reindex(self) -> int:
-        """Rebuild the index from the run folders; returns how many runs it holds. Broken
-        folders are left out with a warning (see `scan()`)."""
+        """Rebuild the index from the run folders (counting intact cells only); returns how
+        many runs it holds. Broken folders are left out with a warning (see `scan()`), runs
+        with damaged or missing cells or metrics are listed as "incomplete" (see `verify()`)."""
+        self._writable()
+        return self._rebuild_index()
+
+    def _rebuild_index(self) -> int:
         good, bad = self.scan()
         for path, reason in bad:
             log.warning("reindex: skipping %s: %s", path, reason)
         with self._transaction() as conn:
             conn.execute("DELETE FROM runs")
             for run in good:
-                self._upsert(conn, run)
+                self._upsert(conn, run, cells_done=len(run.inspect()[0]))
         return len(good)
+
+    def verify(self, repair: bool = False) -> list[Problem]:
+        """Every problem in the store's runs (damaged or missing cells, unreadable metrics,
+        broken folders). `repair=True` moves damaged files aside and marks those runs
+        incomplete, so running their jobs again recomputes exactly what is missing."""
+        if repair:
+            self._writable()
+        good, bad = self.scan()
+        problems = [Problem(path.name, "broken run", path.name, reason) for path, reason in bad]
+        for run in good:
+            found = run.problems()
+            problems += found
+            if repair and found:
+                run.repair(found)
+        if repair:
+            self._rebuild_index()
+        return problems
 
     def import_runs(self, folder: str | os.PathLike) -> int:
         """Copy the finished runs in `folder` (a store root or its runs/ folder, e.g. shipped
         assets) that this store lacks; returns how many were copied. Every run is validated
         first (config hashes to its name, every cell and metrics file parses): a broken one
         raises StoreError and nothing is copied."""
+        self._writable()
         source = Path(folder)
         if (source / "runs").is_dir():
             source = source / "runs"
@@ -827,3 +1114,6 @@ class _ReadOnlyStore:
 
     def _sync_count(self, run: Run, cells_done: int) -> None:
         """Import sources have no index to keep in step."""
+
+    def _writable(self) -> None:
+        raise StoreReadOnly(f"{self.runs_dir} is an import source: it is read, never written.")

@@ -53,8 +53,9 @@ def needle_records():
 class FakeClient:
     """In-memory backend: the client's methods, the REST API's answers, every call recorded."""
 
-    def __init__(self, runs=None, arrays=None, records=None, fail=None):
+    def __init__(self, runs=None, arrays=None, records=None, fail=None, answer=None):
         self.calls = []
+        self.answer = answer or {}      # fields that override generate()'s answer
         self._runs = runs or []
         self._arrays = arrays or {}
         self._records = records or {}
@@ -87,7 +88,7 @@ class FakeClient:
         self._log("submit", kind, params)
         job = {"id": f"job{len(self._jobs)}", "kind": kind, "params": params, "status": "queued",
                "progress": {"done": 0, "total": 4}, "run_key": None, "result": None,
-               "error": None}
+               "error": None, "created": f"2026-12-01T20:00:{len(self._jobs):02d}"}
         self._jobs[job["id"]] = job
         return job
 
@@ -106,12 +107,16 @@ class FakeClient:
 
     def generate(self, params):
         self._log("generate", params)
+        return {**self._answer(params), **self.answer}
+
+    def _answer(self, params):
         n = LAYERS
         return {"method": params["method"], "method_label": "faedkv-iwdft@0.5",
                 "answer": "compressed says 7", "full_answer": "full says 42",
                 "cache_lengths": [1024] * n, "expected_cache_length": [1024] * n,
                 "reconstruction_error": [0.1, 0.2, 0.3], "prompt_tokens": 2048,
-                "seconds": 1.25, "seconds_full": 0.75, "question": "What is the number?",
+                "seconds": 1.0 + 0.25 * len(self.called("generate")), "seconds_full": 0.75,
+                "question": "What is the number?",
                 "expected_answer": "42", "answer_prefix": "The number is",
                 "score": {"exact": 0, "partial": 0.0, "rouge_l": 0.0},
                 "full_score": {"exact": 1, "partial": 1.0, "rouge_l": 1.0}}
@@ -120,9 +125,11 @@ class FakeClient:
         return [args for n, args in self.calls if n == name]
 
 
-def app_for(page, fake, timeout=30):
+def app_for(page, fake, timeout=30, query=None):
     at = AppTest.from_file(str(APP / page), default_timeout=timeout)
     at.session_state["faedkv_client"] = fake
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
     return at.run()
 
 
@@ -373,3 +380,320 @@ def test_app_modules_do_not_import_torch():
             "app.state, app.plans; print('torch' in sys.modules)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+PAGES = ["Home.py", "pages/spectra.py", "pages/frequency_lab.py", "pages/token_contribution.py",
+         "pages/needle.py", "pages/ablation.py", "pages/export_all.py"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_names_the_backends_model(page):
+    at = app_for(page, FakeClient())
+    no_exception(at)
+    banner = texts(at.caption)
+    assert "Backend model **tiny-random-llama**" in banner and "seed=0" in banner
+
+
+def test_lab_says_when_nothing_was_compressed():
+    # a 46-token own text under sink 4 + window 64: the press keeps the cache whole
+    fake = FakeClient(answer={"cache_lengths": [46] * LAYERS, "prompt_tokens": 46,
+                              "score": None, "full_score": None, "expected_answer": None,
+                              "question": "Who?"})
+    at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    warning = texts(at.warning)
+    assert "Nothing was compressed" in warning and "all 46 prompt tokens" in warning
+    assert "sink (4) + window (64) = 68" in warning
+    captions = texts(at.caption)
+    assert "kept 46 of 46 tokens (100%)" in captions and "keeps 50%" not in captions
+
+
+def test_lab_shows_the_cache_kept_against_the_budget():
+    fake = FakeClient(answer={"cache_lengths": [900] * LAYERS, "prompt_tokens": 2048,
+                              "cache": {"prompt_tokens": 2048, "budget_tokens": 1024,
+                                        "kept_tokens": 900.0, "kept_fraction": 900 / 2048,
+                                        "compressed": True,
+                                        "layers": [{"slots": 830, "sink_tokens": 2, "window": 68}] * LAYERS}})
+    at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert "kept 900 tokens on average, not the budget's 1024" in texts(at.warning)
+    assert "sink 2 and window 68" in texts(at.warning)
+    assert "kept 900 of 2048 tokens (44%)" in texts(at.caption)
+
+
+def _running(fake, kind, params=None):
+    job = fake.submit(kind, params or {"lengths": [256], "depths": [0.0], "methods": []})
+    job["status"] = "running"
+    fake.calls.clear()
+    return job
+
+
+@pytest.mark.parametrize("page,kind", [("pages/needle.py", "needle"), ("pages/spectra.py", "spectra"),
+                                       ("pages/ablation.py", "ablate"),
+                                       ("pages/token_contribution.py", "contrib")])
+def test_a_reload_reattaches_to_the_running_job(page, kind):
+    fake = FakeClient()
+    job = _running(fake, kind)
+    at = app_for(page, fake)                     # a fresh session: nothing in session_state
+    no_exception(at)
+    assert any("running: 0/4" in (p.proto.text or "") for p in at.get("progress"))
+    assert at.query_params["job"] == job["id"]
+    cancel = next(b for b in at.button if b.label == "Cancel")
+    cancel.click().run()
+    no_exception(at)
+    assert fake.called("cancel") == [(job["id"],)]
+
+
+def test_a_shared_link_to_a_finished_job_opens_its_run():
+    key = "c" * 16
+    fake = FakeClient(runs=[summary(key, "needle", {"lengths": [256, 512], "depths": [0, 50, 100],
+                                                    "methods": [{"name": "snapkv",
+                                                                 "compression_ratio": 0.75}]})],
+                      records={key: needle_records()})
+    job = _running(fake, "needle")
+    job.update(status="done", run_key=key)
+    at = app_for("pages/needle.py", fake, query={"job": job["id"]})
+    no_exception(at)
+    assert "job" not in at.query_params and at.query_params["run"] == key
+    assert not at.get("progress")
+
+
+def _ablation_run(key, chunks, layers=LAYERS, model="tiny-random-llama"):
+    delta = np.zeros((layers, chunks))
+    delta[:, 1] = 1.0
+    run = summary(key, "ablate", {"chunks": chunks, "num_texts": 1, "prefix_tokens": 256,
+                                  "continuation_tokens": 64})
+    run["config"]["model"] = {"name": model}
+    return run, {(key, "ablation"): {"delta_mean": delta.tolist(), "delta_sem": delta.tolist(),
+                                     "layers": list(range(layers))}}
+
+
+def test_lab_plan_from_an_ablation_with_another_chunk_count_loads():
+    run, arrays = _ablation_run("a" * 16, 11)
+    fake = FakeClient(runs=[run], arrays=arrays)
+    at = _lab(fake)
+    at.segmented_control(key="lab.start").set_value("ablation").run()
+    no_exception(at)
+    assert not at.warning
+    at.button(key="lab.apply").click().run()
+    no_exception(at)
+    at.button(key="lab.run").click().run()
+    plan = fake.called("generate")[-1][0]["method"]["params"]["plan"]
+    assert plan["chunks"] == 11 and all(1 in kept for kept in plan["layers"])
+    assert at.query_params["start"] == "ablation" and at.query_params["plan"].startswith("11:")
+
+
+def test_lab_lists_no_ablation_of_another_model():
+    run, arrays = _ablation_run("a" * 16, 22, layers=30, model="smollm2-135m-instruct")
+    fake = FakeClient(runs=[run], arrays=arrays)
+    at = _lab(fake)
+    at.segmented_control(key="lab.start").set_value("ablation").run()
+    no_exception(at)
+    assert "1 ablation run of other models not listed" in texts(at.caption)
+    assert at.selectbox(key="lab.ablation_run").options == []
+
+
+def test_export_rebuilds_figures_of_stored_runs_in_a_fresh_session():
+    spectra_key, needle_key = "b" * 16, "c" * 16
+    fake = FakeClient(runs=[summary(spectra_key, "spectra", {"num_tokens": 512, "chunks": CHUNKS}),
+                            summary(needle_key, "needle", {"lengths": [256, 512],
+                                                           "depths": [0, 50, 100], "samples": 1,
+                                                           "methods": [{"name": "snapkv",
+                                                                        "compression_ratio": 0.75}]})],
+                      arrays={(spectra_key, "spectra"): spectra_arrays()},
+                      records={needle_key: needle_records()})
+    at = app_for("pages/export_all.py", fake)
+    no_exception(at)
+    assert not at.info
+    stems = texts(at.markdown)
+    assert f"spectra-heatmap_tiny-random-llama_keys-post-rope-iwdft_{spectra_key[:12]}" in stems
+    assert f"needle-grid_tiny-random-llama" in stems and needle_key[:12] in stems
+    assert "Download all 4 figures as a zip" in [b.label for b in at.get("download_button")]
+
+
+def test_lab_own_text_asks_for_a_text_instead_of_a_pydantic_error():
+    at = _lab(FakeClient())
+    at.segmented_control(key="lab.prompt").set_value("text").run()
+    no_exception(at)
+    shown = texts(at.error) + texts(at.info)
+    assert "pydantic" not in shown and "validation error" not in shown
+    assert "Paste the text to compress" in texts(at.info)
+    assert at.button(key="lab.run").disabled
+
+
+def test_validation_messages_are_one_sentence_each():
+    from pydantic import ValidationError
+
+    from analysis.params import TaskPrompt
+    from app.ui import validation_message
+
+    with pytest.raises(ValidationError) as err:
+        TaskPrompt(kind="text", text="")
+    message = validation_message(err.value)
+    assert message == "Kind 'text' needs a non-empty `text` (the context to compress)."
+    with pytest.raises(ValidationError) as err:
+        TaskPrompt(context_length=10, depth=300)
+    message = validation_message(err.value)
+    assert "pydantic" not in message and message.count(".") == 2
+    assert message.startswith("context_length: Input should be greater than or equal to 64.")
+
+
+def _timed_needle_run(key="t" * 16, seconds=14.0, length=1024):
+    run = summary(key, "needle", {"lengths": [length], "depths": [0.0], "samples": 1,
+                                  "methods": [{"name": "snapkv", "compression_ratio": 0.75}]},
+                  metrics={"by_length": [{"label": "full", "length": length, "n": 1,
+                                          "seconds": seconds},
+                                         {"label": "snapkv@0.75", "length": length, "n": 1,
+                                          "seconds": seconds}]})
+    return run
+
+
+def test_needle_asks_before_a_grid_of_many_hours():
+    fake = FakeClient(runs=[_timed_needle_run()], records={"t" * 16: []})
+    at = app_for("pages/needle.py", fake)
+    at.multiselect(key="needle.methods").set_value(["faedkv", "snapkv"])
+    at.multiselect(key="needle.ratios").set_value([0.5, 0.75])
+    at.multiselect(key="needle.lengths").set_value([1024, 2048])
+    at.multiselect(key="needle.depths").set_value(list(range(0, 101, 10)))
+    at.number_input(key="needle.samples").set_value(100)
+    next(b for b in at.button if b.label == "Start grid").click().run()
+    no_exception(at)
+    assert not fake.called("submit")
+    warning = texts(at.warning)
+    # 5 methods (full added) x 2 lengths x 11 depths x 100 samples, 14 s per 1024-token cell
+    assert "11000 cells" in warning and "about 64.2 h" in warning and "14.0 s at 1024 tokens" in warning
+    at.button(key="needle.confirm").click().run()
+    no_exception(at)
+    (kind, params), = fake.called("submit")
+    assert kind == "needle" and params["samples"] == 100
+
+
+def test_needle_starts_a_small_grid_and_says_how_long():
+    fake = FakeClient(runs=[_timed_needle_run(seconds=2.0)], records={"t" * 16: []})
+    at = app_for("pages/needle.py", fake)
+    at.multiselect(key="needle.lengths").set_value([1024])
+    next(b for b in at.button if b.label == "Start grid").click().run()
+    no_exception(at)
+    assert len(fake.called("submit")) == 1
+    assert "20 cells, about 40 s" in texts(at.caption)
+
+
+def test_lab_keeps_a_history_marks_stale_results_and_compares_two():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    at.slider(key="lab.ratio").set_value(0.75).run()
+    no_exception(at)
+    assert "**Stale:**" in texts(at.warning) and "compression_ratio" in texts(at.warning)
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert "**Stale:**" not in texts(at.warning)
+    table = at.dataframe[-1].value
+    assert len(table) == 2 and table["current"].tolist() == ["✓", ""]
+    assert {"plan", "method", "normalisation", "answer", "found", "rouge_l", "cache kept",
+            "seconds"} <= set(table.columns)
+    assert "They differ in: `method.compression_ratio`" in texts(at.caption)
+
+
+def test_lab_runs_both_slot_normalisations_side_by_side():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.toggle(key="lab.mass").value is True                 # the mass is on by default
+    at.button(key="lab.run_both").click().run()
+    no_exception(at)
+    sent = [body["method"]["params"]["slot_normalization"] for (body,) in fake.called("generate")]
+    assert sent == ["mean", "sum"]
+    table = at.dataframe[-1].value
+    assert sorted(table["normalisation"]) == ["mean", "sum"]
+    assert "They differ in: `method.params.slot_normalization`" in texts(at.caption)
+
+
+def test_lab_own_text_result_shows_the_question_and_answers_as_text():
+    answer = "First paragraph.\n\n# Not a heading\n\nThird *paragraph*."
+    fake = FakeClient(answer={"question": "What does the text say?", "answer": answer,
+                              "score": None, "expected_answer": None, "answer_prefix": None})
+    at = _lab(fake)
+    at.segmented_control(key="lab.prompt").set_value("text").run()
+    at.text_area(key="lab.text").set_value("A long text. " * 100).run()
+    at.text_input(key="lab.question").set_value("What does the text say?").run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert "What does the text say?" in texts(at.text)
+    assert answer in [t.value for t in at.text]
+    assert "# Not a heading" not in texts(at.markdown)
+
+
+@pytest.mark.parametrize("bad", ["5:1.2", "22:zzz"])        # 2 layers for 3; not hex
+def test_lab_link_with_a_bad_plan_says_so(bad):
+    at = app_for("pages/frequency_lab.py", FakeClient(), query={"plan": bad})
+    no_exception(at)
+    warning = texts(at.warning)
+    assert f"plan={bad}" in warning and "showing low-pass-0.5 instead" in warning
+
+
+def test_lab_plan_grid_headers_fit_two_digits_and_an_empty_plan_errs_once():
+    at = _lab(FakeClient())
+    at.multiselect(key="lab.bulk").set_value(list(range(CHUNKS))).run()
+    at.button(key="lab.drop_all").click().run()
+    no_exception(at)
+    assert len(at.error) == 1 and "keep no chunk" in at.error[0].value
+    assert at.button(key="lab.run").disabled
+    columns = json.loads(at.dataframe[0].proto.columns)
+    assert columns["10"]["label"] == "10" and columns["10"]["width"] >= 52
+
+
+def test_spectra_heatmap_draws_visible_chunk_lines_and_values_have_one_key_space():
+    key = "b" * 16
+    fake = FakeClient(runs=[summary(key, "spectra", {"num_tokens": 512, "text_seed": 0,
+                                                     "chunks": CHUNKS})],
+                      arrays={(key, "spectra"): spectra_arrays()})
+    at = app_for("pages/spectra.py", fake)
+    heatmap = chart(at, 0)
+    lines = [s for s in heatmap["layout"]["shapes"] if s["line"].get("dash") == "dot"]
+    assert len(lines) == CHUNKS - 1 and all(s["line"]["color"].startswith("rgba(255,255,255") for s in lines)
+    assert "mean of 2 heads" in heatmap["layout"]["title"]["text"]
+    at.multiselect(key="spectra.heads").set_value([0]).run()
+    assert "mean of 1 head," in chart(at, 0)["layout"]["title"]["text"]
+    at.segmented_control(key="spectra.kv").set_value("values").run()
+    no_exception(at)
+    assert at.segmented_control(key="spectra.space").disabled
+    assert "pre-RoPE" not in chart(at, 0)["layout"]["title"]["subtitle"]["text"]
+    assert "class means" in texts(at.caption)
+
+
+def test_run_pickers_show_tokens_chunks_and_other_models():
+    key, other = "b" * 16, "o" * 16
+    runs = [summary(key, "spectra", {"num_tokens": 512, "chunks": CHUNKS}),
+            summary(other, "spectra", {"num_tokens": 4096, "chunks": 11})]
+    runs[1]["config"]["model"] = {"name": "smollm2-135m-instruct"}
+    fake = FakeClient(runs=runs, arrays={(key, "spectra"): spectra_arrays(),
+                                         (other, "spectra"): spectra_arrays()})
+    at = app_for("pages/spectra.py", fake)
+    picker = at.selectbox(key="spectra.run")
+    labels = picker.options
+    assert "512 tok · 22 chunks" in labels[0] and "OTHER MODEL" not in labels[0]
+    assert "4096 tok · 11 chunks" in labels[1] and "OTHER MODEL smollm2-135m-instruct" in labels[1]
+    picker.select_index(1).run()
+    assert "computed on **smollm2-135m-instruct**" in texts(at.warning)
+
+
+def test_export_names_differ_per_run_and_counts_are_singular():
+    from app.export import file_stem
+    from app.views import ablation_entries
+
+    prov = {"model": "m", "method": "snapkv", "ratio": 0.5}
+    assert file_stem("x", {**prov, "run": "a" * 16}) != file_stem("x", {**prov, "run": "b" * 16})
+    run, arrays = _ablation_run("a" * 16, CHUNKS)
+    heatmap, _ = ablation_entries(run, arrays[("a" * 16, "ablation")], "continuation", 0.05, LAYERS)
+    assert heatmap.provenance["text"].startswith("1 essay,")
+
+
+def test_readme_links_the_shipped_method_description():
+    readme = (ROOT / "README.md").read_text()
+    assert "../shared/" not in readme and "docs/METHOD.md" in readme
+    method = (ROOT / "docs" / "METHOD.md").read_text()
+    assert "class mean" in method and "log" in method

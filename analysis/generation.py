@@ -166,7 +166,8 @@ def cache_report(press, compression_ratio: float, prompt_tokens: int,
     FAEDKV press's per-layer record (slots, middle, and the sink / window it actually used
     when the budget forced them smaller)."""
     stats = getattr(press, "last_stats", None) or {}
-    layers = [{k: stats[i][k] for k in ("slots", "middle", "sink_tokens", "window") if k in stats[i]}
+    layers = [{k: stats[i][k] for k in ("slots", "exact", "middle", "sink_tokens", "window")
+               if k in stats[i]}
               if i in stats else {} for i in range(len(cache_lengths))]
     kept = sum(cache_lengths) / len(cache_lengths) if cache_lengths else float(prompt_tokens)
     return {"prompt_tokens": prompt_tokens,

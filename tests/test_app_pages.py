@@ -411,18 +411,33 @@ def test_lab_says_when_nothing_was_compressed():
     assert "kept 46 of 46 tokens (100%)" in captions and "keeps 50%" not in captions
 
 
+def _cache(kept, tokens, budget, sink=4, window=64):
+    return {"cache_lengths": [kept] * LAYERS, "prompt_tokens": tokens,
+            "cache": {"prompt_tokens": tokens, "budget_tokens": budget, "kept_tokens": float(kept),
+                      "kept_fraction": kept / tokens, "compressed": kept < tokens,
+                      "layers": [{"slots": kept - sink - window, "sink_tokens": sink,
+                                  "window": window}] * LAYERS}}
+
+
 def test_lab_shows_the_cache_kept_against_the_budget():
-    fake = FakeClient(answer={"cache_lengths": [900] * LAYERS, "prompt_tokens": 2048,
-                              "cache": {"prompt_tokens": 2048, "budget_tokens": 1024,
-                                        "kept_tokens": 900.0, "kept_fraction": 900 / 2048,
-                                        "compressed": True,
-                                        "layers": [{"slots": 830, "sink_tokens": 2, "window": 68}] * LAYERS}})
+    fake = FakeClient(answer=_cache(900, 2048, 1024))
     at = _lab(fake)
     at.button(key="lab.run").click().run()
     no_exception(at)
     assert "kept 900 tokens on average, not the budget's 1024" in texts(at.warning)
-    assert "sink 2 and window 68" in texts(at.warning)
     assert "kept 900 of 2048 tokens (44%)" in texts(at.caption)
+
+
+def test_lab_says_when_the_budget_forced_a_smaller_sink_and_window():
+    fake = FakeClient(answer=_cache(256, 512, 256, sink=4, window=251))
+    at = _lab(fake)
+    at.number_input(key="lab.sink").set_value(4096).run()
+    at.number_input(key="lab.window").set_value(65536).run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    warning = texts(at.warning)
+    assert "could not hold sink 4096 + window 65536" in warning
+    assert "the press used sink 4 and window 251 (1 slot)" in warning
 
 
 def _running(fake, kind, params=None):

@@ -7,9 +7,9 @@ ROOT = str(Path(__file__).resolve().parents[2])
 if ROOT not in sys.path:    # AppTest runs a page file on its own
     sys.path.insert(0, ROOT)
 
+import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -291,7 +291,7 @@ def history() -> list[dict]:
 
 def remember(request: dict, result: dict) -> dict:
     e = {"id": entry_id(request, result), "request": request, "result": result,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")}
     st.session_state.setdefault(HISTORY, []).append(e)
     return e
 
@@ -427,12 +427,17 @@ def cache_warning(result: dict, method: dict) -> str | None:
                        "text or lower the sink and window")
         return (f"Nothing was compressed: the cache kept all {tokens} prompt tokens instead of "
                 f"the budget's {budget}{why or ''}.")
+    used = next((l for l in cache.get("layers") or [] if "sink_tokens" in l and "window" in l), None)
+    if method.get("name") in PLANNED and used is not None:
+        asked = (params.get("sink_tokens", 4), params.get("window", 64))
+        if (used["sink_tokens"], used["window"]) != asked:
+            return (f"The budget of {budget} rows could not hold sink {asked[0]} + window "
+                    f"{asked[1]} and a slot: the press used sink {used['sink_tokens']} and window "
+                    f"{used['window']} ({ui.plural(used.get('slots', '?'), 'slot')}); lower them to choose the "
+                    "split yourself.")
     if abs(kept - budget) > 1:
-        used = [l for l in cache.get("layers") or [] if "sink_tokens" in l or "window" in l]
-        forced = (f"; the budget forced sink {used[0].get('sink_tokens')} and window "
-                  f"{used[0].get('window')}" if used else "")
         return (f"The cache kept {kept:.0f} tokens on average, not the budget's {budget} "
-                f"({100 * (1 - method['compression_ratio']):.0f}% of {tokens}){forced}.")
+                f"({100 * (1 - method['compression_ratio']):.0f}% of {tokens}).")
     return None
 
 

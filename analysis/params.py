@@ -107,6 +107,10 @@ _FAEDKV_RULES = {
     "mass_correction": BOOL,
     "plan": PLAN,
     "slot_normalization": Rule("choice", choices=("mean", "sum")),
+    # a share of the budget kept as exact middle tokens, chosen by a kvpress scorer
+    "exact_share": Rule("float", 0.0, 0.999),
+    "exact_scorer": Rule("choice", choices=("expected_attention", "knorm", "keydiff", "snapkv",
+                                            "tova")),
 }
 
 # method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry

@@ -427,3 +427,129 @@ def test_store_cli_list_show_delete_reindex(tmp_path, capsys):
     assert "no run" in capsys.readouterr().err
     assert cli_store.main(["list", "--out", out]) == 0
     assert "no runs" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- one writer, integrity, repair
+
+
+LOCKER = textwrap.dedent("""
+    import sys
+    from analysis.store import ResultsStore, StoreLocked
+    store = ResultsStore(sys.argv[1])
+    print(len(store.runs()))                      # reading needs no lock
+    try:
+        store.open_run("needle", {"other": True})
+    except StoreLocked as exc:
+        print("LOCKED", exc)
+        raise SystemExit(3)
+    print("WROTE")
+""")
+
+
+def test_one_writer_per_store_and_read_only_stores(tmp_path):
+    from analysis.store import StoreReadOnly, holds_lock, lock_holder
+
+    store = ResultsStore(tmp_path / "r")
+    store.open_run("needle", CONFIG)             # the first write takes the lock
+    assert holds_lock(store.root) and lock_holder(store.root)["pid"] == os.getpid()
+    script = tmp_path / "locker.py"
+    script.write_text(LOCKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), str(store.root)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith("1\n") and f"being written by process {os.getpid()}" in proc.stdout
+    assert cli_store.main(["list", "--out", str(store.root)]) == 0
+    store.release()
+    assert lock_holder(store.root) is None
+    proc = subprocess.run([sys.executable, str(script), str(store.root)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "WROTE" in proc.stdout, proc.stderr
+    reader = ResultsStore(store.root, read_only=True)
+    with pytest.raises(StoreReadOnly, match="read-only"):
+        reader.open_run("needle", CONFIG)
+    with pytest.raises(StoreReadOnly):
+        reader.delete(run_key("needle", CONFIG))
+    assert len(reader.runs()) == 2
+
+
+def _grid(run, ids, calls):
+    """What a task does (runner.run_cells + metrics from the records); counts computed cells."""
+    from analysis.runner import run_cells
+
+    def compute(cell):
+        calls.append(cell["id"])
+        return {"value": int(cell["id"][1:]) * 10}
+
+    records = run_cells(run, [{"id": i} for i in ids], compute, show_progress=False)
+    run.write_metrics({"total": sum(r["value"] for r in records.values())})
+
+
+def test_verify_finds_damaged_and_missing_cells_and_resubmit_recomputes_exactly_those(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    run = store.open_run("needle", CONFIG)
+    ids = [f"c{i}" for i in range(16)]
+    calls = []
+    _grid(run, ids, calls)
+    assert len(calls) == 16 and run.metrics() == {"total": 1200}
+    assert store.verify() == [] and cli_store.main(["verify", "--out", str(tmp_path)]) == 0
+    cells = run.path / "cells"
+    (cells / "c1.json").write_text((cells / "c1.json").read_text()[:30])          # truncated
+    edited = json.loads((cells / "c2.json").read_text())
+    edited["record"]["value"] = 999                                                # valid, wrong
+    (cells / "c2.json").write_text(json.dumps(edited))
+    (cells / "c3.json").unlink()                                                   # missing
+    (run.path / "metrics.json").write_text("{")                                    # corrupt
+    capsys.readouterr()
+
+    assert cli_store.main(["list", "--out", str(tmp_path)]) == 0
+    assert "incomplete" in capsys.readouterr().out
+    problems = store.verify()
+    assert sorted((p.what, p.file) for p in problems) == [
+        ("damaged cell", "c1.json"), ("damaged cell", "c2.json"),
+        ("damaged metrics", "metrics.json"), ("missing cells", "cells/")]
+    assert "does not match its checksum" in next(p.reason for p in problems if p.file == "c2.json")
+    assert cli_store.main(["verify", "--out", str(tmp_path)]) == 1
+    assert cli_store.main(["reindex", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "c2.json" in out and "damaged metrics" in out
+    row = store.runs()[0]
+    assert row["status"] == "incomplete" and row["cells_done"] == 13 and row["metrics"] is None
+
+    calls.clear()
+    _grid(store.get(run.key), ids, calls)          # the same job again
+    assert sorted(calls) == ["c1", "c2", "c3"]       # exactly the missing and damaged cells
+    assert run.metrics() == {"total": 1200}          # rebuilt from the cells, with the right c2
+    assert store.verify() == [] and store.runs()[0]["status"] == "complete"
+    assert sorted(p.name for p in cells.glob("*.damaged")) == ["c1.json.damaged", "c2.json.damaged"]
+
+
+def test_verify_repair_marks_the_run_incomplete(tmp_path):
+    store = ResultsStore(tmp_path)
+    run = store.open_run("needle", CONFIG)
+    _grid(run, ["c0", "c1"], [])
+    (run.path / "cells" / "c0.json").write_text("{")
+    assert len(store.verify(repair=True)) == 2            # damaged c0, and so a missing cell
+    assert run.status == "incomplete"
+    assert [p.what for p in store.verify()] == ["missing cells"]       # c0 was moved aside
+    assert run.done() == {"c1": {"value": 10}}
+
+
+def test_taking_the_lock_marks_runs_a_dead_writer_left_running_as_interrupted(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from analysis.store import ResultsStore
+        run = ResultsStore(sys.argv[1]).open_run("needle", {"dies": True})
+        run.set_total(4)
+        run.set_status("running")
+        run.put("a", {"x": 1})
+        os._exit(9)                              # killed mid-grid: no status written
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, timeout=120)
+    store = ResultsStore(tmp_path)
+    assert store.runs()[0]["status"] == "running"         # reading changes nothing
+    store.lock()
+    row = store.runs()[0]
+    assert row["status"] == "interrupted" and "run the same job" in row["error"]

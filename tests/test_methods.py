@@ -1,4 +1,5 @@
-"""Method registry: every method builds, really compresses to its budget, and says what it needs."""
+"""Method registry: every method builds, really compresses to its budget, and says what it needs,
+on the tiny random Llama and the tiny random Qwen2 (q/k/v biases) alike."""
 import dataclasses
 
 import pytest
@@ -12,11 +13,13 @@ from analysis.params import METHODS, MethodSpec
 from analysis.tasks import needle
 
 COMPRESSING = [m for m in METHODS if m != "full"]
+# KVzip masks its evicted pairs instead of removing rows (analysis.methods docstring).
+MASKING = {"kvzip"}
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-random-llama", dtype="float32")
+@pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
+def tiny(request):
+    return load_model(request.param, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +39,16 @@ def test_every_method_really_compresses_to_its_budget(tiny, sample, name):
                        sample.answer_prefix)
     assert len(a.cache_lengths) == tiny.info.num_layers
     assert a.cache_lengths == a.expected_cache_lengths
-    assert all(n < a.prompt_tokens for n in a.cache_lengths)
-    # The same total budget for everyone (pyramidkv spreads it unevenly over layers).
-    assert abs(sum(a.cache_lengths) / len(a.cache_lengths) - a.prompt_tokens / 2) <= 4
-    assert tiny.model.config._attn_implementation == "sdpa"     # restored after H2O
+    kept = a.cache_lengths
+    if name in MASKING:
+        assert a.cache_lengths == [a.prompt_tokens] * tiny.info.num_layers
+        masked = methods.masked_pairs(tiny.model)
+        kept = [a.prompt_tokens - m / tiny.info.num_kv_heads for m in masked]
+    assert all(n < a.prompt_tokens for n in kept)
+    # The same total budget for everyone (pyramidkv and kvzip spread it unevenly over layers).
+    assert abs(sum(kept) / len(kept) - a.prompt_tokens / 2) <= 4
+    # Not left on eager after H2O (faedkv's mass correction switches to its own sdpa and stays).
+    assert tiny.model.config._attn_implementation in ("sdpa", "faedkv_sdpa")
 
 
 def test_full_keeps_everything(tiny, sample):
@@ -55,6 +64,7 @@ def test_h2o_needs_eager_and_gets_it_only_for_the_call(tiny):
     ids = torch.arange(10, 110).unsqueeze(0)
     from transformers import DynamicCache
 
+    before = tiny.model.config._attn_implementation      # sdpa, or faedkv's sdpa after faedkv ran
     # Without the switch, sdpa returns no attention weights and the press cannot score.
     with pytest.raises(AssertionError, match="eager"), torch.no_grad(), press(tiny.model):
         tiny.model.model(input_ids=ids, past_key_values=DynamicCache())
@@ -64,7 +74,7 @@ def test_h2o_needs_eager_and_gets_it_only_for_the_call(tiny):
         cache = DynamicCache()
         with torch.no_grad(), press(tiny.model):
             tiny.model.model(input_ids=ids, past_key_values=cache)
-    assert seen == ["eager"] and tiny.model.config._attn_implementation == "sdpa"
+    assert seen == ["eager"] and tiny.model.config._attn_implementation == before != "eager"
     assert cache.get_seq_length(0) == 50
 
 
@@ -147,3 +157,96 @@ def test_question_fed_token_by_token_equals_one_pass(tiny, sample):
                                  position_ids=torch.arange(pos, pos + q.shape[1])[None])
         logits.append(out.logits[0, -1])
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
+NEW_BASELINES = ["kvzip", "keydiff", "lagkv", "compactor", "merging"]
+
+
+@pytest.mark.parametrize("name", NEW_BASELINES)
+def test_new_baselines_compress_the_perplexity_prefix(tiny, name):
+    """The ppl path (raw text, no chat template): budget checked, and the compressed cache
+    changes the continuation's NLL (KVzip's masks are applied while it is read)."""
+    from analysis.tasks.ppl import continuation_token_nll
+
+    ids = needle.haystack.text_tokens(tiny.tokenizer, 300, 7)
+    prefix, cont = ids[:280], ids[280:]
+    full, full_lengths = continuation_token_nll(tiny, None, prefix, cont)
+    press = methods.build_press(MethodSpec(name=name, compression_ratio=0.5), tiny.model)
+    nll, lengths = continuation_token_nll(tiny, press, prefix, cont)
+    assert lengths == methods.expected_cache_lengths(press, tiny.model, 279)
+    assert torch.isfinite(nll).all() and nll.shape == full.shape
+    assert not torch.allclose(nll, full, atol=1e-4)
+    if name in MASKING:
+        assert lengths == full_lengths and sum(methods.masked_pairs(tiny.model)) > 0
+
+
+def test_kvzip_scores_every_token_of_a_raw_text_and_skips_the_template_head(tiny, sample):
+    """kvpress's KVzip skips the chat template's head; a raw text has none to skip."""
+    KVzip = methods.KVzip
+    seen = []
+
+    @dataclasses.dataclass
+    class Recording(KVzip):
+        def _perform_kvzip_compression(self, model, tokenizer):
+            super()._perform_kvzip_compression(model, tokenizer)
+            seen.append(self.start_idx - self.context_length)  # reset after the call; 0 at end
+
+        def prepare(self, model, tokenizer, prev_postfix_size=8):
+            seen.append(self.prefix_length)
+            return super().prepare(model, tokenizer, prev_postfix_size)
+
+    head = methods._template_head_ids(tiny.tokenizer)
+    templated = prompt_ids(tiny, sample.context, sample.question, "query_agnostic")["context_ids"][0]
+    assert len(head) > 1 and templated[:len(head) - 1].tolist() == head[:-1]
+    answer_details(tiny, Recording(compression_ratio=0.5), sample.context, sample.question, 2)
+    from analysis.tasks.ppl import prefill
+
+    ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 200, 3)])
+    prefill(tiny, Recording(compression_ratio=0.5), ids)
+    assert seen == [len(head), 0, 0, 0]
+
+
+def test_kvzip_that_masks_nothing_is_an_error(tiny, sample):
+    @dataclasses.dataclass
+    class Lazy(methods.KVzip):
+        def compress_post(self, model):
+            return None
+
+    with pytest.raises(methods.CompressionError, match="did not apply its budget"):
+        answer_details(tiny, Lazy(compression_ratio=0.5), sample.context, sample.question, 2)
+
+
+def test_kvzip_needs_a_tokenizer_folder_in_the_config():
+    from conftest import make_tiny_llama
+
+    with pytest.raises(ValueError, match="name_or_path"):
+        methods.build_press(MethodSpec(name="kvzip", compression_ratio=0.5), make_tiny_llama())
+
+
+def test_compactor_is_seeded_and_leaves_the_global_rng_alone(tiny):
+    from analysis.tasks.ppl import prefill
+
+    ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 200, 5)])
+    caches = []
+    for seed in (3, 3):
+        press = methods.build_press(MethodSpec(name="compactor", compression_ratio=0.5,
+                                               params={"seed": seed}), tiny.model)
+        state = torch.get_rng_state()
+        cache, _ = prefill(tiny, press, ids)
+        assert torch.equal(state, torch.get_rng_state())
+        caches.append(cache.layers[1].keys)
+    assert torch.equal(caches[0], caches[1])
+
+
+def test_merging_keeps_snapkvs_keys_and_folds_evicted_values_in(tiny):
+    from analysis.tasks.ppl import prefill
+
+    ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 200, 9)])
+    params = {"window_size": 16}
+    snap, _ = prefill(tiny, methods.build_press(
+        MethodSpec(name="snapkv", compression_ratio=0.5, params=params), tiny.model), ids)
+    merged, _ = prefill(tiny, methods.build_press(
+        MethodSpec(name="merging", compression_ratio=0.5, params=params), tiny.model), ids)
+    for a, b in zip(snap.layers, merged.layers):
+        assert torch.equal(a.keys, b.keys)
+        assert not torch.allclose(a.values, b.values)

@@ -16,7 +16,8 @@ and builds the causal mask, which must count the tokens actually in the cache; t
 positions come from `position_ids` (kvpress's pipeline does the same when it asks the
 question after a compressed prefill). With press=None this equals one forward pass over
 prefix + continuation (tested to 1e-4 in float32). A cache whose layers differ in length
-(PyramidKV) is read one continuation token per forward pass (see generation.feed_one_by_one).
+(PyramidKV), or one whose pairs kvpress masks (KVzip), is read one continuation token per
+forward pass (see generation.one_token_steps).
 
 Texts: text i of a run is `haystack.text_tokens(tokenizer, prefix + continuation, params.seed
 + i)`: from the start of essay seed + i, continuing into the next essays.
@@ -67,7 +68,7 @@ def continuation_token_nll(loaded, press, prefix_ids, continuation_ids):
     prefix; see the module docstring. Returns (nll, cache lengths after the prefill)."""
     import torch
 
-    from analysis.generation import uneven
+    from analysis.generation import one_token_steps
     from analysis.methods import attention_for
 
     model = loaded.model
@@ -80,8 +81,9 @@ def continuation_token_nll(loaded, press, prefix_ids, continuation_ids):
     cache, lengths = prefill(loaded, press, prefix[:, :-1])
     inputs = torch.cat([prefix[:, -1:], cont[:, :-1]], dim=1)
     with attention_for(press, model), torch.inference_mode():
-        if uneven(cache):
-            # One mask cannot serve layers of different lengths (see generation.feed_one_by_one).
+        if one_token_steps(model, cache):
+            # One mask cannot serve layers of different lengths, nor one fake key many queries
+            # (see generation.one_token_steps).
             logits = torch.cat([
                 model(input_ids=inputs[:, j:j + 1], past_key_values=cache,
                       position_ids=torch.tensor([[t - 1 + j]], device=device)).logits

@@ -13,11 +13,12 @@ from faedkv.filter_press import FrequencyFilterPress
 from faedkv.plans import FrequencyPlan
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded():
+@pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
+def tiny_loaded(request):
+    """The tiny random Llama, then the tiny random Qwen2 (q/k/v biases)."""
     from analysis.models import load_model
 
-    return load_model("tiny-random-llama", dtype="float32")
+    return load_model(request.param, dtype="float32")
 
 
 def _params(**kw):

@@ -77,7 +77,8 @@ def test_chunk_energy_uses_the_plans_chunks():
         assert per_chunk[c] == pytest.approx(power[mask].sum().item(), rel=1e-10, abs=1e-14), (seed, c)
 
 
-def test_capture_streams_one_layer_and_pre_rope_keys_rotate_to_the_cached_keys(tiny_llama):
+def test_capture_streams_one_layer_and_pre_rope_keys_rotate_to_the_cached_keys(tiny_lm):
+    tiny_llama = tiny_lm      # and the tiny Qwen2, whose k_proj adds a bias before RoPE
     gen, seed = _rng()
     t = int(torch.randint(20, 80, (1,), generator=gen))
     ids = torch.randint(0, 128, (1, t), generator=gen)
@@ -104,11 +105,12 @@ def test_capture_streams_one_layer_and_pre_rope_keys_rotate_to_the_cached_keys(t
     assert all(r() is None for r in seen)
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded():
+@pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
+def tiny_loaded(request):
+    """The tiny random Llama, then the tiny random Qwen2 (q/k/v biases)."""
     from analysis.models import load_model
 
-    return load_model("tiny-random-llama", dtype="float32")
+    return load_model(request.param, dtype="float32")
 
 
 def test_run_spectra_stores_the_layout_and_is_cached(tiny_loaded, tmp_path):

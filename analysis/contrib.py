@@ -7,10 +7,11 @@ cache, for every method at one budget and context length.
 
 Two sources, named in each record's "source":
 
-- "linear-map" (faedkv variants, dct_iterative): the compressor is a fixed linear map along the
-  token axis, so a token's contribution is the norm of its column
-  (`faedkv.contribution_profile(faedkv.compression_matrix(...))`), for the middle segment with
-  the press's own slot count M = round((1 - ratio) T) - sink - window (DEVELOPERS.md, Budget).
+- "attention-equivalent map" (faedkv variants, dct_iterative): the compressor is a fixed linear
+  map along the token axis and attention sees each slot with its mass, so a token's contribution
+  is the weight of its column in the map to the expanded cache (each slot repeated as often as
+  its mass says: `faedkv.contribution_profile(faedkv.compression_matrix(...), mass)`), for the
+  middle segment with the press's own layout (faedkv.budget.layout).
   Sink and window tokens are kept exactly: contribution 1, included so the axis is every
   position 0..T-1. A plan makes the map layer (and K/V, head) specific; the profile is then the
   mean column norm over every layer, keys and values, and head.
@@ -74,26 +75,29 @@ def linear_variant(spec: MethodSpec) -> str:
 
 
 def linear_profile(spec: MethodSpec, context_length: int, num_layers: int, num_kv_heads: int) -> dict:
-    """Column norms of the method's map over every position: (context_length,) plus the range."""
+    """Column weights of the method's attention-equivalent map over every position:
+    (context_length,) plus the range. The layout (sink, slots, window) is the press's own
+    (faedkv.budget.layout); each slot counts with its mass when the mass correction is on."""
     from analysis.methods import method_params
+    from faedkv.budget import layout
     from faedkv.contribution import contribution_profile
     from faedkv.plans import FrequencyPlan
-    from faedkv.variants import compression_matrix
+    from faedkv.variants import compression_matrix, slot_mass
 
     params = method_params(spec)
-    sink, window = int(params["sink_tokens"]), int(params["window"])
-    middle = context_length - sink - window
-    slots = max(1, round((1 - spec.compression_ratio) * context_length) - sink - window)
-    if middle < 1 or slots >= middle:
+    variant = linear_variant(spec)
+    if float(params.get("exact_share") or 0) > 0:
+        raise ContributionError(f"{spec.label}: a hybrid keeps data-dependent exact tokens; its "
+                                "contribution is not a fixed linear map (set exact_share to 0)")
+    kept = layout(context_length, spec.compression_ratio, int(params["sink_tokens"]), int(params["window"]))
+    sink, window, slots, middle = kept.sink, kept.window, kept.slots, kept.middle
+    if slots == 0 or slots >= middle:
         raise ContributionError(
             f"{spec.label}: a {context_length}-token context with sink {sink} and window {window} "
             f"leaves {middle} middle tokens for {slots} slots; nothing is compressed. Use a "
             "longer --context-length or a higher --ratio.")
     plan = params.get("plan")
     plan = FrequencyPlan.from_json(plan) if isinstance(plan, dict) else plan
-    # compression_matrix sizes M = round((1 - r) * N) for a middle of N tokens: pass the r that
-    # gives the press's M.
-    ratio = 1.0 - slots / middle
     combos = [(0, "key", None)]
     if plan is not None:
         if plan.num_layers != num_layers:
@@ -102,16 +106,18 @@ def linear_profile(spec: MethodSpec, context_length: int, num_layers: int, num_k
         combos = [(layer, kind, head)
                   for layer in range(num_layers) for kind in ("key", "value")
                   for head in (range(num_kv_heads) if plan.is_per_head(layer, kind) else [None])]
-    step = max(1, window)          # FAEDKVPress.step: dct-iterative re-compresses every window
-    norms = np.zeros(middle)
+    step = max(1, int(params["window"]))   # FAEDKVPress.step: dct-iterative re-compresses every window
+    normalization = params.get("slot_normalization", "mean")
+    mass = slot_mass(variant, middle, slots) if params.get("mass_correction") else None
+    weights = np.zeros(middle)
     for layer, kind, head in combos:
-        matrix = compression_matrix(linear_variant(spec), middle, ratio, plan=plan, layer=layer,
-                                    kind=kind, head=head, step=step)
-        norms += np.asarray(contribution_profile(matrix), dtype=np.float64)
+        matrix = compression_matrix(variant, middle, plan=plan, layer=layer, kind=kind, head=head,
+                                    step=step, normalization=normalization, num_slots=slots)
+        weights += np.asarray(contribution_profile(matrix, mass), dtype=np.float64)
     profile = np.ones(context_length)
-    profile[sink: sink + middle] = norms / len(combos)
+    profile[sink: sink + middle] = weights / len(combos)
     return {"contribution": profile, "range": (sink, sink + middle), "slots": slots,
-            "source": "linear-map"}
+            "source": "attention-equivalent map"}
 
 
 # ----------------------------------------------------------------------- observed eviction

@@ -1,23 +1,26 @@
 """An sdpa attention function for compressed caches, registered through transformers'
 AttentionInterface (no model code is patched):
 
-- **mass correction**: a slot stands for about t/M tokens, so its logit gets + log(tokens per
-  slot) (the press stores the per-column bias on the attention module, like kvpress stores
-  `masked_key_indices`; a fresh prefill clears it);
+- **mass correction**: a slot is the mean of the c tokens it stands for, so its logit gets
+  + log c (c identical rows are one row with + log c); the press stores the per-column bias on
+  the attention module, like kvpress stores `masked_key_indices` (a fresh prefill clears it),
+  and FAEDKVCache marks the keys it hands over (`MASS_ATTR`);
 - **per-layer cache lengths**: transformers builds one causal mask from layer 0's cache length;
   when a layer's cache is longer or shorter (PerLayerCompressionPress), the mask is re-aligned to
   that layer's keys, bottom-right (the new queries see every cached column and each other
   causally). Left padding cannot be re-aligned this way and raises.
 
-- **slots scaled in attention**: FAEDKVCache stores the middle as ring means; slot_r = scale_r *
-  mean_r with scale_r = count_r * M / t, and t changes every token. When this attention runs, a
-  decode step hands it the stored means with their `SlotScales` and the scale goes into each
-  slot row's logit and value (`slot_attention`), so no slot is ever written (see
-  faedkv.fused_decode). The cache offers that only after this function has answered its probe
-  and only while the model still runs this attention.
+- **ring means in place**: FAEDKVCache stores the middle as ring means, whose counts change
+  every token. When this attention runs, a decode step hands it the stored buffer with its
+  `SlotScales` and each ring row's log count goes into its logit (`slot_attention`), so no slot
+  is ever written (see faedkv.fused_decode). The cache offers that only after this function has
+  answered its probe and only while the model still runs this attention.
 
 `use_faedkv_attention(config)` switches an sdpa model to it (its mask function is sdpa's, and
-with no bias and equal lengths it calls sdpa unchanged, so outputs are identical).
+with no bias and equal lengths it calls sdpa unchanged, so outputs are identical). Keys that
+FAEDKVCache marked reach it even on a plain sdpa model: importing this module wraps the
+registered "sdpa" once (as kvpress wraps it for its head-wise masks) so that such keys switch
+the model's config to this attention and are served by it; unmarked keys go to sdpa unchanged.
 """
 from __future__ import annotations
 
@@ -34,17 +37,19 @@ from faedkv.iwdft import band_limit
 
 FAEDKV_SDPA = "faedkv_sdpa"
 BIAS_ATTR = "faedkv_column_bias"
-SLOT_SCALES_ATTR = "faedkv_slot_scales"   # on a key tensor: its ring-mean rows need scales
+SLOT_SCALES_ATTR = "faedkv_slot_scales"   # on a key tensor: its ring-mean rows need their mass
 PROBE_ATTR = "faedkv_probe"               # on a key tensor: the cache layer asking who attends
+MASS_ATTR = "faedkv_mass"                 # on a key tensor: (start, log counts) of its slot rows
 
 
 @dataclass
 class SlotScales:
-    """Key rows [start, start + count) hold ring means; row start + r stands for the slot
-    mean_r * (more if r < filled else less). With a plan, `masks` (2, 1, kv_heads or 1,
-    count//2 + 1, 1) (keys, values: FAEDKVCache's rfft-half masks) band-limit those slots along
-    the rows. A cache layer keeps one and updates it every step; `kernel` keeps the attention's
-    compiled launch for that layer's rows, `workspace` the scratch its cache's layers share."""
+    """Key rows [start, start + count) hold ring means; row start + r stands for its class of
+    tokens, and its logit gets + (more if r < filled else less) = log(count_r) (the mass). With a
+    plan, `masks` (2, 1, kv_heads or 1, count//2 + 1, 1) (keys, values: FAEDKVCache's rfft-half
+    masks) band-limit those means along the rows. A cache layer keeps one and updates it every
+    step; `kernel` keeps the attention's compiled launch for that layer's rows, `workspace` the
+    scratch its cache's layers share."""
     start: int
     count: int
     filled: int
@@ -54,21 +59,21 @@ class SlotScales:
     workspace: dict | None = None
     masks: torch.Tensor | None = None
 
-    def column_scales(self, rows: int, device) -> torch.Tensor:
-        """(rows,) float32: the scale of every key row (1 outside the ring means)."""
-        scales = torch.ones(rows, dtype=torch.float32, device=device)
-        scales[self.start:self.start + self.filled] = self.more
-        scales[self.start + self.filled:self.start + self.count] = self.less
-        return scales
+    def column_bias(self, rows: int, device) -> torch.Tensor:
+        """(rows,) float32: the logit bias of every key row (0 outside the ring means)."""
+        bias = torch.zeros(rows, dtype=torch.float32, device=device)
+        bias[self.start:self.start + self.filled] = self.more
+        bias[self.start + self.filled:self.start + self.count] = self.less
+        return bias
 
 
 def slot_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              scales: SlotScales, scaling: float,
                              matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """softmax(scaling * q . k'_j) . v'_j over every key row j, softmax in float32.
+    """softmax(scaling * q . k'_j + b_j) . v'_j over every key row j, softmax in float32.
 
-    Outside the ring rows k' = k and v' = v; on them k' = C (s * k) and v' = C (s * v), with s
-    the rows' scales and C the plan's band-limiting circulant (identity without masks). C is
+    Outside the ring rows k' = k, v' = v and b = 0; on them k' = C k and v' = C v, with C the
+    plan's band-limiting circulant (identity without masks), and b = log(count) (the mass). C is
     real and symmetric and attention is linear in k' and v', so C is applied to the ring rows'
     logits and, after the softmax, to their probabilities: O(M log M) per query head instead of
     an FFT over (M, head_dim) rows and a slot tensor written every step.
@@ -80,16 +85,16 @@ def slot_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     ring = slice(scales.start, scales.start + scales.count)
-    column = scales.column_scales(key.shape[-2], query.device)
+    bias = scales.column_bias(key.shape[-2], query.device)
     grouped = query.to(matmul_dtype).reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    logits = (grouped @ key.to(matmul_dtype).transpose(-1, -2)).float() * column
+    logits = (grouped @ key.to(matmul_dtype).transpose(-1, -2)).float()
     if scales.masks is not None:
         key_mask, value_mask = scales.masks.transpose(-1, -2)   # (1, kv_heads or 1, 1, M//2 + 1)
         logits[..., ring] = band_limit(logits[..., ring], key_mask)
-    weights = torch.softmax(logits * scaling, dim=-1)
+    weights = torch.softmax(logits * scaling + bias, dim=-1)
     if scales.masks is not None:
         weights[..., ring] = band_limit(weights[..., ring], value_mask)
-    out = (weights * column).to(matmul_dtype) @ value.to(matmul_dtype)
+    out = weights.to(matmul_dtype) @ value.to(matmul_dtype)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
 
 
@@ -138,9 +143,10 @@ def realign_mask(mask: torch.Tensor, key_len: int) -> torch.Tensor:
     return torch.cat([extra, mask], dim=-1)
 
 
-def column_bias(module, key_len: int, dtype, device) -> torch.Tensor | None:
-    """(key_len,) additive bias from the module's recorded (start, bias) slot columns, or None."""
-    recorded = getattr(module, BIAS_ATTR, None)
+def column_bias(module, key, key_len: int, dtype, device) -> torch.Tensor | None:
+    """(key_len,) additive bias of the slot columns, from the keys' mark (FAEDKVCache) or the
+    module's recorded (start, bias) (FAEDKVPress), or None."""
+    recorded = getattr(key, MASS_ATTR, None) or getattr(module, BIAS_ATTR, None)
     if recorded is None:
         return None
     start, bias = recorded
@@ -172,7 +178,7 @@ def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kw
         setattr(module, BIAS_ATTR, None)
     if attention_mask is not None and attention_mask.shape[-1] != key_len:
         attention_mask = realign_mask(attention_mask, key_len)
-    bias = column_bias(module, key_len, query.dtype, query.device)
+    bias = column_bias(module, key, key_len, query.dtype, query.device)
     if bias is not None:
         if attention_mask is None:
             attention_mask = causal_bool_mask(q_len, key_len, query.device)
@@ -180,10 +186,29 @@ def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kw
             attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
                                          ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
         attention_mask = attention_mask + bias
-    # Look sdpa up at call time so kvpress's own wrapper (head-wise masking) stays in the chain.
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+    # sdpa as registered before us: kvpress's own wrapper (head-wise masking) stays in the chain
+    return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
 
 
+def marked(key: torch.Tensor) -> bool:
+    """Keys FAEDKVCache handed over: they need faedkv's attention."""
+    return any(getattr(key, name, None) is not None for name in (SLOT_SCALES_ATTR, PROBE_ATTR, MASS_ATTR))
+
+
+def sdpa_serving_faedkv_keys(module, query, key, value, attention_mask, *args, **kwargs):
+    """The registered "sdpa", except that keys FAEDKVCache marked switch the model's config to
+    faedkv_sdpa and are served by it (so the cache's log-count mass needs nothing from the user)."""
+    if marked(key):
+        use_faedkv_attention(module.config)
+        return faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kwargs)
+    return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
+if getattr(_SDPA, "__name__", "") == sdpa_serving_faedkv_keys.__name__:   # a re-import
+    _SDPA = _SDPA.inner
+sdpa_serving_faedkv_keys.inner = _SDPA
+ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_serving_faedkv_keys   # where kvpress puts its wrapper too
 AttentionInterface.register(FAEDKV_SDPA, faedkv_sdpa_attention)
 AttentionMaskInterface.register(FAEDKV_SDPA, sdpa_mask)
 
@@ -206,6 +231,17 @@ def restore_sdpa(config) -> None:
         config._attn_implementation = "sdpa"
 
 
+def log_mass(tokens_per_slot: torch.Tensor) -> torch.Tensor:
+    """log(tokens per slot), float32 (a slot standing for no token gets a very low logit)."""
+    return torch.log(tokens_per_slot.double().clamp(min=1e-12)).float()
+
+
 def record_slot_bias(module, start: int, tokens_per_slot: torch.Tensor) -> None:
     """Store + log(tokens per slot) for the columns [start, start + M) of this layer."""
-    setattr(module, BIAS_ATTR, (start, torch.log(tokens_per_slot.double().clamp(min=1e-12)).float()))
+    setattr(module, BIAS_ATTR, (start, log_mass(tokens_per_slot)))
+
+
+def mark_mass(keys: torch.Tensor, start: int, tokens_per_slot: torch.Tensor) -> torch.Tensor:
+    """Mark keys whose rows [start, start + M) are slots standing for tokens_per_slot tokens."""
+    setattr(keys, MASS_ATTR, (start, log_mass(tokens_per_slot)))
+    return keys

@@ -19,10 +19,11 @@ not sums: a bf16 running mean stays accurate where a bf16 sum would not. Folding
 one row (O(head_dim) per head, one lerp kernel): no FFT, nothing done to the other rows.
 
 Attention over cached post-RoPE keys does not depend on their order, so the slots are handed in
-ring order: slot_r = mean_r * count_r * M / folded, which is the spec's slot at distance
-(folded - r) mod M. A plan masks the ring's spectrum (masks are conjugate-symmetric, so masking
-commutes with the reversal and shift from ring to distance order). [sink | slots | window] is
-written into a fresh tensor on every call and not kept, so only one layer's copy is alive.
+ring order: slot_r is mean_r, the spec's class mean at distance (folded - r) mod M, and its
+logit gets + log count_r (the mass; the keys carry it as `MASS_ATTR`, which faedkv's attention
+reads). A plan band-limits the ring means (masks are conjugate-symmetric, so masking commutes
+with the reversal and shift from ring to distance order). [sink | slots | window] is written into
+a fresh tensor on every call and not kept, so only one layer's copy is alive.
 
 Per layer the three parts live in ONE buffer `kv (2, batch, kv_heads, S + M + W, head_dim)`
 (`sink`, `means` and the window are views of it), so memory is S + M + W rows. A decode step is
@@ -31,11 +32,15 @@ kernel per layer (faedkv.fused_decode.decode_step_into): fold, slots, window and
 written in one pass, the window kept as a ring (`head` = its oldest row) whose folded rows take
 the new tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a
 one-token call does not even write the slots: it folds (FoldStep, O(head_dim) per head)
-and hands attention the buffer itself, ring means and their `SlotScales`; the attention scales
-each mean's logit and value. With a plan it also band-limits: the slots are C (scaled means)
-for a symmetric circulant C, so the attention applies C to the ring rows' logits and, after
-the softmax, to their probabilities (an FFT over M numbers per query head, not over the M rows
-of every head_dim). The torch path below defines the result; both kernels match it.
+and hands attention the buffer itself, ring means and their `SlotScales`; the attention adds
+each mean's log count to its logit. With a plan it also band-limits: the slots are C means for
+a symmetric circulant C, so the attention applies C to the ring rows' logits and, after the
+softmax, to their probabilities (an FFT over M numbers per query head, not over the M rows of
+every head_dim). The torch path below defines the result; both kernels match it.
+
+The mass needs faedkv's attention: every tensor of keys this cache returns is marked, and on an
+sdpa model the marked keys switch the config to faedkv_sdpa themselves (faedkv.attention). A
+model whose attention never saw the marks (eager) is refused at the first decode call.
 
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
@@ -51,10 +56,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from faedkv import fused as fused_kernels
 from faedkv import fused_decode
-from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales
-from faedkv.iwdft import band_limit, compute_dtype, ring_slot_scales, symmetric_keep
+from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales, mark_mass
+from faedkv.budget import layout
+from faedkv.iwdft import band_limit, compute_dtype, ring_log_counts, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
-from faedkv.press import budget_slots
 
 
 def ring_means(x: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -109,6 +114,7 @@ class FAEDKVLayer(CacheLayerMixin):
         self.compression_ratio = compression_ratio
         self.sink_tokens = sink_tokens
         self.window = window
+        self.asked = (sink_tokens, window)   # what a reset restores (a short prefill shrinks them)
         self.plan = plan
         self.fused = fused
         self.seen = 0            # tokens this layer has been given
@@ -163,8 +169,13 @@ class FAEDKVLayer(CacheLayerMixin):
                              f"shape, got keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
                              "use a model whose value head_dim equals its key head_dim")
         tokens, heads = keys.shape[-2], keys.shape[1]
-        s, w = self.sink_tokens, self.window
-        m = self.num_slots = budget_slots(tokens, self.compression_ratio, s, w)
+        kept = layout(tokens, self.compression_ratio, self.sink_tokens, self.window)
+        if kept.slots == 0:
+            raise ValueError(f"FAEDKVCache cannot compress a {tokens}-token prefill at compression_ratio="
+                             f"{self.compression_ratio} (it keeps all {kept.rows} rows); prefill more tokens")
+        # a short prefill shrinks the window, then the sink (faedkv.budget); they stay that size
+        s, w, m = kept.sink, kept.window, kept.slots
+        self.sink_tokens, self.window, self.num_slots = s, w, m
         self.kv = keys.new_empty((2,) + keys.shape[:2] + (s + m + w, keys.shape[-1]))
         self.sink, self.means = self.kv[..., :s, :], self.kv[..., s:s + m, :]
         self.window_buffer = self.recent = self.kv[..., s + m:, :]
@@ -206,25 +217,18 @@ class FAEDKVLayer(CacheLayerMixin):
         self.folded += run
 
     def slot_rows(self, out: torch.Tensor) -> None:
-        """Write the M slots (ring order) into out (2, batch, kv_heads, M, head_dim).
-
-        slot_r = mean_r * count_r * M / folded: rows below folded mod M have one token more than
-        the others, so two scalar multiplies. With a plan the ring sums are band-limited first
-        (irfft(rfft(sums) * mask) over the M rows)."""
-        size = self.num_slots
+        """Write the M slots (ring order) into out (2, batch, kv_heads, M, head_dim): the ring
+        means, band-limited along the rows with a plan (irfft(rfft(means) * mask))."""
         if self.masks is None:
-            filled, more, less = ring_slot_scales(self.folded, size)
-            torch.mul(self.means[..., :filled, :], more, out=out[..., :filled, :])
-            torch.mul(self.means[..., filled:, :], less, out=out[..., filled:, :])
+            out.copy_(self.means)
             return
-        lap, filled = divmod(self.folded, size)
-        scale = size / self.folded
-        sums = self.means.to(compute_dtype(self.means.dtype))
-        if sums.data_ptr() == self.means.data_ptr():
-            sums = sums.clone()
-        sums[..., :filled, :] *= lap + 1
-        sums[..., filled:, :] *= lap
-        out.copy_(band_limit(sums, self.masks, dim=-2).mul_(scale))
+        means = self.means.to(compute_dtype(self.means.dtype))
+        out.copy_(band_limit(means, self.masks, dim=-2))
+
+    def marked(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys [sink | ring means | ...] marked with the ring rows' counts (the mass) and the probe."""
+        mark_mass(keys, self.sink.shape[-2], self.counts)
+        return self.probed(keys)
 
     def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(key slots, value slots) (batch, kv_heads, M, head_dim) in ring order: slot r stands
@@ -253,10 +257,14 @@ class FAEDKVLayer(CacheLayerMixin):
             self.seen = key_states.shape[-2]
             if self.compression_ratio == 0:
                 self.keys, self.values = key_states, value_states
-            else:
-                self.prefill(key_states, value_states)
-            return key_states, value_states  # the prefill itself attends exactly
+                return key_states, value_states
+            self.prefill(key_states, value_states)
+            return self.probed(key_states), value_states  # the prefill itself attends exactly
         self.seen += key_states.shape[-2]
+        if self.compression_ratio and self.attention_config is None:
+            raise ValueError("FAEDKVCache's slots need faedkv's attention (each slot's log-count mass), "
+                             "but this model's attention did not answer it; load the model with "
+                             "attn_implementation='sdpa' (FAEDKVCache switches it to faedkv_sdpa)")
         if self.compression_ratio == 0:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
@@ -281,7 +289,7 @@ class FAEDKVLayer(CacheLayerMixin):
             self.recent.copy_(tail)
         else:
             self.recent = tail.clone()
-        return self.probed(out[0]), out[1]
+        return self.marked(out[0]), out[1]
 
     def fusable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """A kernel step applies: the window is the buffer's W rows and folds exactly the call's
@@ -317,11 +325,11 @@ class FAEDKVLayer(CacheLayerMixin):
                                       self.head, self.folded)
         self.folded += key_states.shape[-2]
         self.head = (self.head + key_states.shape[-2]) % self.window
-        return self.probed(out[0]), out[1]
+        return self.marked(out[0]), out[1]
 
     def scaled_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold one token and hand attention the buffer [sink | ring means | window ring] with
-        the slot scales (faedkv.attention.slot_attention applies them): nothing is written but
+        the rows' log counts (faedkv.attention.slot_attention adds them): nothing is written but
         the folded mean row and the new token's ring row."""
         if self.fold_step is None:
             self.fold_step = fused_decode.FoldStep(self.means, self.window_buffer)
@@ -329,7 +337,7 @@ class FAEDKVLayer(CacheLayerMixin):
         self.folded += 1
         self.head = (self.head + 1) % self.window
         scales = self.slot_scales
-        scales.filled, scales.more, scales.less = ring_slot_scales(self.folded, self.num_slots)
+        scales.filled, scales.more, scales.less = ring_log_counts(self.folded, self.num_slots)
         return self.key_view, self.value_view
 
     def persistent_tensors(self) -> list[torch.Tensor]:
@@ -377,7 +385,7 @@ class FAEDKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.compression_ratio, self.sink_tokens, self.window, self.plan,
+        self.__init__(self.layer_idx, self.compression_ratio, self.asked[0], self.asked[1], self.plan,
                       self.fused, self.workspace)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -1,23 +1,35 @@
-"""Token contribution: how much each original token n reaches the compressed cache.
+"""Token contribution: how much each original token n reaches what attention sees.
 
-For a linear map A (slots x tokens) the contribution of token n is the norm of column n. The
-profile is normalised to max 1 and summarised by 1 - Gini, the oldest tenth over the newest tenth,
-and min over max. An equal-contribution map (FAEDKV's IWDFT) gives 1, 1, 1.
+Attention sees slot m with its mass w_m (+ log w_m on its logit): the same as w_m identical rows.
+So the map that matters is the attention-equivalent one, from the N middle tokens to the
+expanded cache in which slot m is repeated w_m times; token n's contribution is the weight of
+its column there, sum_m w_m |A[m, n]| (the column sum for non-negative maps such as iwdft's class
+means; absolute values for signed maps such as a DCT or a band-limiting plan). The profile is
+normalised to max 1 and summarised by 1 - Gini, the oldest tenth over the newest tenth, and min
+over max. FAEDKV's iwdft with its mass gives 1, 1, 1 (each token enters its class mean with
+weight 1/c_m and the class counts c_m times); without the mass the classes with more tokens
+weigh each of them less.
 """
 from __future__ import annotations
 
 import torch
 
 
-def contribution_profile(matrix) -> torch.Tensor:
-    """Column norms of matrix (slots x tokens), normalised to max 1, (tokens,) float64.
-    Tokens are ordered oldest first. An all-zero map gives zeros."""
+def contribution_profile(matrix, mass=None) -> torch.Tensor:
+    """Column weights sum_m mass_m |matrix[m, n]| of a (slots x tokens) map, normalised to max 1,
+    (tokens,) float64, tokens oldest first. mass (slots,): the tokens attention counts each slot
+    for (faedkv.variants.slot_mass with the mass correction); None counts every row once. An
+    all-zero map gives zeros."""
     matrix = torch.as_tensor(matrix, dtype=torch.float64)
     if matrix.ndim != 2 or matrix.shape[1] < 1:
         raise ValueError(f"contribution_profile needs a (slots, tokens) matrix, got shape {tuple(matrix.shape)}")
-    norms = torch.linalg.vector_norm(matrix, dim=0)
-    peak = norms.max()
-    return norms / peak if peak > 0 else norms
+    weights = torch.ones(matrix.shape[0], dtype=torch.float64) if mass is None else \
+        torch.as_tensor(mass, dtype=torch.float64).flatten()
+    if weights.shape[0] != matrix.shape[0]:
+        raise ValueError(f"mass has {weights.shape[0]} entries for a map of {matrix.shape[0]} slots")
+    columns = weights @ matrix.abs()
+    peak = columns.max()
+    return columns / peak if peak > 0 else columns
 
 
 def gini(values: torch.Tensor) -> float:

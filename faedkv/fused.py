@@ -1,9 +1,10 @@
 """A fused CUDA path for the commonest case of FAEDKVPress: iwdft, every bin kept, post-RoPE.
 
-With every bin kept the inverse DFT undoes the forward one, so the slots are the distance fold
-scaled by M/N (faedkv.variants.compress_iwdft). `fold_into` computes that fold with one Triton
-kernel per tensor: it reads the middle tokens once (bf16/fp16/fp32), accumulates in float32 and
-writes the scaled slots straight into their rows of the compressed cache, so a layer costs one
+With every bin kept the inverse DFT undoes the forward one, so the slots are the class means of
+the distance fold (or, for the old normalisation, the fold scaled by M/N;
+faedkv.variants.compress_iwdft). `fold_into` computes them with one Triton kernel per tensor: it
+reads the middle tokens once (bf16/fp16/fp32), accumulates in float32 and writes the slots
+straight into their rows of the compressed cache, so a layer costs one
 read of K and V and one write of the kept rows. Used only where Triton and a CUDA tensor are
 there; everything else takes the torch path, which defines the result (the GPU benchmark
 checks the two agree).
@@ -30,7 +31,7 @@ def _kernel():
     @triton.jit
     def fold_kernel(x_ptr, out_ptr, num_tokens, num_slots, scale, periods,
                     stride_x_row, stride_x_tok, stride_o_row, stride_o_tok,
-                    BLOCK: tl.constexpr, DIM: tl.constexpr):
+                    BLOCK: tl.constexpr, DIM: tl.constexpr, MEAN: tl.constexpr):
         row = tl.program_id(0)                      # one (batch, head)
         bins = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         dims = tl.arange(0, DIM)
@@ -43,8 +44,14 @@ def _kernel():
             ok = valid & (index < num_tokens)
             ptrs = x_ptr + row * stride_x_row + index[:, None] * stride_x_tok + dims[None, :]
             acc += tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        if MEAN:
+            # class b holds the tokens first + p M < N: ceil((N - first) / M) of them
+            count = tl.maximum((num_tokens - first + num_slots - 1) // num_slots, 1)
+            acc = acc / count.to(tl.float32)[:, None]
+        else:
+            acc = acc * scale
         out = out_ptr + row * stride_o_row + bins[:, None] * stride_o_tok + dims[None, :]
-        tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
     return fold_kernel
 
@@ -58,8 +65,9 @@ def can_fuse(x: torch.Tensor) -> bool:
             and (batch == 1 or x.stride(0) == heads * x.stride(1)))
 
 
-def fold_into(out: torch.Tensor, x: torch.Tensor, num_slots: int) -> None:
-    """out (batch, kv_heads, M, head_dim) <- (M / N) * distance fold of x (batch, kv_heads, N, head_dim).
+def fold_into(out: torch.Tensor, x: torch.Tensor, num_slots: int, mean: bool = True) -> None:
+    """out (batch, kv_heads, M, head_dim) <- class means of the distance fold of x (batch,
+    kv_heads, N, head_dim); mean=False: (M / N) * the fold (the old normalisation).
 
     `out` may be a slice of the compressed cache (rows contiguous in head_dim)."""
     batch, heads, tokens, dim = x.shape
@@ -73,7 +81,7 @@ def fold_into(out: torch.Tensor, x: torch.Tensor, num_slots: int) -> None:
     periods = (tokens + num_slots - 1) // num_slots
     _kernel()[grid](x, out, tokens, num_slots, num_slots / tokens, periods,
                     x.stride(1), x.stride(2), out.stride(1), out.stride(2),
-                    BLOCK=block, DIM=dim)
+                    BLOCK=block, DIM=dim, MEAN=mean)
 
 
 def interpreting() -> bool:

@@ -1,15 +1,15 @@
 """Triton kernels for FAEDKVCache's decode calls (CUDA; Triton's CPU interpreter in the tests).
 
-A decode step is bound by kernel launches, and the slots change every step (slot_r = mean_r *
-count_r * M / t, and t grows), so writing them out costs two passes over the M rows per layer
-per token. Two ways to serve a call of q new tokens, each a couple of launches per layer:
+A decode step is bound by kernel launches. The slots are the ring means (each with its log count
+added to its logit by the attention), so a call of q new tokens changes q rows. Two ways to
+serve it, each a couple of launches per layer:
 
 - `decode_step_into`: fold + [sink | slots | window | new] written in one pass; any attention
   reads the result (the default);
 - `FoldStep` + `SlotAttention`: only the fold and the window-ring write, O(q *
   head_dim) per head, and an attention (split-KV flash decoding, q = 1) over the stored
-  [sink | ring means | window] that applies each ring row's scale count_r * M / t to its logit
-  and its value, so the slots are never written. Used when the model runs faedkv's attention.
+  [sink | ring means | window] that adds each ring row's log count to its logit, so nothing is
+  copied. Used when the model runs faedkv's attention.
 
 Layouts: sink, means and ring are (2, batch, kv_heads, rows, head_dim) (index 0 keys, 1 values)
 with contiguous rows whose (2, batch, kv_heads) planes flatten (`plane_stride`); they may be views
@@ -23,7 +23,6 @@ import math
 import torch
 
 from faedkv.fused import DirectLaunch, interpreting, launch
-from faedkv.iwdft import ring_slot_scales
 
 # as the profiler names them: what the cache's update launches, what the attention launches
 UPDATE_KERNELS = ("decode_step_kernel", "fold_step_kernel")
@@ -60,7 +59,7 @@ def _kernels(interpreted: bool) -> dict:
     def decode_step_kernel(sink_ptr, means_ptr, ring_ptr, keys_ptr, values_ptr, out_ptr,
                            heads, num_sink, num_slots, window, sink_plane, means_plane, ring_plane,
                            stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                           query, head, row0, filled, lap, scale_more, scale_less,
+                           query, head, row0, filled, lap,
                            BLOCK: tl.constexpr, DIM: tl.constexpr):
         pair = tl.program_id(0)                     # one (batch, head); K and V both
         half = tl.num_programs(0)                   # batch * kv_heads: offset of the V planes
@@ -79,7 +78,6 @@ def _kernels(interpreted: bool) -> dict:
         d = (j - row0 + num_slots) % num_slots
         gets = in_mid & (d < query)
         count = lap + (j < filled).to(tl.int32)               # tokens in row j after the fold
-        slot_scale = tl.where(j < filled, scale_more, scale_less)
         fold_pos = (head + d) % window
         win_pos = (head + query + i) % window
         b, h = pair // heads, pair % heads
@@ -104,7 +102,6 @@ def _kernels(interpreted: bool) -> dict:
             lerped = tl.where(weight < 0.5, mean + weight * diff, folded - diff * (1.0 - weight))
             mean = tl.where(gets[:, None], lerped, mean).to(out_ptr.dtype.element_ty)
             tl.store(mean_ptrs, mean, mask=gets[:, None])
-            slot = (mean.to(tl.float32) * slot_scale[:, None]).to(out_ptr.dtype.element_ty)
             # the folded token's ring position now holds the d-th new token (no other program
             # reads it: the window rows read the other W - query positions)
             incoming = tl.load(new_base + d[:, None] * stride_t + dims, mask=gets[:, None], other=0.0)
@@ -112,7 +109,7 @@ def _kernels(interpreted: bool) -> dict:
             recent = tl.load(ring_base + win_pos[:, None] * DIM + dims, mask=in_win[:, None], other=0.0)
             new = tl.load(new_base + n[:, None] * stride_t + dims, mask=in_new[:, None], other=0.0)
             value = tl.where(in_sink[:, None], sink,
-                             tl.where(in_mid[:, None], slot,
+                             tl.where(in_mid[:, None], mean,
                                       tl.where(in_win[:, None], recent, new)))
             tl.store(out_ptr + plane * total * DIM + rows[:, None] * DIM + dims, value,
                      mask=(rows < total)[:, None])
@@ -151,7 +148,7 @@ def _kernels(interpreted: bool) -> dict:
                               kv_heads, rows, rows_per_split, slot_start, num_slots,
                               stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
                               stride_vb, stride_vh, stride_vt,
-                              filled, scaling, scale_more, scale_less,
+                              filled, scaling, bias_more, bias_less,
                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                               DIM: tl.constexpr, PRECISION: tl.constexpr):
         pair = tl.program_id(0)                     # one (batch, kv head): its GROUP query heads
@@ -175,18 +172,16 @@ def _kernels(interpreted: bool) -> dict:
             v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vt + dims[None, :],
                         mask=valid[:, None], other=0.0)
             j = cols - slot_start
-            column_scale = tl.where((j >= 0) & (j < num_slots),
-                                    tl.where(j < filled, scale_more, scale_less), 1.0)
-            # slot key = scale * mean: its logit is scale * (q . mean)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scaling * column_scale)[None, :]
+            # a ring mean stands for its count of tokens: + log(count) on its logit
+            column_bias = tl.where((j >= 0) & (j < num_slots),
+                                   tl.where(j < filled, bias_more, bias_less), 0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling + column_bias[None, :]
             logits = tl.where(valid[None, :], logits, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, axis=1))
             decay = tl.exp(running_max - new_max)
             weights = tl.exp(logits - new_max[:, None])
             running_sum = running_sum * decay + tl.sum(weights, axis=1)
-            # slot value = scale * mean: its weight carries the scale
-            acc = acc * decay[:, None] + tl.dot((weights * column_scale[None, :]).to(v.dtype), v,
-                                                input_precision=PRECISION)
+            acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max
             col0 += BLOCK_N
         part = (pair * tl.num_programs(1) + split).to(tl.int64)
@@ -261,12 +256,11 @@ def decode_step_into(out: torch.Tensor, sink: torch.Tensor, means: torch.Tensor,
         raise ValueError(f"decode_step_into folds 1..min(W, M) = {min(window, num_slots)} tokens, got {query}")
     if not out.is_contiguous():
         raise ValueError("decode_step_into needs out contiguous")
-    filled, more, less = ring_slot_scales(folded + query, num_slots)
-    lap = (folded + query) // num_slots
+    lap, filled = divmod(folded + query, num_slots)
     grid = (batch * heads, (num_sink + num_slots + window + block - 1) // block)
     layout = (heads, num_sink, num_slots, window, plane_stride(sink, "sink"), plane_stride(means, "means"),
               plane_stride(ring, "ring"), *new_token_strides(keys, values))
-    step = (query, head, folded % num_slots, filled, lap, more, less)
+    step = (query, head, folded % num_slots, filled, lap)
     launch(_kernels(interpreting())["step"], grid, (sink, means, ring, keys, values, out), layout, step,
            (block, dim), num_warps=num_warps)
 
@@ -312,8 +306,8 @@ class FoldStep:
 
 class SlotAttention:
     """Attention of one new token over one layer's fixed key and value rows whose ring-mean rows
-    [slot_start, slot_start + M) stand for slots scale_r * mean_r (scale_more for r < filled,
-    scale_less after): both the logit and the value of such a row carry its scale. Split-KV
+    [slot_start, slot_start + M) stand for their classes of tokens: such a row's logit gets
+    + bias_more (r < filled) or + bias_less (after), its log count (the mass). Split-KV
     flash decoding: each program reduces a run of rows for the GROUP query heads of one KV head,
     a second kernel combines.
 
@@ -322,7 +316,7 @@ class SlotAttention:
     1, head_dim). block_n (rows per tile) and target_programs (programs of the first kernel) tune
     the launch (analysis.bench gpu measures them). The split, the scratch and, after the first
     call, the compiled kernels (`DirectLaunch`) are kept, so a decode call passes only the
-    query, the output and the step's scales."""
+    query, the output and the step's biases."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_start: int, num_slots: int,
                  block_n: int = 128, target_programs: int = 512, workspace: dict | None = None):
@@ -338,8 +332,8 @@ class SlotAttention:
         self.workspace = {} if workspace is None else workspace
         self.direct = None     # (attention, combine, query+out strides, dtype, layouts, constexprs)
 
-    def __call__(self, out: torch.Tensor, query: torch.Tensor, filled: int, scale_more: float,
-                 scale_less: float, scaling: float) -> None:
+    def __call__(self, out: torch.Tensor, query: torch.Tensor, filled: int, bias_more: float,
+                 bias_less: float, scaling: float) -> None:
         batch, heads, length, dim = query.shape
         if (length != 1 or heads % self.kv_heads or query.stride(-1) != 1 or batch != self.batch
                 or out.shape != (batch, 1, heads, dim)):
@@ -352,7 +346,7 @@ class SlotAttention:
                 and query_ptr % 16 == 0 and out_ptr % 16 == 0):
             attention, combine, _, _, layout, combine_layout, constexprs, combine_constexprs = direct
             attention(query_ptr, self.keys_ptr, self.values_ptr, *self.parts_ptrs, *layout,
-                      filled, scaling, scale_more, scale_less, *constexprs)
+                      filled, scaling, bias_more, bias_less, *constexprs)
             combine(*self.parts_ptrs, out_ptr, *combine_layout, *combine_constexprs)
             return
         group = heads // self.kv_heads
@@ -372,7 +366,7 @@ class SlotAttention:
         kernels = _kernels(interpreting())
         grid = (self.batch * self.kv_heads, self.splits)
         first = launch(kernels["attention"], grid, (query, self.keys, self.values, acc, running_max, running_sum),
-                       layout, (filled, scaling, scale_more, scale_less), constexprs)
+                       layout, (filled, scaling, bias_more, bias_less), constexprs)
         second = launch(kernels["combine"], (batch * heads,), (acc, running_max, running_sum, out),
                         combine_layout, (), combine_constexprs)
         if first is not None and query_ptr % 16 == 0 and out_ptr % 16 == 0:

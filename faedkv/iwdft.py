@@ -69,11 +69,20 @@ def fold_counts(tokens: int, num_bins: int) -> torch.Tensor:
 
 def ring_slot_scales(tokens: int, num_bins: int) -> tuple[int, float, float]:
     """(filled, more, less) after `tokens` tokens filled M = num_bins ring rows in turn: rows
-    r < filled hold one token more than the others, and slot_r = mean_r * (more if r < filled
-    else less) = mean_r * count_r * M / t (the spec's slot: (M / t) times the row's sum)."""
+    r < filled hold one token more than the others, and mean_r * (more if r < filled else less)
+    = mean_r * count_r * M / t is the spec's first reading of a slot, (M / t) times the row's sum
+    (the old normalisation)."""
     lap, filled = divmod(tokens, num_bins)
     scale = num_bins / tokens
     return filled, (lap + 1) * scale, lap * scale
+
+
+def ring_log_counts(tokens: int, num_bins: int) -> tuple[int, float, float]:
+    """(filled, more, less) after `tokens` tokens filled M = num_bins ring rows in turn: rows
+    r < filled hold lap + 1 tokens, the others lap, and their logits get + log(count) (more,
+    less; a row without tokens gets -1e30, so it takes no attention)."""
+    lap, filled = divmod(tokens, num_bins)
+    return filled, math.log(lap + 1), math.log(lap) if lap else -1e30
 
 
 def band_limit(x: torch.Tensor, half_mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

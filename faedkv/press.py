@@ -1,15 +1,18 @@
 """FAEDKVPress: kvpress press that replaces the middle of each layer's prefill cache by spectral slots.
 
-Layout per layer and KV head after compression::
+Layout per layer and KV head after compression (faedkv.budget)::
 
-    [ sink: first S tokens ][ M slots ][ recent: last W tokens ]
+    [ sink: S tokens ][ exact: E scored middle tokens ][ M slots ][ recent: last W tokens ]
 
-Budget (kvpress convention, ratio = fraction removed): for a prefill of T tokens,
-M = round((1 - ratio) * T) - S - W, so the cache holds round((1 - ratio) * T) rows.
+Budget: kvpress's, S + E + M + W = max(1, int(T * (1 - ratio))) rows for a prefill of T tokens;
+when S + W + 1 does not fit, the window shrinks first, then the sink (recorded in last_stats).
+Slot m is the mean of its class of middle tokens (band-limited by the plan) and attention adds
+log(tokens in the class) to its logit (the mass correction, faedkv.attention): with every bin
+kept, attention then equals attention over the cache in which each middle token is replaced by
+its class mean.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,51 +22,35 @@ from torch import nn
 
 from faedkv import fused
 from faedkv.attention import record_slot_bias, use_faedkv_attention
-from faedkv.iwdft import fold_counts
+from faedkv.budget import Layout, layout
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
-from faedkv.variants import VARIANTS, compress, expand, plan_keep, slot_positions
+from faedkv.variants import (SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress, expand,
+                             plan_keep, slot_mass, slot_positions)
 
 KEY_SPACES = ("post_rope", "pre_rope")
+# kvpress scorers a hybrid may use to pick its exact middle tokens (query-agnostic ones first)
+EXACT_SCORERS = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
+                 "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
 
 
-def budget_slots(num_tokens: int, compression_ratio: float, sink_tokens: int, window: int) -> int:
-    """M = round((1 - ratio) * T) - sink - window; raises ValueError when it is < 1."""
-    slots = round((1 - compression_ratio) * num_tokens) - sink_tokens - window
-    if slots < 1:
-        raise ValueError(
-            f"a prefill of {num_tokens} tokens at compression_ratio={compression_ratio} keeps "
-            f"{round((1 - compression_ratio) * num_tokens)} rows, not enough for sink_tokens="
-            f"{sink_tokens} + window={window} + 1 slot; the minimum context at this ratio is "
-            f"{minimum_context(compression_ratio, sink_tokens, window)} tokens (or lower the ratio, "
-            "the sink or the window)")
-    return slots
-
-
-def minimum_context(compression_ratio: float, sink_tokens: int, window: int) -> int:
-    """Smallest T with round((1 - ratio) * T) >= sink + window + 1."""
-    need = sink_tokens + window + 1
-    tokens = max(need, math.floor(need / (1 - compression_ratio)) - 1)
-    while round((1 - compression_ratio) * tokens) < need:
-        tokens += 1
-    return tokens
-
-
-def fused_compress(x: torch.Tensor, start: int, end: int, num_slots: int) -> torch.Tensor:
+def fused_compress(x: torch.Tensor, start: int, end: int, num_slots: int, normalization: str) -> torch.Tensor:
     """[sink | slots | window] with the slots folded by faedkv.fused straight into place."""
     batch, heads, tokens, dim = x.shape
     out = x.new_empty(batch, heads, start + num_slots + tokens - end, dim)
     out[:, :, :start] = x[:, :, :start]
     out[:, :, start + num_slots:] = x[:, :, end:]
-    fused.fold_into(out[:, :, start:start + num_slots], x[:, :, start:end], num_slots)
+    fused.fold_into(out[:, :, start:start + num_slots], x[:, :, start:end], num_slots,
+                    mean=normalization == "mean")
     return out
 
 
-def tokens_per_slot(variant: str, num_tokens: int, num_slots: int) -> torch.Tensor:
-    """(M,) how many middle tokens each slot stands for (exact counts for iwdft, N/M otherwise)."""
-    if variant == "iwdft":
-        return fold_counts(num_tokens, num_slots).double()
-    return torch.full((num_slots,), num_tokens / num_slots, dtype=torch.float64)
+def split_exact(x: torch.Tensor, order: torch.Tensor, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (batch, kv_heads, N, d) and order (batch, kv_heads, N) (summarised indices first, then the
+    exact ones, each in time order) -> (summarised (..., N - E, d), exact (..., E, d))."""
+    gathered = x.gather(-2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
+    cut = order.shape[-1] - exact
+    return gathered[..., :cut, :], gathered[..., cut:, :]
 
 
 @dataclass
@@ -72,27 +59,28 @@ class FAEDKVPress(BasePress):
 
     compression_ratio: fraction of the cache removed (kvpress convention); 0 is a no-op.
     variant: "iwdft" | "resample" | "dct-iterative" (faedkv.variants).
-    sink_tokens, window: exact tokens kept at the start and at the end (dct-iterative also uses
+    sink_tokens, window: exact tokens kept at the start and at the end, as asked; a budget too
+        small for them and one slot shrinks the window, then the sink (dct-iterative also uses
         the window as its re-compression step).
     plan: FrequencyPlan choosing which of the M bins each layer keeps; None keeps every bin.
     key_space: "post_rope" compresses keys as cached; "pre_rope" undoes RoPE at each token's
         position, compresses, and re-rotates each slot at its representative position.
-    mass_correction: add log(tokens per slot) to the slots' attention logits (faedkv.attention;
+    mass_correction: add log(tokens a slot stands for) to its attention logit (faedkv.attention;
         switches an sdpa model to the "faedkv_sdpa" attention, identical when no bias is set).
+    slot_normalization: "mean" (a slot is the mean of its tokens) or "sum" (iwdft only: the old
+        (M/t) x class sums, which breaks real models; kept to show why).
+    exact_share: hybrid budget: this fraction of the rows left after sink and window keeps exact
+        middle tokens chosen by `exact_scorer` (a kvpress scorer: expected_attention, knorm,
+        keydiff, snapkv, tova); the slots summarise every other middle token, so what eviction
+        would throw away is averaged in instead of lost. 0: no exact middle tokens.
 
-    Short prompts: with T <= sink + window there is no middle, the cache is left unchanged (the
-    ratio applies to the middle only when one exists). With a middle but a budget too small for
-    sink + window + 1 slot, compress raises ValueError naming the minimum context length.
-
-    After each prefill, `last_stats[layer]` holds {"tokens", "cache_len", "slots", "middle",
-    "key_error", "value_error", "reconstruction_error"}: errors are relative Frobenius errors of
-    the middle segment (in the space it was compressed in) against its reconstruction by the
-    closed-form way back from slots to tokens (each token takes its slot's value for iwdft;
-    band-limited interpolation for resample / dct-iterative), i.e. the pseudo-inverse of the
-    map when every bin is kept; "reconstruction_error" is that of keys and values stacked.
-    record_errors=False skips the errors (the benchmark times compression alone).
-    fused: on CUDA with Triton, compute the commonest case (iwdft, no plan, post-RoPE, no errors
-    recorded) with one kernel per tensor (faedkv.fused); False always takes the torch path.
+    After each prefill, `last_stats[layer]` holds {"tokens", "cache_len", "sink_tokens",
+    "window", "slots", "exact", "middle"} (the layout actually used) and, with record_errors,
+    "key_error", "value_error", "reconstruction_error": relative Frobenius errors of the
+    summarised middle against the closed-form way back from slots to tokens (each token takes
+    its class mean for iwdft; band-limited interpolation for resample / dct-iterative).
+    fused: on CUDA with Triton, compute the commonest case (iwdft, no plan, post-RoPE, no hybrid,
+    no errors recorded) with one kernel per tensor (faedkv.fused); False takes the torch path.
     """
 
     compression_ratio: float = 0.0
@@ -101,13 +89,17 @@ class FAEDKVPress(BasePress):
     window: int = 64
     plan: FrequencyPlan | None = None
     key_space: str = "post_rope"
-    mass_correction: bool = False
+    mass_correction: bool = True
+    slot_normalization: str = "mean"
+    exact_share: float = 0.0
+    exact_scorer: str = "expected_attention"
     record_errors: bool = True
     fused: bool = True
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.compression_ratio, (int, float)) or not 0 <= self.compression_ratio < 1:
+        if (isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, (int, float))
+                or not 0 <= self.compression_ratio < 1):
             raise ValueError(f"compression_ratio must be in [0, 1) (fraction removed), got "
                              f"{self.compression_ratio!r}")
         if self.variant not in VARIANTS:
@@ -120,6 +112,25 @@ class FAEDKVPress(BasePress):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.plan is not None and not isinstance(self.plan, FrequencyPlan):
             raise ValueError("plan must be a faedkv.FrequencyPlan (FrequencyPlan.from_json(...)) or None")
+        if self.slot_normalization not in SLOT_NORMALIZATIONS:
+            raise ValueError(f"slot_normalization must be one of {', '.join(SLOT_NORMALIZATIONS)}, got "
+                             f"{self.slot_normalization!r}")
+        check_normalization(self.variant, self.slot_normalization)
+        if (isinstance(self.exact_share, bool) or not isinstance(self.exact_share, (int, float))
+                or not 0 <= self.exact_share < 1):
+            raise ValueError(f"exact_share must be in [0, 1) (the budget share of exact middle tokens), "
+                             f"got {self.exact_share!r}")
+        if self.exact_scorer not in EXACT_SCORERS:
+            raise ValueError(f"unknown exact_scorer {self.exact_scorer!r}; use one of {', '.join(EXACT_SCORERS)}")
+        if self.exact_share and (self.key_space == "pre_rope" or self.variant == "dct-iterative"):
+            raise ValueError("a hybrid (exact_share > 0) keeps post-RoPE exact tokens and summarises "
+                             "the rest with iwdft or resample: use key_space='post_rope' and one of those")
+        self.scorer = None
+        if self.exact_share:
+            import kvpress
+
+            # the scorer's own ratio is unused: we call score() and pick the top E ourselves
+            self.scorer = getattr(kvpress, EXACT_SCORERS[self.exact_scorer])()
 
     def post_init_from_model(self, model):
         self.last_stats = {}
@@ -129,74 +140,86 @@ class FAEDKVPress(BasePress):
                              f"model has {layers}; build the plan for this model")
         if self.mass_correction:
             use_faedkv_attention(model.config)
+        if self.scorer is not None:
+            self.scorer.post_init_from_model(model)
 
     @property
     def step(self) -> int:
         return max(1, self.window)
 
-    def num_slots(self, num_tokens: int) -> int:
-        """Slots kept for a prefill of num_tokens (0 when nothing is compressed)."""
-        if self.compression_ratio == 0 or num_tokens <= self.sink_tokens + self.window:
-            return 0
-        return budget_slots(num_tokens, self.compression_ratio, self.sink_tokens, self.window)
+    def layout(self, num_tokens: int) -> Layout:
+        """How a prefill of num_tokens is kept (kvpress's budget; faedkv.budget.layout)."""
+        return layout(num_tokens, self.compression_ratio, self.sink_tokens, self.window, self.exact_share)
 
     def compress(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, attentions: torch.Tensor, kwargs: dict):
-        """keys, values (batch, kv_heads, T, head_dim) -> (batch, kv_heads, S + M + W, head_dim)."""
-        layer = module.layer_idx
-        num_tokens = keys.shape[2]
-        num_slots = self.num_slots(num_tokens)
-        if num_slots == 0:
-            self.last_stats[layer] = {"tokens": num_tokens, "cache_len": num_tokens, "slots": 0,
-                                      "middle": 0, "key_error": 0.0, "value_error": 0.0,
-                                      "reconstruction_error": 0.0}
+        """keys, values (batch, kv_heads, T, head_dim) -> (batch, kv_heads, S + E + M + W, head_dim)."""
+        layer, num_tokens = module.layer_idx, keys.shape[2]
+        kept = self.layout(num_tokens)
+        stats = kept.as_stats()
+        self.last_stats[layer] = stats
+        if kept.slots == 0:
             return keys, values
-        start, end = self.sink_tokens, num_tokens - self.window
-        middle = end - start
-        heads = keys.shape[1]
-        if self.fusable(keys, values):
-            keys, values = fused_compress(keys, start, end, num_slots), fused_compress(values, start, end, num_slots)
-            if self.mass_correction:
-                record_slot_bias(module, start, tokens_per_slot(self.variant, middle, num_slots))
-            self.last_stats[layer] = {"tokens": num_tokens, "cache_len": keys.shape[2],
-                                      "slots": num_slots, "middle": middle}
+        start, end = kept.sink, num_tokens - kept.window
+        if kept.exact == 0 and self.fusable(keys, values):
+            keys = fused_compress(keys, start, end, kept.slots, self.slot_normalization)
+            values = fused_compress(values, start, end, kept.slots, self.slot_normalization)
+            self.record_mass(module, start, kept)
             return keys, values
         # Views: the compressors read bf16 directly and accumulate in float32.
         mid_keys, mid_values = keys[:, :, start:end], values[:, :, start:end]
+        exact_keys = exact_values = keys[:, :, :0]
+        if kept.exact:
+            order = self.exact_order(module, hidden_states, keys, values, attentions, kwargs, kept)
+            mid_keys, exact_keys = split_exact(mid_keys, order, kept.exact)
+            mid_values, exact_values = split_exact(mid_values, order, kept.exact)
         if self.key_space == "pre_rope":
             inv_freq, scaling = rope_parameters(module)
             positions = token_positions(kwargs, num_tokens, keys.device)[start:end]
             cos, sin = rope_cos_sin(positions, inv_freq, scaling)
             mid_keys = unrotate(mid_keys.float(), cos, sin, scaling)
-        key_slots = compress(self.variant, mid_keys, num_slots,
-                             plan_keep(self.plan, layer, "key", heads), self.step)
-        value_slots = compress(self.variant, mid_values, num_slots,
-                               plan_keep(self.plan, layer, "value", heads), self.step)
-        stats = self.errors(mid_keys, mid_values, key_slots, value_slots) if self.record_errors else {}
-        cached_key_slots = key_slots
+        heads, norm = keys.shape[1], self.slot_normalization
+        key_slots = compress(self.variant, mid_keys, kept.slots, plan_keep(self.plan, layer, "key", heads),
+                             self.step, norm)
+        value_slots = compress(self.variant, mid_values, kept.slots,
+                               plan_keep(self.plan, layer, "value", heads), self.step, norm)
+        if self.record_errors:
+            stats.update(self.errors(mid_keys, mid_values, key_slots, value_slots))
         if self.key_space == "pre_rope":
-            represent = slot_positions(self.variant, middle, num_slots, self.step)
+            represent = slot_positions(self.variant, kept.summarised, kept.slots, self.step)
             represent = represent.to(keys.device) + positions[0].double()
-            cached_key_slots = rotate(key_slots, *rope_cos_sin(represent, inv_freq, scaling))
-        if self.mass_correction:
-            record_slot_bias(module, start, tokens_per_slot(self.variant, middle, num_slots))
-        keys = torch.cat([keys[:, :, :start], cached_key_slots.to(keys.dtype), keys[:, :, end:]], dim=2)
-        values = torch.cat([values[:, :, :start], value_slots.to(values.dtype), values[:, :, end:]], dim=2)
-        self.last_stats[layer] = {"tokens": num_tokens, "cache_len": keys.shape[2], "slots": num_slots,
-                                  "middle": middle, **stats}
+            key_slots = rotate(key_slots, *rope_cos_sin(represent, inv_freq, scaling))
+        self.record_mass(module, start + kept.exact, kept)
+        keys = torch.cat([keys[:, :, :start], exact_keys, key_slots.to(keys.dtype), keys[:, :, end:]], dim=2)
+        values = torch.cat([values[:, :, :start], exact_values, value_slots.to(values.dtype),
+                            values[:, :, end:]], dim=2)
         return keys, values
+
+    def record_mass(self, module, slot_start: int, kept: Layout) -> None:
+        if self.mass_correction:
+            record_slot_bias(module, slot_start, slot_mass(self.variant, kept.summarised, kept.slots))
+
+    def exact_order(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
+        """(batch, kv_heads, N) middle indices: the summarised ones first, then the E exact ones
+        (the scorer's top E among the middle tokens), each group in time order."""
+        start, end = kept.sink, kept.tokens - kept.window
+        scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)[..., start:end]
+        top = scores.float().topk(kept.exact, dim=-1).indices
+        is_exact = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device).scatter_(-1, top, 1)
+        return torch.argsort(is_exact, dim=-1, stable=True)
 
     def fusable(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """The fused CUDA kernel computes exactly this press: iwdft, every bin, post-RoPE keys,
-        and no error statistics to record (they need the float32 middle)."""
+        no exact tokens and no error statistics to record (they need the float32 middle)."""
         return (self.fused and self.variant == "iwdft" and self.plan is None and self.key_space == "post_rope"
-                and not self.record_errors and fused.can_fuse(keys) and fused.can_fuse(values))
+                and not self.exact_share and not self.record_errors and fused.can_fuse(keys)
+                and fused.can_fuse(values))
 
     @torch.no_grad()
     def errors(self, mid_keys, mid_values, key_slots, value_slots) -> dict:
-        middle = mid_keys.shape[-2]
-        key_diff = torch.linalg.vector_norm(mid_keys - expand(self.variant, key_slots, middle, self.step))
-        value_diff = torch.linalg.vector_norm(mid_values - expand(self.variant, value_slots, middle, self.step))
+        middle, norm = mid_keys.shape[-2], self.slot_normalization
+        key_diff = torch.linalg.vector_norm(mid_keys - expand(self.variant, key_slots, middle, self.step, norm))
+        value_diff = torch.linalg.vector_norm(mid_values - expand(self.variant, value_slots, middle, self.step, norm))
         key_norm, value_norm = torch.linalg.vector_norm(mid_keys), torch.linalg.vector_norm(mid_values)
         both = torch.sqrt((key_diff ** 2 + value_diff ** 2) / (key_norm ** 2 + value_norm ** 2).clamp(min=1e-30))
         return {"key_error": float(key_diff / key_norm.clamp(min=1e-30)),

@@ -27,6 +27,9 @@ from faedkv.iwdft import compute_dtype, fold_by_distance, fold_counts, symmetric
 from faedkv.plans import FrequencyPlan, bin_frequencies
 
 VARIANTS = ("iwdft", "resample", "dct-iterative")
+# What an iwdft slot holds: the mean of its class (default; attention adds log count), or the
+# spec's first reading, (M/t) x the class sum, kept to show why it fails on real models.
+SLOT_NORMALIZATIONS = ("mean", "sum")
 KeepFn = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -34,6 +37,24 @@ def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     return variant
+
+
+def check_normalization(variant: str, normalization: str) -> str:
+    if normalization not in SLOT_NORMALIZATIONS:
+        raise ValueError(f"unknown slot_normalization {normalization!r}; use 'mean' (class means) or "
+                         "'sum' (the old (M/t) x class sums, iwdft only)")
+    if normalization == "sum" and variant != "iwdft":
+        raise ValueError(f"slot_normalization='sum' is the old iwdft reading; variant {variant!r} "
+                         "already returns averages: use slot_normalization='mean'")
+    return normalization
+
+
+def slot_mass(variant: str, num_tokens: int, num_slots: int) -> torch.Tensor:
+    """(M,) float64 tokens each slot stands for: the class counts for iwdft, N/M otherwise.
+    Attention adds log(mass) to a slot's logit (the mass correction)."""
+    if check_variant(variant) == "iwdft":
+        return fold_counts(num_tokens, num_slots).double()
+    return torch.full((num_slots,), num_tokens / num_slots, dtype=torch.float64)
 
 
 def _bin_mask(keep: KeepFn, freqs: torch.Tensor, device) -> torch.Tensor | None:
@@ -44,17 +65,29 @@ def _bin_mask(keep: KeepFn, freqs: torch.Tensor, device) -> torch.Tensor | None:
 
 
 # --- iwdft ----------------------------------------------------------------------------------
-def compress_iwdft(x: torch.Tensor, num_slots: int, keep: KeepFn = None) -> torch.Tensor:
-    """iwdft_slots(iwdft(x, M), keep) without the complex round trip: the folded sums are real,
-    so the kept bins are applied with rfft / irfft, and with every bin kept the inverse DFT undoes
-    the forward one exactly (slots = (M/t) * folded sums), so no FFT runs at all."""
-    folded = fold_by_distance(x, num_slots)
-    scale = num_slots / x.shape[-2]
+def class_means(x: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Mean of the tokens in each distance class (x (..., N, d) -> (..., M, d), compute dtype):
+    class m holds the c_m tokens whose distance from the newest is congruent to m mod M."""
+    counts = fold_counts(x.shape[-2], num_slots).clamp(min=1).to(x.device)
+    return fold_by_distance(x, num_slots) / counts.unsqueeze(-1)
+
+
+def compress_iwdft(x: torch.Tensor, num_slots: int, keep: KeepFn = None,
+                   normalization: str = "mean") -> torch.Tensor:
+    """The iwdft slots: class means (normalization "mean"), band-limited by the kept bins when
+    there is a plan (irfft(rfft(means) x mask)); "sum" is the spec's first reading,
+    iwdft_slots(iwdft(x, M), keep) = (M/t) x class sums. Real throughout: the folded rows are
+    real, so a plan is applied with rfft / irfft, and without one no FFT runs (the inverse DFT
+    undoes the forward one exactly)."""
+    if normalization == "mean":
+        rows = class_means(x, num_slots)
+    else:
+        rows = fold_by_distance(x, num_slots) * (num_slots / x.shape[-2])
     if keep is None:
-        return folded * scale
+        return rows
     mask = symmetric_keep(keep(bin_frequencies(num_slots)).to(x.device))
     half = mask[..., : num_slots // 2 + 1].unsqueeze(-1)
-    return torch.fft.irfft(torch.fft.rfft(folded, dim=-2) * half, n=num_slots, dim=-2) * scale
+    return torch.fft.irfft(torch.fft.rfft(rows, dim=-2) * half, n=num_slots, dim=-2)
 
 
 def iwdft_positions(num_tokens: int, num_slots: int) -> torch.Tensor:
@@ -64,13 +97,16 @@ def iwdft_positions(num_tokens: int, num_slots: int) -> torch.Tensor:
     return sums / fold_counts(num_tokens, num_slots).clamp(min=1)
 
 
-def iwdft_expand(slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Each token i gets its slot b = (N - i) mod M rescaled to the mean of the slot's members,
-    slot[b] * N / (M * count_b): the pseudo-inverse of the all-bins map (M/N) * membership."""
+def iwdft_expand(slots: torch.Tensor, num_tokens: int, normalization: str = "mean") -> torch.Tensor:
+    """Each token i gets the mean of its class b = (N - i) mod M: the attention-equivalent
+    expanded cache (and, with every bin kept, the pseudo-inverse of the map). "sum" slots are
+    first rescaled to means, slot[b] * N / (M * count_b)."""
     num_slots = slots.shape[-2]
     member = (num_tokens - torch.arange(num_tokens, device=slots.device)) % num_slots
-    scale = num_tokens / (num_slots * fold_counts(num_tokens, num_slots).clamp(min=1))
-    return (slots * scale.to(slots.device, slots.dtype).unsqueeze(-1)).index_select(-2, member)
+    if normalization == "sum":
+        scale = num_tokens / (num_slots * fold_counts(num_tokens, num_slots).clamp(min=1))
+        slots = slots * scale.to(slots.device, slots.dtype).unsqueeze(-1)
+    return slots.index_select(-2, member)
 
 
 # --- resample -------------------------------------------------------------------------------
@@ -179,12 +215,12 @@ def dct_iterative_expand(slots: torch.Tensor, num_tokens: int, step: int = 64) -
 
 # --- one interface --------------------------------------------------------------------------
 def compress(variant: str, x: torch.Tensor, num_slots: int, keep: KeepFn = None,
-             step: int = 64) -> torch.Tensor:
+             step: int = 64, normalization: str = "mean") -> torch.Tensor:
     """(..., N, head_dim) -> (..., num_slots, head_dim) in the compute dtype."""
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    if check_variant(variant) == "iwdft":
-        return compress_iwdft(x, num_slots, keep)
+    if check_normalization(check_variant(variant), normalization) and variant == "iwdft":
+        return compress_iwdft(x, num_slots, keep, normalization)
     if variant == "resample":
         return compress_resample(x, num_slots, keep)
     return compress_dct_iterative(x, num_slots, step, keep)
@@ -199,23 +235,16 @@ def slot_positions(variant: str, num_tokens: int, num_slots: int, step: int = 64
     return dct_iterative_positions(num_tokens, num_slots, step)
 
 
-def expand(variant: str, slots: torch.Tensor, num_tokens: int, step: int = 64) -> torch.Tensor:
+def expand(variant: str, slots: torch.Tensor, num_tokens: int, step: int = 64,
+           normalization: str = "mean") -> torch.Tensor:
     """The closed-form way back from slots to tokens: replication for iwdft, band-limited
     interpolation for resample (both the pseudo-inverse of the map when every bin is kept), and
     for dct-iterative each re-compression undone by its pseudo-inverse, newest first."""
     if check_variant(variant) == "iwdft":
-        return iwdft_expand(slots, num_tokens)
+        return iwdft_expand(slots, num_tokens, normalization)
     if variant == "resample":
         return resample_expand(slots, num_tokens)
     return dct_iterative_expand(slots, num_tokens, step)
-
-
-def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
-    """||x - approx||_F / ||x||_F (0 for an all-zero x reconstructed exactly)."""
-    x = x.to(approx.dtype)
-    norm = torch.linalg.vector_norm(x)
-    diff = torch.linalg.vector_norm(x - approx)
-    return float(diff / norm) if norm > 0 else float(diff)
 
 
 def plan_keep(plan: FrequencyPlan | None, layer: int, kind: str, num_heads: int | None = None,
@@ -241,17 +270,23 @@ def num_slots_for(num_tokens: int, compression_ratio: float) -> int:
     return max(1, round((1 - compression_ratio) * num_tokens))
 
 
-def compression_matrix(variant: str, num_tokens: int, compression_ratio: float,
+def compression_matrix(variant: str, num_tokens: int, compression_ratio: float | None = None,
                        plan: FrequencyPlan | None = None, layer: int = 0, kind: str = "key",
-                       head: int | None = None, step: int = 64) -> torch.Tensor:
+                       head: int | None = None, step: int = 64, normalization: str = "mean",
+                       num_slots: int | None = None) -> torch.Tensor:
     """The linear map (slots x tokens, float64) a variant applies to a middle of num_tokens
-    tokens, M = round((1 - ratio) * num_tokens); for dct-iterative it is the composition over all
-    re-compressions. Obtained by compressing the identity."""
+    tokens, M = num_slots or round((1 - ratio) * num_tokens); for dct-iterative it is the
+    composition over all re-compressions. Obtained by compressing the identity. Attention sees
+    each slot with its mass (`slot_mass`): `faedkv.contribution.attention_equivalent` gives the
+    map to the attention-equivalent expanded cache."""
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    num_slots = num_slots_for(num_tokens, compression_ratio)
+    if num_slots is None:
+        if compression_ratio is None:
+            raise ValueError("compression_matrix needs compression_ratio or num_slots")
+        num_slots = num_slots_for(num_tokens, compression_ratio)
     identity = torch.eye(num_tokens, dtype=torch.float64)  # token n = unit vector e_n
     keep = plan_keep(plan, layer, kind, head=head)
     if plan is not None and plan.is_per_head(layer, kind) and head is None:
         raise ValueError(f"plan layer {layer} is per head: pass head= to compression_matrix")
-    return compress(variant, identity, num_slots, keep, step)
+    return compress(variant, identity, num_slots, keep, step, normalization)

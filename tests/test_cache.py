@@ -1,4 +1,5 @@
 """FAEDKVCache: fixed budget during generation, state = batch IWDFT, true positions, memory."""
+import math
 import random
 
 import pytest
@@ -6,8 +7,13 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_llama
-from faedkv import FAEDKVCache, FrequencyPlan, iwdft, iwdft_slots
+from faedkv import FAEDKVCache, FrequencyPlan, iwdft
+from faedkv.attention import mark_mass
+from faedkv.budget import kept_rows
+from faedkv.cache import FAEDKVLayer, half_spectrum_mask
+from faedkv.iwdft import band_limit
 from faedkv.plans import bin_frequencies
+from faedkv.variants import compress, plan_keep
 
 VOCAB = 128
 
@@ -45,7 +51,7 @@ def test_bf16_decoding_keeps_the_budget_and_tracks_the_float32_state():
     cache = FAEDKVCache(compression_ratio=ratio, sink_tokens=sink, window=window)
     received, returned = record(cache)
     ids = torch.randint(0, VOCAB, (2, tokens))
-    size = round((1 - ratio) * tokens)
+    size = kept_rows(tokens, ratio)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache)
         assert cache.stored_lengths() == [size] * 3
@@ -80,7 +86,7 @@ def test_generate_works_and_state_equals_batch_iwdft():
     out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=2)
     assert out.shape == (2, tokens + new)
-    size = round((1 - ratio) * tokens)
+    size = kept_rows(tokens, ratio)
     assert cache.stored_lengths() == [size] * 3
     slots = size - sink - window
     for layer_idx in range(3):
@@ -95,11 +101,10 @@ def test_generate_works_and_state_equals_batch_iwdft():
         assert torch.equal(layer.counts, torch.bincount(ring, minlength=slots))
         assert torch.equal(layer.window_keys, keys[:, :, -window:])
         assert torch.equal(layer.sink_keys, keys[:, :, :sink])
-        # ring-order slots are the spec's distance-order slots, permuted (plan applied)
-        mask = plan.keep_frequencies(layer_idx, bin_frequencies(slots), "key", 2)
+        # ring-order slots are the spec's distance-order class means, permuted (plan applied)
         ring_slots = layer.slots()[0].index_select(2, distance_rows(folded, slots))
-        assert torch.allclose(ring_slots, iwdft_slots(state_k, mask),
-                              atol=1e-5 * ring_slots.abs().max().item())
+        means = compress("iwdft", keys[:, :, sink:sink + folded], slots, plan_keep(plan, layer_idx, "key", 2))
+        assert torch.allclose(ring_slots, means, atol=1e-5 * ring_slots.abs().max().item())
     # Layer 0's keys depend only on the token and its position: an independent full forward over
     # the generated sequence gives the same keys, so the cache used true positions for RoPE.
     full = DynamicCache()
@@ -134,18 +139,22 @@ def test_calls_longer_than_the_window_fold_more_than_a_lap_exactly():
 
 
 class DistanceOrderCache(FAEDKVCache):
-    """The former formula: slots = iwdft_slots(states) in distance order (spec order)."""
+    """The spec's order: slot b holds the class at distance b from the newest middle token
+    (band-limited class means, their counts permuted alike)."""
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         layer = self.layers[layer_idx]
         if layer.folded and key_states.shape[2] < keys.shape[2]:  # not the prefill
             start, stop = self.sink_tokens, self.sink_tokens + layer.num_slots
-            state_k, state_v, _ = self.states(layer_idx)
-            for out, state, kind in ((keys, state_k, "key"), (values, state_v, "value")):
-                mask = None if self.plan is None else self.plan.keep_frequencies(
-                    layer_idx, bin_frequencies(layer.num_slots), kind, keys.shape[1])
-                out[:, :, start:stop] = iwdft_slots(state, mask).to(out.dtype)
+            rows = distance_rows(layer.folded, layer.num_slots)
+            for index, (out, kind) in enumerate(((keys, "key"), (values, "value"))):
+                means = layer.means[index].index_select(2, rows).float()
+                if self.plan is not None:
+                    keep = self.plan.keep_some_frequencies(layer_idx, bin_frequencies(layer.num_slots), kind, 2)
+                    means = band_limit(means, half_spectrum_mask(keep, layer.num_slots), dim=-2)
+                out[:, :, start:stop] = means.to(out.dtype)
+            mark_mass(keys, start, layer.counts.index_select(0, rows))
         return keys, values
 
 
@@ -167,8 +176,7 @@ def test_ring_order_gives_the_logits_of_distance_order_slots(plan):
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
     # the two caches really handed attention different row orders
     layer = caches[0].layers[1]
-    mask = None if plan is None else plan.keep_frequencies(1, bin_frequencies(layer.num_slots), "key", 2)
-    distance = iwdft_slots(caches[0].states(1)[0], mask)
+    distance = layer.slots()[0].index_select(2, distance_rows(layer.folded, layer.num_slots))
     assert (layer.slots()[0] - distance).abs().max() > 1e-2 * distance.abs().max()
 
 
@@ -185,6 +193,8 @@ def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
     calls = []
     kernel_step = fused_decode.decode_step_into
     monkeypatch.setattr(fused_decode, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
+    # one-token calls would take the fold-only step under faedkv's attention: test the one-kernel step
+    monkeypatch.setattr(FAEDKVLayer, "slot_attention_ready", lambda self: False)
     model = make_tiny_llama(dtype=dtype)
     tokens, sink, window = random.randint(100, 140), random.choice([0, 4]), 8
     sizes = [1, 1, 1, 3, 1, 8, 11, 1, 1, 3, 1, 1, 1]
@@ -227,7 +237,7 @@ def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
 def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     """The split-KV Triton attention (Triton's CPU interpreter here) against
     slot_attention_torch: GQA, several splits (the last one short for most row counts),
-    slot rows scaled by two factors. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
+    slot rows with two log counts. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
     from faedkv.attention import SlotScales, slot_attention_torch
     from faedkv.fused_decode import SlotAttention
@@ -237,25 +247,24 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     query = torch.randn(batch, 1, heads, dim).transpose(1, 2)   # the layout q_proj + RoPE give
     keys, values = torch.randn(2, batch, kv_heads, rows, dim).unbind(0)
     scales = SlotScales(start=4, count=rows - 20, filled=random.randint(0, rows - 20),
-                        more=1.25, less=0.8)
+                        more=math.log(3), less=math.log(2))
     expected = slot_attention_torch(query, keys, values, scales, scaling=0.25)
     out = torch.empty(batch, 1, heads, dim)
     attention = SlotAttention(keys, values, scales.start, scales.count, block_n=16, target_programs=16)
     assert attention.splits >= 3 and attention.rows_per_split % 16 == 0   # several splits of whole tiles
     attention(out, query, scales.filled, scales.more, scales.less, scaling=0.25)
     assert torch.allclose(out, expected, atol=1e-5)
-    # the scales matter: plain attention over the means differs
-    plain = slot_attention_torch(query, keys, values, SlotScales(4, rows - 20, 0, 1.0, 1.0), 0.25)
+    # the mass matters: plain attention over the means differs
+    plain = slot_attention_torch(query, keys, values, SlotScales(4, rows - 20, 0, 0.0, 0.0), 0.25)
     assert (plain - expected).abs().max() > 1e-3
 
 
 def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
     """With plan masks (per KV head for values) slot_attention_torch filters the ring rows'
-    logits and probabilities; that must equal plain attention over the materialised
-    band-limited slots C (s * means) (the torch path's slot rows)."""
+    logits and probabilities; that must equal attention over the materialised band-limited
+    slots C means (the torch path's slot rows) with their log-count mass."""
     from faedkv.attention import SlotScales, slot_attention_torch
-    from faedkv.cache import half_spectrum_mask
-    from faedkv.iwdft import band_limit, ring_slot_scales
+    from faedkv.iwdft import ring_log_counts
 
     batch, heads, kv_heads, dim, sink, window = 2, 4, 2, 16, 4, 8
     slots, folded = random.randint(20, 60), random.randint(200, 400)
@@ -267,18 +276,18 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
     masks = torch.stack(torch.broadcast_tensors(*[
         half_spectrum_mask(plan.keep_some_frequencies(0, freqs, kind, kv_heads), slots)
         for kind in ("key", "value")])).unsqueeze(1)
-    filled, more, less = ring_slot_scales(folded, slots)
+    filled, more, less = ring_log_counts(folded, slots)
     scales = SlotScales(sink, slots, filled, more, less, masks=masks)
     got = slot_attention_torch(query, keys, values, scales, scaling=0.3)
 
     ring = slice(sink, sink + slots)
-    column = scales.column_scales(rows, "cpu")[ring, None]
     materialised = []
     for index, x in enumerate((keys, values)):
         x = x.clone()
-        x[..., ring, :] = band_limit(x[..., ring, :] * column, masks[index], dim=-2)
+        x[..., ring, :] = band_limit(x[..., ring, :], masks[index], dim=-2)
         materialised.append(x.repeat_interleave(heads // kv_heads, dim=1))
-    weights = torch.softmax(query @ materialised[0].transpose(-1, -2) * 0.3, dim=-1)
+    bias = scales.column_bias(rows, "cpu")
+    weights = torch.softmax(query @ materialised[0].transpose(-1, -2) * 0.3 + bias, dim=-1)
     expected = (weights @ materialised[1]).transpose(1, 2)
     assert torch.allclose(got, expected, atol=1e-5)
     # the masks matter: without them the answer differs
@@ -290,9 +299,9 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
                                                               [0, 21]])], ids=["all-bins", "plan"])
 def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch, plan):
     """With faedkv's attention on the model, one-token calls hand attention the stored ring
-    means and their scales (no slot written) and give the logits of the torch path; a
+    means and their log counts (no slot written) and give the logits of the torch path; a
     multi-token call in between materialises; switching the model back to sdpa makes the cache
-    materialise again. With a plan the attention band-limits the ring rows itself."""
+    materialise once (and switch it back). With a plan the attention band-limits the ring rows."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
     from faedkv import fused_decode
     from faedkv.attention import restore_sdpa, use_faedkv_attention
@@ -323,10 +332,11 @@ def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch, 
                 position += size
         results.append((torch.cat(logits, dim=1), cache, scaled_calls))
     (reference, torch_cache, _), (got, kernel_cache, scaled_calls) = results
-    # the first call answers the probe; the 4-token call and every call after sdpa is back
-    # materialise; the others are slot-scaled (3 layers each)
-    assert scaled_calls == [False, True, True, False, True, True, False, False]
-    assert len(folds) == 4 * 3
+    # the prefill answered the probe; the 4-token call materialises; after sdpa is back layer 0
+    # materialises once and its marked keys switch the model to faedkv's attention again, so
+    # layers 1 and 2 of that call are slot-scaled already, like every other call (3 layers each)
+    assert scaled_calls == [True, True, True, False, True, True, True, True]
+    assert len(folds) == 6 * 3 + 2
     assert torch.allclose(got, reference, atol=1e-5)
     for mine, theirs in zip(kernel_cache.layers, torch_cache.layers):
         assert mine.folded == theirs.folded
@@ -347,7 +357,7 @@ def test_memory_at_ratio_075_is_under_030_of_a_dynamic_cache():
         full = DynamicCache()
         model(input_ids=ids, past_key_values=full)
     full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
-    rows = round(0.25 * tokens)
+    rows = kept_rows(tokens, 0.75)
     row_bytes = 2 * 16 * 2  # kv_heads * head_dim * bf16
     # K and V rows in bf16 (sink + ring means + window, each its own storage), nothing else
     assert cache.memory_bytes() == 3 * 2 * rows * row_bytes
@@ -373,12 +383,12 @@ def test_multi_token_calls_are_causal_at_true_positions():
             model(input_ids=ids, past_key_values=cache)
             # later transformers pass the query length instead of cache_position
             # (6 window tokens fold first: kv_length = S + M + W, the new columns at tokens..+5)
-            past = round(0.5 * tokens) - 6
+            past = kept_rows(tokens, 0.5) - 6
             expected = (past + 6, tokens - past)
             assert cache.layers[0].get_mask_sizes(torch.arange(tokens, tokens + 6)) == expected
             assert cache.layers[0].get_mask_sizes(6) == expected
             logits.append(model(input_ids=question, past_key_values=cache).logits)
-        assert cache.stored_lengths() == [round(0.5 * tokens)] * 3
+        assert cache.stored_lengths() == [kept_rows(tokens, 0.5)] * 3
         assert cache.get_seq_length() == tokens + 6
     assert torch.allclose(logits[0][:, :-1], logits[1][:, :-1], atol=1e-6)
     assert (logits[0][:, -1] - logits[1][:, -1]).abs().max() > 1e-4
@@ -398,10 +408,15 @@ def test_zero_ratio_generates_like_a_dynamic_cache():
 
 def test_bad_use_raises_value_error():
     model = make_tiny_llama()
-    with pytest.raises(ValueError, match="minimum context"):
+    with pytest.raises(ValueError, match="cannot compress a 1-token prefill"):
         with torch.no_grad():
-            model(input_ids=torch.randint(0, VOCAB, (1, 60)),
-                  past_key_values=FAEDKVCache(compression_ratio=0.5, window=64))
+            model(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=FAEDKVCache(compression_ratio=0.5))
+    eager = make_tiny_llama(attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        with torch.no_grad():
+            cache = FAEDKVCache(compression_ratio=0.5, window=8)
+            eager(input_ids=torch.randint(0, VOCAB, (1, 60)), past_key_values=cache)
+            eager(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=cache)
     with pytest.raises(ValueError, match="of one shape"):
         FAEDKVCache(compression_ratio=0.5, window=8).update(torch.zeros(1, 2, 60, 16),
                                                             torch.zeros(1, 2, 60, 8), 0)
@@ -414,3 +429,67 @@ def test_bad_use_raises_value_error():
         cache.reorder_cache(torch.tensor([0]))
     with pytest.raises(ValueError, match="cropped"):
         cache.crop(10)
+
+
+def test_a_short_prefill_shrinks_the_window_to_the_budget():
+    model = make_tiny_llama()
+    cache = FAEDKVCache(compression_ratio=0.5, sink_tokens=4, window=64)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (1, 60)), past_key_values=cache)
+        model(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=cache)
+    layer = cache.layers[0]
+    assert (layer.sink_tokens, layer.num_slots, layer.window) == (4, 1, 25)
+    assert cache.stored_lengths() == [30] * 3
+
+
+class ClassMeanCache(DynamicCache):
+    """A full cache whose attention sees every middle token replaced by its ring class mean
+    (class = middle index mod M, band-limited by the plan): what FAEDKVCache must equal."""
+
+    def __init__(self, sink, window, slots, prefill, plan=None):
+        super().__init__()
+        self.sink, self.window, self.slots, self.prefill, self.plan = sink, window, slots, prefill, plan
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+        if keys.shape[2] <= self.prefill:
+            return keys, values
+        out = []
+        for x, kind in ((keys, "key"), (values, "value")):
+            middle = x[:, :, self.sink:x.shape[2] - self.window].double()
+            ring = torch.arange(middle.shape[2]) % self.slots
+            sums = torch.zeros(*middle.shape[:2], self.slots, middle.shape[3], dtype=torch.float64)
+            sums.index_add_(2, ring, middle)
+            means = sums / torch.bincount(ring, minlength=self.slots).double()[:, None]
+            if self.plan is not None:
+                heads = x.shape[1]
+                mask = half_spectrum_mask(self.plan.keep_some_frequencies(layer_idx, bin_frequencies(self.slots),
+                                                                          kind, heads), self.slots)
+                means = band_limit(means, mask.double(), dim=-2)
+            out.append(torch.cat([x[:, :, :self.sink], means.index_select(2, ring).to(x.dtype),
+                                  x[:, :, x.shape[2] - self.window:]], dim=2))
+        return out[0], out[1]
+
+
+@pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2, 5], {"key": [0, 7, 8], "value": [[0, 5], [1, 2, 3]]},
+                                                              list(range(0, 22, 2))])], ids=["every-bin", "plan"])
+def test_decoding_equals_attention_over_the_class_mean_cache(plan):
+    """Over 200 decoded tokens (a fused=False torch path, one token a call), FAEDKVCache's logits
+    equal those of the full cache in which every middle token is replaced by its class mean."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    model = make_tiny_llama()
+    tokens = int(torch.randint(100, 160, (1,), generator=gen))
+    ratio = float(torch.empty(1).uniform_(0.4, 0.8, generator=gen))
+    ids = torch.randint(0, VOCAB, (2, tokens + 200), generator=gen)
+    logits = []
+    slots = kept_rows(tokens, ratio) - 4 - 16
+    for cache in (FAEDKVCache(compression_ratio=ratio, sink_tokens=4, window=16, plan=plan, fused=False),
+                  ClassMeanCache(4, 16, slots, tokens, plan)):
+        with torch.no_grad():
+            model(input_ids=ids[:, :tokens], past_key_values=cache)
+            logits.append(torch.cat([model(input_ids=ids[:, tokens + i:tokens + i + 1], past_key_values=cache,
+                                           position_ids=torch.full((2, 1), tokens + i)).logits
+                                     for i in range(200)], dim=1))
+    error = float((logits[0] - logits[1]).norm() / logits[1].norm())
+    assert error < 1e-5, (seed, error)

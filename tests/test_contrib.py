@@ -42,9 +42,12 @@ def test_a_plan_makes_the_profile_layer_averaged():
     plan = FrequencyPlan.low_pass(0.5, 3, chunks=4)
     spec = _faedkv("iwdft", 0.75, plan=plan.to_dict())
     prof = contrib.linear_profile(spec, 500, num_layers=3, num_kv_heads=2)
-    # low-passing the folded IWDFT still treats every token alike (each sits in one slot)
+    # band-limited class means treat tokens nearly alike (exactly when the classes are equal:
+    # 500 tokens, sink 4, window 64 -> 432 middle tokens in 57 classes of 7 or 8)
     s = contrib.summarise(prof["contribution"], *prof["range"])
-    assert s["one_minus_gini"] == pytest.approx(1.0, abs=1e-6)
+    assert s["one_minus_gini"] > 0.97
+    equal = contrib.linear_profile(_faedkv("iwdft", 0.75), 500, num_layers=3, num_kv_heads=2)
+    assert contrib.summarise(equal["contribution"], *equal["range"])["one_minus_gini"] == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(contrib.ContributionError, match="layers"):
         contrib.linear_profile(spec, 500, num_layers=4, num_kv_heads=2)
 
@@ -97,6 +100,6 @@ def test_eviction_profiles_from_a_real_run(tiny_loaded, tmp_path):
     stream = np.array(records["streaming_llm@0.75"]["contribution"])
     assert stream[:4].tolist() == [1.0] * 4 and stream[-124:].tolist() == [1.0] * 124
     assert stream[4:-124].sum() == 0
-    assert records["faedkv-iwdft@0.75"]["source"] == "linear-map"
+    assert records["faedkv-iwdft@0.75"]["source"] == "attention-equivalent map"
     assert records["faedkv-iwdft@0.75"]["one_minus_gini"] == pytest.approx(1.0, abs=1e-6)
     assert run.metrics()["methods"]["snapkv@0.75"]["source"] == "observed-eviction"

@@ -21,11 +21,24 @@ def random_plan(tokens, ratio, chunks=22):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
-def test_iwdft_columns_have_equal_norms_for_any_keep_mask(ratio):
+def test_old_sum_slots_have_equal_column_norms_for_any_keep_mask(ratio):
+    """The spec's first reading, (M/t) x class sums through a plan: a unitary-like map."""
     tokens = random.randint(30, 300)
     for plan in (None, random_plan(tokens, ratio), random_plan(tokens, ratio)):
-        norms = compression_matrix("iwdft", tokens, ratio, plan=plan).norm(dim=0)
+        norms = compression_matrix("iwdft", tokens, ratio, plan=plan, normalization="sum").norm(dim=0)
         assert torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-10), plan
+
+
+def test_mean_slots_are_class_means():
+    tokens = random.randint(30, 300)
+    slots = num_slots_for(tokens, random.choice([0.5, 0.8]))
+    matrix = compression_matrix("iwdft", tokens, num_slots=slots)
+    counts = fold_counts(tokens, slots).double()
+    member = (tokens - torch.arange(tokens)) % slots           # token i's class (distance mod M)
+    expected = torch.zeros(slots, tokens, dtype=torch.float64)
+    expected[member, torch.arange(tokens)] = 1 / counts[member]
+    assert torch.allclose(matrix, expected, atol=1e-12)
+    assert torch.allclose(matrix.sum(dim=1), torch.ones(slots, dtype=torch.float64))
 
 
 def test_dct_iterative_columns_are_not_equal_after_several_recompressions():
@@ -62,7 +75,7 @@ def test_iwdft_with_as_many_bins_as_tokens_is_a_permutation():
     assert torch.allclose(slots.sort(dim=-2).values, x.sort(dim=-2).values, atol=1e-10)
 
 
-@pytest.mark.parametrize("variant", ["resample", "dct-iterative"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_constant_sequence_stays_constant(variant):
     value = random.uniform(-3, 3)
     x = torch.full((2, random.randint(40, 200), 3), value, dtype=torch.float64)

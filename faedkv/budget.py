@@ -1,0 +1,75 @@
+"""The cache budget of a FAEDKV layer, in kvpress's convention (one home for the rule).
+
+kvpress keeps `max(1, int(T * (1 - ratio)))` rows of a T-token prefill
+(`kvpress.utils.compute_n_kept`); FAEDKV keeps exactly as many:
+
+    [ sink: S exact ][ exact: E tokens chosen by a score ][ M slots ][ window: W exact ]
+
+with S + E + M + W = kept rows. When the asked-for sink + window + 1 slot does not fit, the window
+shrinks first, then the sink (the slots keep at least one row); `Layout` records what was used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def kept_rows(num_tokens: int, compression_ratio: float) -> int:
+    """Rows kvpress keeps of a num_tokens prefill: max(1, int(T * (1 - ratio))) (same formula
+    as kvpress.utils.compute_n_kept, tested against it)."""
+    if not 0 <= compression_ratio < 1:
+        raise ValueError(f"compression_ratio must be in [0, 1) (fraction removed), got {compression_ratio}")
+    return max(1, int(num_tokens * (1 - compression_ratio)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one layer's prefill of `tokens` rows is kept: `sink` exact first tokens, `exact`
+    middle tokens kept as they are (chosen by a score), `slots` spectral rows standing for the
+    other `middle - exact` middle tokens, `window` exact last tokens. `slots == 0`: nothing is
+    compressed (ratio 0, or a prefill of one row)."""
+    tokens: int
+    sink: int
+    window: int
+    slots: int
+    exact: int = 0
+
+    @property
+    def middle(self) -> int:
+        """Tokens between sink and window (exact ones included)."""
+        return self.tokens - self.sink - self.window
+
+    @property
+    def summarised(self) -> int:
+        """Middle tokens the slots stand for."""
+        return self.middle - self.exact
+
+    @property
+    def rows(self) -> int:
+        return self.tokens if self.slots == 0 else self.sink + self.exact + self.slots + self.window
+
+    def as_stats(self) -> dict:
+        return {"tokens": self.tokens, "cache_len": self.rows, "sink_tokens": self.sink,
+                "window": self.window, "slots": self.slots, "exact": self.exact,
+                "middle": self.middle if self.slots else 0}
+
+
+def layout(num_tokens: int, compression_ratio: float, sink_tokens: int, window: int,
+           exact_share: float = 0.0) -> Layout:
+    """The layer layout for a prefill of num_tokens at compression_ratio (kvpress's budget).
+
+    sink_tokens and window are what was asked for; they shrink (window first) when the budget
+    cannot hold them and one slot. exact_share: fraction of the rows left after sink and window
+    given to exact middle tokens (the slots keep at least one row)."""
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if not 0 <= exact_share < 1:
+        raise ValueError(f"exact_share must be in [0, 1), got {exact_share}")
+    kept = kept_rows(num_tokens, compression_ratio) if num_tokens else 0
+    if compression_ratio == 0 or kept >= num_tokens:
+        return Layout(num_tokens, min(sink_tokens, num_tokens), 0, 0)
+    # kept < num_tokens, so sink + window + slots <= kept leaves a middle longer than the slots
+    window = min(window, max(0, kept - 1 - sink_tokens))
+    sink = min(sink_tokens, kept - 1 - window)
+    rest = kept - sink - window
+    exact = min(rest - 1, int(exact_share * rest))
+    return Layout(num_tokens, sink, window, rest - exact, exact)

@@ -1,9 +1,11 @@
 # Two commands on a fresh machine: `make run` (app on the embedded model) and `make test`.
+# `make run MODEL=path/to/model.gguf` (or a Hugging Face id / folder) serves another model.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
+MODEL  ?=
 
 .PHONY: setup run test chromium backend screenshots benchmarks clean-venv
 
@@ -25,11 +27,11 @@ chromium:
 	  else echo "chromium not found: install it (sudo apt-get install chromium) for PNG/SVG/PDF export"; fi; }
 
 run: setup chromium
-	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true \
+	FAEDKV_MODEL="$(MODEL)" $(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true \
 	  --browser.gatherUsageStats false
 
 backend: setup
-	$(PY) -m analysis.server
+	$(PY) -m analysis.server $(if $(MODEL),--model "$(MODEL)")
 
 test: setup chromium
 	$(PY) -m pytest

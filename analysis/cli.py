@@ -114,7 +114,7 @@ def parse_methods(text: str, ratios: list[float]) -> list[MethodSpec]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="embedded SmolLM2 (default), tiny-random-llama, random-llama3-8b, a folder or a HF id")
+                   help="embedded SmolLM2 (default), a .gguf file, tiny-random-llama, tiny-random-qwen2, random-llama3-8b, a folder or a HF id")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16), float32, bfloat16, float16")
 

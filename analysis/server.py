@@ -42,7 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analysis import params as P
 from analysis.jobs import JobQueue, JobUnavailable, QueueFull, UnknownJob, availability
-from analysis.store import ResultsStore, StoreError, StoreLocked, json_safe, project_commit
+from analysis.store import (ResultsStore, StoreError, json_safe, lock_holder, locked_message,
+                            project_commit)
 
 log = logging.getLogger("analysis.server")
 
@@ -546,7 +547,7 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
-                   help="smollm2-135m-instruct (default, embedded), tiny-random-llama, random-llama3-8b, a HF id or a folder")
+                   help="smollm2-135m-instruct (default, embedded), a .gguf file, tiny-random-llama, tiny-random-qwen2, random-llama3-8b, a HF id or a folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16) | float32 | bfloat16 | float16")
     p.add_argument("--attn-implementation", default=None, help="sdpa (default) | eager")
@@ -581,16 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_cells < 1 or args.max_queued < 1:
         print("error: --max-cells and --max-queued must be at least 1", file=sys.stderr)
         return 2
-    if not args.read_only:
+    holder = None if args.read_only else lock_holder(args.store)
+    if holder is not None:
         # Before the model loads: a second server on the store fails in a second, not a minute.
-        try:
-            ResultsStore(args.store).lock()
-        except StoreLocked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except (StoreError, OSError) as exc:
-            print(f"error: the results store {args.store} cannot be opened ({exc})", file=sys.stderr)
-            return 2
+        print(f"error: {locked_message(args.store, holder)}", file=sys.stderr)
+        return 2
 
     from analysis.models import ModelLoadError, load_model
 
@@ -602,10 +598,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    app = create_app(loaded, args.store, token=token, max_cells=args.max_cells,
-                     import_assets=args.import_assets or None, executor=args.executor,
-                     ray_address=args.ray_address, read_only=args.read_only,
-                     max_queued=args.max_queued)
+    try:
+        app = create_app(loaded, args.store, token=token, max_cells=args.max_cells,
+                         import_assets=args.import_assets or None, executor=args.executor,
+                         ray_address=args.ray_address, read_only=args.read_only,
+                         max_queued=args.max_queued)
+    except (StoreError, OSError) as exc:    # StoreLocked: another server won the race
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     info = loaded.info
     print(f"FAEDKV backend: {info.name} ({info.dtype}, {info.device}), store {args.store}, "
           f"http://{args.host}:{args.port}" + (" (token required)" if token else "")

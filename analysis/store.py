@@ -151,6 +151,13 @@ def _describe_holder(info: dict | None) -> str:
             f"{str(info.get('since', '?'))[:19].replace('T', ' ')} UTC")
 
 
+def locked_message(root: str | os.PathLike, holder: dict | None) -> str:
+    return (f"the results store {root} is being written by {_describe_holder(holder)}: one "
+            "writer per store. Stop that process, use another --out/--store folder, or read "
+            "this one without writing (`python -m analysis store list`, `python -m "
+            "analysis.server --read-only`).")
+
+
 def acquire_lock(root: str | os.PathLike) -> bool:
     """Take the store's writer lock for this process (held until exit or `release_lock`);
     True when this call took it, False when this process already held it. StoreLocked when
@@ -167,12 +174,7 @@ def acquire_lock(root: str | os.PathLike) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = lock_holder(root)
-            raise StoreLocked(
-                f"the results store {root} is being written by {_describe_holder(holder)}: "
-                "one writer per store. Stop that process, use another --out/--store folder, "
-                "or read this one without writing (`python -m analysis store list`, "
-                "`python -m analysis.server --read-only`).") from None
+            raise StoreLocked(locked_message(root, lock_holder(root))) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
                 "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:200]}
         os.ftruncate(fd, 0)

@@ -1,9 +1,12 @@
 """End to end in a real browser: a backend on the tiny random Llama, the app pointed at it, and
 headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
 
-Opens every page, computes spectra from the Spectra page and exports its heatmap as PNG (checked
-with PIL), re-runs generation in the Frequency lab, starts a needle grid, watches it fill in and
-cancels it; saves a screenshot of every page to tests/artifacts/<page>.png.
+Opens every page (each names the backend's model), computes spectra from the Spectra page,
+exports its heatmap as PNG (checked with PIL) and finds it again on the Export page of a fresh
+session; re-runs generation in the Frequency lab (both slot normalisations side by side, a
+sink + window the budget cannot hold, own text without a validation error); starts a large
+needle grid (asked to confirm), reloads the page while it runs, and cancels it from the
+re-attached progress bar; saves a screenshot of every page to tests/artifacts/<page>.png.
 """
 import contextlib
 import io
@@ -104,6 +107,9 @@ def page(app_url):
         context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         tab = context.new_page()
         tab.set_default_timeout(60_000)
+        # the first session registers the pages (st.navigation): a direct /lab before it shows
+        # Streamlit's "Page not found" dialog over the page
+        open_page(tab, app_url, "")
         yield tab
         browser.close()
 
@@ -136,9 +142,14 @@ def screenshot(page, name: str) -> None:
     assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
 
 
+def main_text(page) -> str:
+    return page.locator("[data-testid='stMain']").inner_text()
+
+
 def test_every_page_opens_without_an_exception(page, app_url):
     for path in PAGES.values():
         open_page(page, app_url, path)
+        assert "Backend model tiny-random-llama" in main_text(page), path
     open_page(page, app_url, "")
     assert "tiny-random-llama" in page.locator("[data-testid='stMain']").inner_text()
 
@@ -164,36 +175,69 @@ def test_spectra_compute_then_export_png(page, app_url, tmp_path):
     colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is None or len(colours) > 50          # a real heatmap, not a blank canvas
 
+    open_page(page, app_url, "export")                   # a typed URL: a fresh session
+    text = main_text(page)
+    assert "No figure yet" not in text and "spectra-heatmap_tiny-random-llama" in text
+
+
+def set_number(page, label: str, value: int) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Tab")
+    settle(page)
+
 
 def test_frequency_lab_reruns_generation(page, app_url):
     open_page(page, app_url, "lab")
     page.get_by_role("button", name="Drop in all layers").wait_for()
-    page.get_by_label("length (tokens)").fill("256")
-    page.get_by_label("length (tokens)").press("Tab")
-    settle(page)
+    set_number(page, "length (tokens)", 256)
     page.get_by_role("button", name="Re-run generation").click()
     page.get_by_text("Cache length per layer after compression").wait_for(timeout=90_000)
     settle(page)
-    text = page.locator("[data-testid='stMain']").inner_text()
-    assert "Full cache" in text and "faedkv-iwdft" in text and "prompt tokens" in text
+    text = main_text(page)
+    assert "Full cache" in text and "faedkv-iwdft" in text and "cache kept" in text
     screenshot(page, "frequency_lab")
 
+    page.get_by_role("button", name="Run both normalisations").click()
+    page.get_by_text("They differ in: method.params.slot_normalization").wait_for(timeout=90_000)
+    settle(page)
+    text = main_text(page)
+    assert "slots: sum" in text and "slots: mean" in text      # side by side
 
-def test_needle_grid_fills_in_live_and_cancels(page, app_url):
+    set_number(page, "sink tokens", 4096)
+    set_number(page, "recent window", 65536)
+    assert "Stale" in main_text(page)
+    page.get_by_role("button", name="Re-run generation").click()
+    page.get_by_text("could not hold sink 4096 + window 65536").or_(
+        page.get_by_text("Nothing was compressed")).first.wait_for(timeout=90_000)
+    assert "Stale" not in main_text(page)
+
+    page.get_by_text("my own text").click()
+    settle(page)
+    text = main_text(page)
+    assert "Paste the text to compress" in text and "pydantic" not in text
+
+
+def test_needle_grid_survives_a_reload_and_cancels(page, app_url):
     open_page(page, app_url, "needle")
+    set_number(page, "samples", 20)
     page.get_by_role("button", name="Start grid").click()
-    progress = page.get_by_text("needle grid")
-    progress.first.wait_for(timeout=30_000)
-    # wait until some cells are in the live heatmap, then cancel the rest
+    # 800 cells and no grid timed yet: the page asks first
+    page.get_by_text("This grid is large").wait_for(timeout=30_000)
+    assert "800 cells" in main_text(page)
+    page.get_by_role("button", name="Start anyway").click()
     page.wait_for_function(
-        "() => /needle grid (running|done|cancelled): [1-9]/.test(document.body.innerText)",
-        timeout=120_000)
-    cancel = page.get_by_role("button", name="Cancel")
-    if cancel.count():
-        cancel.first.click()
+        "() => /needle grid running: [1-9]/.test(document.body.innerText)", timeout=120_000)
+    assert "job=" in page.url
+    page.reload()                                  # a new session: the job must be found again
+    settle(page)
+    page.wait_for_function(
+        "() => /needle grid running: [1-9]/.test(document.body.innerText)", timeout=60_000)
+    page.get_by_role("button", name="Cancel").first.click()
     page.get_by_text("Needle exact by depth and context length").wait_for(timeout=60_000)
     settle(page)
     assert "full" in page.locator(".js-plotly-plot").first.inner_text()
+    assert "job=" not in page.url
 
 
 def test_screenshots_of_every_page(page, app_url):

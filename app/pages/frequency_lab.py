@@ -24,7 +24,7 @@ STARTS = ("low-pass", "energy", "ablation")
 PLANNED = ("faedkv", "dct_iterative")          # methods that take a frequency plan
 SPACE_LABEL = {"post_rope": "post-RoPE keys", "pre_rope": "pre-RoPE keys"}
 NORMALISATIONS = ("mean", "sum")
-NORM_LABEL = {"mean": "class means (correct)", "sum": "(M/t) × class sums (old; shows why it fails)"}
+NORM_LABEL = {"mean": "class means", "sum": "(M/t)·sums (old)"}
 HISTORY = "lab.history"         # this session's generations: [{id, created, request, result}]
 DEFAULT_PLAN = "low-pass-0.5"
 
@@ -237,7 +237,7 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
             params["variant"] = c1.selectbox("variant", VARIANTS, key=state.bind(
                 PAGE, "variant", "iwdft", valid=state.options_valid(VARIANTS)))
             params["slot_normalization"] = c6.selectbox(
-                "slot normalisation", NORMALISATIONS, format_func=NORM_LABEL.get,
+                "slots", NORMALISATIONS, format_func=NORM_LABEL.get,
                 key=state.bind(PAGE, "norm", "mean", valid=state.options_valid(NORMALISATIONS)),
                 help="Each slot is its class's mean key and value (correct), or the old (M/t) × "
                      "class sum, whose large common key component lets one slot win the softmax.")
@@ -248,7 +248,7 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
             PAGE, "sink", 4, int)))
         params["window"] = int(c4.number_input("recent window", 0, 65536, key=state.bind(
             PAGE, "window", 64, int)))
-        params["mass_correction"] = c5.toggle("mass (log count)", key=state.bind(
+        params["mass_correction"] = c5.toggle("log-count mass", key=state.bind(
             PAGE, "mass", True, state.decode_bool), help="add log(tokens in the class) to each "
             "slot's attention logit: attention then equals attention over the cache in which every "
             "middle token is replaced by its class mean")
@@ -401,8 +401,11 @@ def comparison(entries: list[dict], current: dict | None) -> None:
 
 def answer_card(result: dict, request: dict) -> None:
     method = request.get("method") or {}
+    params = method.get("params") or {}
+    extra = (f" · slots: {params.get('slot_normalization', 'mean')} · mass "
+             f"{'on' if params.get('mass_correction') else 'off'}") if method.get("name") == "faedkv" else ""
     st.markdown(f"**{result.get('method_label') or method.get('name')}** · "
-                f"{plan_summary(method)}")
+                f"{plan_summary(method)}{extra}")
     st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
     _score(result.get("score"))
     cache = cache_of(result)
@@ -583,9 +586,10 @@ def main() -> None:
     run = c3.button("Re-run generation", type="primary", icon=":material/play_arrow:",
                     disabled=body is None, key="lab.run")
     both = c4.button("Run both normalisations", icon=":material/compare:", key="lab.run_both",
-                     disabled=body is None or spec.name != "faedkv",
+                     disabled=body is None or values.get("variant") != "iwdft",
                      help="Run this request with class means and with the old (M/t) × class "
-                          "sums, then compare them side by side below.")
+                          "sums (faedkv's iwdft variant only), then compare them side by side "
+                          "below.")
     if run and body is not None:
         e = run_generation(body, spec.label)
         if e is not None:

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import hmac
+import json
 import logging
 import math
 import os
@@ -71,6 +72,29 @@ class JobRequest(BaseModel):
 # ------------------------------------------------------------------------------ validation
 
 
+# What to send instead, after pydantic's message for these error types (nothing is coerced).
+_TYPE_FIXES = {
+    "int_type": " (got {given}: send a whole JSON number, not a string or a float)",
+    "int_from_float": " (got {given}: send a whole JSON number)",
+    "int_parsing": " (got {given}: send a whole number)",
+    "float_type": " (got {given}: send a JSON number, not a string)",
+    "bool_type": " (got {given}: send true or false)",
+    "string_type": " (got {given}: send a JSON string)",
+    "list_type": " (got {given}: send a JSON list)",
+    "dict_type": " (got {given}: send a JSON object)",
+    "extra_forbidden": " (remove it; GET /openapi.json lists the fields)",
+}
+
+
+def _given(value) -> str:
+    """The offending value as the client wrote it (JSON), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def describe_errors(errors: list[dict], prefix: str = "") -> str:
     """pydantic errors as one line: "params.methods.0.name: unknown method 'x'; known: ..."."""
     parts = []
@@ -79,6 +103,7 @@ def describe_errors(errors: list[dict], prefix: str = "") -> str:
         loc = [str(x) for x in raw_loc if x != "body"]
         where = ".".join(([prefix] if prefix else []) + loc)
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        msg += _TYPE_FIXES.get(err.get("type"), "").format(given=_given(err.get("input")))
         if raw_loc == ("body",):
             where = "the request body"
             if err.get("type") in ("model_attributes_type", "dict_type", "missing"):
@@ -389,6 +414,9 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
         if detail == "There was an error parsing the body":
             detail = ("the request body could not be read: send a JSON object with "
                       "Content-Type: application/json (UTF-8).")
+        elif exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+            detail = (f"no endpoint {request.method} {_shown(request.url.path, 60)}; the API is "
+                      "listed at GET /openapi.json (and /docs).")
         return JSONResponse(status_code=exc.status_code, content={"detail": redact(detail)},
                             headers=getattr(exc, "headers", None))
 

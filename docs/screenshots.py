@@ -2,8 +2,9 @@
 
 Starts a backend on the embedded model with the shipped results (assets/results) in a temporary
 store, the app pointed at it, and headless Chromium; opens the pages, re-runs one generation in
-the Frequency lab (1024-token needle prompt, FAEDKV at 0.5 with a low-pass plan), and writes
-docs/screenshots/<page>.png. Takes a minute or two on a laptop CPU.
+the Frequency lab (1024-token needle prompt, FAEDKV at 0.5 with a low-pass plan), then both slot
+normalisations side by side, and writes docs/screenshots/<page>.png. Takes a minute or two on a
+laptop CPU.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def main() -> int:
         settle(page)
         page.get_by_role("button", name="Re-run generation").click()
         page.get_by_text("Cache length per layer after compression").wait_for()
+        settle(page)
+        page.get_by_role("button", name="Run both normalisations").click()
+        page.get_by_text("They differ in: method.params.slot_normalization").wait_for()
         settle(page)
         shoot(page, "frequency-lab")
         browser.close()

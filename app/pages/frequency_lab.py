@@ -330,16 +330,16 @@ def comparison_row(n: int, e: dict, current: dict | None) -> dict:
     params, cache = method.get("params") or {}, cache_of(result)
     score = result.get("score") if isinstance(result.get("score"), dict) else {}
     return {"#": n, "current": "✓" if current is not None and e["request"] == current else "",
-            "model": result.get("model", "?"), "method": result.get("method_label") or method.get("name"),
+            "method": result.get("method_label") or method.get("name"),
             "plan": plan_summary(method),
             "normalisation": params.get("slot_normalization", "mean") if method.get("name") == "faedkv" else "—",
             "mass": ("on" if params.get("mass_correction") else "off") if method.get("name") in PLANNED else "—",
-            "prompt": prompt_label(e["request"].get("prompt") or {}, result),
-            "answer": result.get("answer", ""), "found": found(result),
-            "rouge_l": score.get("rouge_l"),
+            "found": found(result), "rouge_l": score.get("rouge_l"),
             "cache kept": f"{cache['kept_tokens']:.0f}/{cache['prompt_tokens']}"
                           + ("" if cache["compressed"] else " (whole)"),
-            "seconds": result.get("seconds"), "id": e["id"]}
+            "seconds": result.get("seconds"), "answer": result.get("answer", ""),
+            "prompt": prompt_label(e["request"].get("prompt") or {}, result),
+            "model": result.get("model", "?"), "id": e["id"]}
 
 
 def prompt_label(prompt: dict, result: dict) -> str:

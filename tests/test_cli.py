@@ -27,10 +27,11 @@ def test_method_specs_from_the_command_line(tmp_path):
                       params={"variant": "iwdft", "key_space": "pre_rope"}) in specs
     assert len(specs) == 7
     plan = tmp_path / "plan.json"
-    plan.write_text('{"name": "lp"}')
+    plan.write_text('{"name": "lp", "chunks": 4, "layers": [[0]]}')   # a plan must have layers
     s = parse_methods(f"faedkv:sink_tokens=8:mass_correction=true:plan=@{plan}:ratio=0.9", [0.5])
     assert s == [MethodSpec(name="faedkv", compression_ratio=0.9,
-                            params={"sink_tokens": 8, "mass_correction": True, "plan": {"name": "lp"}})]
+                            params={"sink_tokens": 8, "mass_correction": True,
+                                    "plan": {"name": "lp", "chunks": 4, "layers": [[0]]}})]
     with pytest.raises(ValueError, match="key=value"):
         parse_methods("snapkv:window", [0.5])
 

@@ -709,6 +709,6 @@ def test_export_names_differ_per_run_and_counts_are_singular():
 
 def test_readme_links_the_shipped_method_description():
     readme = (ROOT / "README.md").read_text()
-    assert "../shared/" not in readme and "docs/METHOD.md" in readme
+    assert "../shared/docs/FAEDKV-SPEC.md" not in readme and "(docs/METHOD.md)" in readme
     method = (ROOT / "docs" / "METHOD.md").read_text()
     assert "class mean" in method and "log" in method

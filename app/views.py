@@ -266,6 +266,89 @@ def contribution_entries(summary: dict, records: list[dict]) -> list[FigureEntry
     return out
 
 
+# ----------------------------------------------------------------------------- generations
+
+def generation_id(request: dict, result: dict) -> str:
+    """A short stable id of one generation (request + its answer and timing)."""
+    import hashlib
+
+    blob = json.dumps([request, result.get("seconds"), result.get("answer")], sort_keys=True,
+                      default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def stored_generations(jobs: list[dict]) -> list[dict]:
+    """The backend's finished `generate` jobs as generations {id, created, request, result}."""
+    out = []
+    for job in jobs:
+        if job.get("kind") == "generate" and job.get("status") == "done" and job.get("result"):
+            request = job.get("params") or {}
+            out.append({"id": generation_id(request, job["result"]), "request": request,
+                        "result": job["result"],
+                        "created": str(job.get("finished") or job.get("created") or "")})
+    return out
+
+
+def cache_of(result: dict) -> dict:
+    """A generation's cache report (older results: rebuilt from cache_lengths)."""
+    if result.get("cache"):
+        return result["cache"]
+    lengths, tokens = result.get("cache_lengths") or [], int(result.get("prompt_tokens") or 0)
+    ratio = (result.get("method") or {}).get("compression_ratio") or 0.0
+    kept = float(np.mean(lengths)) if lengths else float(tokens)
+    return {"prompt_tokens": tokens, "budget_tokens": round((1 - ratio) * tokens),
+            "kept_tokens": kept, "kept_fraction": kept / tokens if tokens else 1.0,
+            "compressed": bool(lengths) and all(n < tokens for n in lengths), "layers": []}
+
+
+def kept_text(kept: float, prompt_tokens: int) -> str:
+    """The cache a generation actually kept."""
+    return f"kept {kept:.0f} of {plural(prompt_tokens, 'token')} ({kept / max(1, prompt_tokens):.0%})"
+
+
+def prompt_label(prompt: dict, result: dict) -> str:
+    if prompt.get("kind") == "text":
+        return f"own text ({plural(result.get('prompt_tokens', '?'), 'token')})"
+    return (f"needle {prompt.get('needle')} {prompt.get('context_length')} tok @ "
+            f"{float(prompt.get('depth', 0)):g}% (seed {prompt.get('seed')})")
+
+
+def generation_provenance(generation: dict, model: str = "model") -> dict:
+    result, request = generation["result"], generation["request"]
+    method = request.get("method") or {}
+    cache, ratio = cache_of(result), method.get("compression_ratio")
+    return {"model": result.get("model") or model,
+            "text": prompt_label(request.get("prompt") or {}, result),
+            "method": result.get("method_label") or method.get("name"),
+            "budget": (f"ratio {ratio:g} · " if ratio else "") + kept_text(cache["kept_tokens"],
+                                                                          cache["prompt_tokens"]),
+            "ratio": ratio, "run": f"gen-{generation['id']}"}
+
+
+def generation_entries(generation: dict, model: str = "model") -> list[FigureEntry]:
+    """Cache length per layer (against the full cache) and, when the method reports one, the
+    reconstruction error per layer, of one generation."""
+    result, request = generation["result"], generation["request"]
+    prov = generation_provenance(generation, model)
+    config = {"request": request, "result": dict(result)}
+    out = []
+    lengths = result.get("cache_lengths") or []
+    if lengths:
+        full = [cache_of(result)["prompt_tokens"]] * len(lengths)
+        out.append(entry("lab-cache-lengths", "Cache length per layer after compression",
+                         figures.layer_bars(lengths, "cache length (tokens)", reference=full,
+                                            reference_name="full cache"), prov,
+                         pd.DataFrame({"layer": range(len(lengths)), "cache_length": lengths}), config))
+    errors = result.get("reconstruction_error")
+    if errors and any(e is not None for e in errors):
+        values = [np.nan if e is None else e for e in errors]
+        out.append(entry("lab-reconstruction-error", "Relative reconstruction error of the "
+                         "compressed middle, per layer", figures.layer_bars(values, "reconstruction error"),
+                         prov, pd.DataFrame({"layer": range(len(values)), "reconstruction_error": values}),
+                         config))
+    return out
+
+
 @dataclass
 class RunFigures:
     """What the Export page needs to rebuild a kind's figures: the array it reads (None: the

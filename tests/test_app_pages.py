@@ -712,3 +712,36 @@ def test_readme_links_the_shipped_method_description():
     assert "../shared/docs/FAEDKV-SPEC.md" not in readme and "(docs/METHOD.md)" in readme
     method = (ROOT / "docs" / "METHOD.md").read_text()
     assert "class mean" in method and "log" in method
+
+
+def _stored_generation(fake, **answer):
+    body = {"prompt": {"kind": "needle", "needle": "sentence", "context_length": 2048,
+                       "depth": 50.0, "seed": 0},
+            "method": {"name": "faedkv", "compression_ratio": 0.5,
+                       "params": {"variant": "iwdft", "slot_normalization": "sum"}},
+            "query_mode": "query_agnostic", "max_new_tokens": 32, "compare_full": True}
+    job = fake.submit("generate", body)
+    job.update(status="done", result={**fake._answer(body), "model": "tiny-random-llama", **answer},
+               finished="2026-12-01T19:00:00.000+00:00")
+    fake.calls.clear()
+    return job
+
+
+def test_lab_lists_the_backends_stored_generations_after_a_reload():
+    fake = FakeClient()
+    _stored_generation(fake, answer="stored answer")
+    at = _lab(fake)                                   # a fresh session
+    table = at.dataframe[-1].value
+    assert table["answer"].tolist() == ["stored answer"] and table["normalisation"].tolist() == ["sum"]
+    assert table["current"].tolist() == [""]          # the settings on the page differ
+    assert "stored answer" in texts(at.text) and "**Stale:**" in texts(at.warning)
+
+
+def test_export_rebuilds_a_stored_generations_figures():
+    fake = FakeClient()
+    _stored_generation(fake)
+    at = app_for("pages/export_all.py", fake)
+    no_exception(at)
+    stems = texts(at.markdown)
+    assert "lab-cache-lengths_tiny-random-llama_faedkv-iwdft@0.5_r0.5_gen-" in stems
+    assert "lab-reconstruction-error" in stems

@@ -1,6 +1,6 @@
-"""Export: the figures of stored runs (rebuilt from the store, so they survive a reload or a
-typed URL; the view this session last showed of a run wins), the session's generations, and
-all of them as one zip."""
+"""Export: the figures of stored runs and of the backend's stored generations (rebuilt, so they
+survive a reload or a typed URL; the view this session last showed wins), and all of them as
+one zip."""
 import sys
 from pathlib import Path
 
@@ -46,6 +46,11 @@ def run_entries(summary: dict) -> list[export.FigureEntry]:
     return [shown.get(e.key(), e) for e in built]
 
 
+def generation_label(g: dict) -> str:
+    prov = views.generation_provenance(g, ui.model_name())
+    return f"{g['created'][:16].replace('T', ' ')} · {prov['method']} · {prov['text']} · {g['id']}"
+
+
 def entry_box(entry: export.FigureEntry, key: str) -> None:
     with st.container(border=True):
         st.markdown(f"**{entry.title}**  \n`{entry.stem()}`")
@@ -54,7 +59,7 @@ def entry_box(entry: export.FigureEntry, key: str) -> None:
 
 
 def main() -> None:
-    health = ui.page_setup("Export", "Figures of the stored runs and of this session's "
+    health = ui.page_setup("Export", "Figures of the stored runs and of the frequency lab's "
                            "generations. Images are PNG (2× scale), SVG or PDF; data as CSV; "
                            "what produced it as JSON. File names carry the model, method, ratio "
                            "and run.")
@@ -62,13 +67,18 @@ def main() -> None:
         st.stop()
     runs = stored_runs()
     by_key = {r["key"]: r for r in runs}
-    session = [e for e in st.session_state.get(ui.FIGURES_KEY, {}).values()
-               if e.provenance.get("run") not in by_key]
-    if not runs and not session:
+    generations = {g["id"]: g for g in sorted(
+        views.stored_generations(ui.call("listing stored generations", ui.client().jobs) or []),
+        key=lambda g: g["created"], reverse=True)}
+    shown = st.session_state.get(ui.FIGURES_KEY, {})
+    session = [e for e in shown.values() if e.provenance.get("run") not in by_key
+               and str(e.provenance.get("run")).removeprefix("gen-") not in generations]
+    if not runs and not generations and not session:
         ui.empty_state("No figure yet: compute a run on Spectra, Ablation, Needle or Token "
                        "contribution (or re-run generation in the Frequency lab), then come back.")
         return
     entries: list[tuple[str, export.FigureEntry]] = []
+    picked_models = set()
     if runs:
         st.subheader("Stored runs")
         picked = st.multiselect(
@@ -76,16 +86,27 @@ def main() -> None:
             format_func=lambda k: f"{KIND_LABEL[by_key[k]['kind']]} · {ui.run_label(by_key[k])}",
             help="Figures are rebuilt from the store in each page's default view (or as you last "
                  "viewed them in this session).")
-        models = {ui.run_model(by_key[k]) for k in picked}
-        if len(models) > 1:
-            st.warning(f"The picked runs come from {len(models)} models "
-                       f"({', '.join(sorted(models))}): the zip mixes them.",
-                       icon=":material/warning:")
+        picked_models |= {ui.run_model(by_key[k]) for k in picked}
         for key in picked:
             entries += [(f"{e.name}.{key[:10]}", e) for e in run_entries(by_key[key])]
+    if generations:
+        st.subheader("Frequency-lab generations")
+        picked = st.multiselect("generations", list(generations), default=list(generations)[:1],
+                                key="export.generations",
+                                format_func=lambda k: generation_label(generations[k]),
+                                help="The backend keeps every generation as a finished job.")
+        for key in picked:
+            g = generations[key]
+            picked_models.add(g["result"].get("model") or ui.model_name())
+            entries += [(f"{e.name}.{key}", shown.get(e.key(), e))
+                        for e in views.generation_entries(g, ui.model_name())]
+    if len(picked_models) > 1:
+        st.warning(f"The picked figures come from {len(picked_models)} models "
+                   f"({', '.join(sorted(map(str, picked_models)))}): the zip mixes them.",
+                   icon=":material/warning:")
     entries += [(f"session.{e.key()}", e) for e in session]
     if not entries:
-        ui.empty_state("Pick at least one run.")
+        ui.empty_state("Pick at least one run or generation.")
         return
     formats = st.multiselect("image formats in the zip", export.IMAGE_FORMATS,
                              default=list(export.IMAGE_FORMATS), key="export.formats")
@@ -98,15 +119,8 @@ def main() -> None:
                        file_name=f"faedkv-figures_{export.slug(ui.model_name())}.zip",
                        mime="application/zip", type="primary", icon=":material/folder_zip:",
                        on_click="ignore", key="export.zip")
-    stored = [(k, e) for k, e in entries if not k.startswith("session.")]
-    for key, entry in stored:
-        entry_box(entry, key)
-    if session:
-        st.subheader("This session's generations")
-        st.caption("Frequency-lab results are kept by the backend as finished generate jobs; "
-                   "their figures are listed here while this session lasts.")
-        for key, entry in entries[len(stored):]:
-            entry_box(entry, key)
+    for key, figure in entries:
+        entry_box(figure, key)
 
 
 main()

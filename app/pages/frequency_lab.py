@@ -8,8 +8,6 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
     sys.path.insert(0, ROOT)
 
 import datetime  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -17,7 +15,7 @@ import streamlit as st  # noqa: E402
 
 from analysis.params import (KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS,  # noqa: E402
                              GenerateParams, MethodSpec, TaskPrompt)
-from app import figures, plans, state, ui  # noqa: E402
+from app import figures, plans, state, ui, views  # noqa: E402
 
 PAGE = "lab"
 STARTS = ("low-pass", "energy", "ablation")
@@ -270,27 +268,17 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
 
 # ----------------------------------------------------------------------------- history
 
-def entry_id(request: dict, result: dict) -> str:
-    blob = json.dumps([request, result.get("seconds"), result.get("answer")], sort_keys=True,
-                      default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:8]
-
-
 def history() -> list[dict]:
     """This session's generations and the backend's stored ones (its finished `generate` jobs),
     newest first, each once."""
     entries = {e["id"]: e for e in st.session_state.get(HISTORY, [])}
-    for job in ui.call("listing stored generations", ui.client().jobs) or []:
-        if job.get("kind") == "generate" and job.get("status") == "done" and job.get("result"):
-            e = {"request": job.get("params") or {}, "result": job["result"],
-                 "created": str(job.get("finished") or job.get("created") or "")}
-            e["id"] = entry_id(e["request"], e["result"])
-            entries.setdefault(e["id"], e)
+    for e in views.stored_generations(ui.call("listing stored generations", ui.client().jobs) or []):
+        entries.setdefault(e["id"], e)
     return sorted(entries.values(), key=lambda e: e["created"], reverse=True)
 
 
 def remember(request: dict, result: dict) -> dict:
-    e = {"id": entry_id(request, result), "request": request, "result": result,
+    e = {"id": views.generation_id(request, result), "request": request, "result": result,
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")}
     st.session_state.setdefault(HISTORY, []).append(e)
     return e
@@ -306,18 +294,6 @@ def plan_summary(method: dict) -> str:
     return f"{plan.get('name', 'custom')} ({min(kept) if kept else '?'}/{plan.get('chunks', '?')})"
 
 
-def cache_of(result: dict) -> dict:
-    """The generation's cache report (older results: rebuilt from cache_lengths)."""
-    if result.get("cache"):
-        return result["cache"]
-    lengths, tokens = result.get("cache_lengths") or [], int(result.get("prompt_tokens") or 0)
-    ratio = (result.get("method") or {}).get("compression_ratio") or 0.0
-    kept = float(np.mean(lengths)) if lengths else float(tokens)
-    return {"prompt_tokens": tokens, "budget_tokens": round((1 - ratio) * tokens),
-            "kept_tokens": kept, "kept_fraction": kept / tokens if tokens else 1.0,
-            "compressed": bool(lengths) and all(n < tokens for n in lengths), "layers": []}
-
-
 def found(result: dict) -> str:
     score = result.get("score")
     if not isinstance(score, dict):
@@ -327,7 +303,7 @@ def found(result: dict) -> str:
 
 def comparison_row(n: int, e: dict, current: dict | None) -> dict:
     method, result = e["request"].get("method") or {}, e["result"]
-    params, cache = method.get("params") or {}, cache_of(result)
+    params, cache = method.get("params") or {}, views.cache_of(result)
     score = result.get("score") if isinstance(result.get("score"), dict) else {}
     return {"#": n, "current": "✓" if current is not None and e["request"] == current else "",
             "method": result.get("method_label") or method.get("name"),
@@ -338,15 +314,8 @@ def comparison_row(n: int, e: dict, current: dict | None) -> dict:
             "cache kept": f"{cache['kept_tokens']:.0f}/{cache['prompt_tokens']}"
                           + ("" if cache["compressed"] else " (whole)"),
             "seconds": result.get("seconds"), "answer": result.get("answer", ""),
-            "prompt": prompt_label(e["request"].get("prompt") or {}, result),
+            "prompt": views.prompt_label(e["request"].get("prompt") or {}, result),
             "model": result.get("model", "?"), "id": e["id"]}
-
-
-def prompt_label(prompt: dict, result: dict) -> str:
-    if prompt.get("kind") == "text":
-        return f"own text ({ui.plural(result.get('prompt_tokens', '?'), 'token')})"
-    return (f"needle {prompt.get('needle')} {prompt.get('context_length')} tok @ "
-            f"{float(prompt.get('depth', 0)):g}% (seed {prompt.get('seed')})")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -408,14 +377,14 @@ def answer_card(result: dict, request: dict) -> None:
                 f"{plan_summary(method)}{extra}")
     st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
     _score(result.get("score"))
-    cache = cache_of(result)
-    st.caption(f"{ui.kept_text(cache['kept_tokens'], cache['prompt_tokens'])} · "
+    cache = views.cache_of(result)
+    st.caption(f"{views.kept_text(cache['kept_tokens'], cache['prompt_tokens'])} · "
                f"{result.get('seconds', 0):.2f} s")
 
 
 def cache_warning(result: dict, method: dict) -> str | None:
     """One sentence when the cache kept is not the budget, saying why and what to change."""
-    cache = cache_of(result)
+    cache = views.cache_of(result)
     if method.get("name") == "full" or not method.get("compression_ratio"):
         return None
     tokens, kept, budget = cache["prompt_tokens"], cache["kept_tokens"], cache["budget_tokens"]
@@ -449,12 +418,8 @@ def show_result(entry: dict, stale: list[str]) -> None:
     method = request["method"]
     label = result.get("method_label") or method.get("name")
     prompt = request["prompt"]
-    cache = cache_of(result)
-    ratio = method.get("compression_ratio")
-    budget = (f"ratio {ratio:g} · " if ratio else "") + ui.kept_text(cache["kept_tokens"],
-                                                                      cache["prompt_tokens"])
-    prov = ui.provenance(model=result.get("model"), text=prompt_label(prompt, result),
-                         method=label, budget=budget, ratio=ratio, run=f"gen-{entry['id']}")
+    cache = views.cache_of(result)
+    prov = views.generation_provenance(entry, ui.model_name())
     if stale:
         st.warning("**Stale:** the settings above changed since this result ("
                    + ", ".join(f"`{d}`" for d in stale[:6]) + "): re-run to update it.",
@@ -483,29 +448,16 @@ def show_result(entry: dict, stale: list[str]) -> None:
         st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
         _score(result.get("score"))
         st.caption(f"{result.get('seconds', 0):.2f} s")
-    lengths = result.get("cache_lengths") or []
     c1, c2, c3 = st.columns(3)
     c1.metric("prompt tokens", cache["prompt_tokens"])
     c2.metric("cache kept (mean over layers)", f"{cache['kept_tokens']:.0f}",
               f"{cache['kept_fraction'] - 1:+.0%} (budget {cache['budget_tokens']})",
               delta_color="off")
     c3.metric("time (compressed run)", f"{result.get('seconds', 0):.2f} s")
-    config = {"request": request, "result": dict(result)}
-    if lengths:
-        full = [cache["prompt_tokens"]] * len(lengths)
-        fig = figures.layer_bars(lengths, "cache length (tokens)", reference=full,
-                                 reference_name="full cache")
-        ui.show_figure("lab-cache-lengths", "Cache length per layer after compression", fig, prov,
-                       pd.DataFrame({"layer": range(len(lengths)), "cache_length": lengths}), config)
-    errors = result.get("reconstruction_error")
-    if errors and any(e is not None for e in errors):
-        values = [np.nan if e is None else e for e in errors]
-        fig = figures.layer_bars(values, "reconstruction error")
-        ui.show_figure("lab-reconstruction-error", "Relative reconstruction error of the "
-                       "compressed middle, per layer", fig, prov,
-                       pd.DataFrame({"layer": range(len(values)), "reconstruction_error": values}),
-                       config)
-    elif method.get("name") not in ("full",):
+    entries = views.generation_entries(entry, ui.model_name())
+    for figure in entries:
+        ui.show_entry(figure)
+    if method.get("name") != "full" and not any(e.name == "lab-reconstruction-error" for e in entries):
         st.caption("This method reports no reconstruction error (eviction keeps tokens exactly).")
 
 
@@ -604,7 +556,9 @@ def main() -> None:
                 st.session_state.pop(key, None)
 
     entries = history()
-    shown = next((e for e in entries if e["id"] == st.session_state.get("lab.shown")), None)
+    # the result last run here, or after a reload the newest stored one
+    shown = next((e for e in entries if e["id"] == st.session_state.get("lab.shown")),
+                 entries[0] if entries else None)
     if shown is not None:
         show_result(shown, differences(shown["request"], body) if body is not None else [])
     comparison(entries, body)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import yaml
@@ -54,17 +53,15 @@ def _short_time(stamp: str | None) -> str:
 
 
 def _recount(store: ResultsStore, row: dict) -> dict:
-    """The row with its cell files counted again (a cell deleted by hand does not reach the
-    index); a complete run short of cells is listed as incomplete. `store verify` also reads
-    every cell's checksum."""
-    folder = store.runs_dir / f"{row['kind']}-{row['key']}" / "cells"
+    """The row with its intact cells counted from the files (a cell deleted or damaged by hand
+    does not reach the index); a complete run short of intact cells lists as incomplete."""
     try:
-        files = sum(1 for e in os.scandir(folder) if e.name.endswith(".json")
-                    and not e.name.startswith("."))
-    except OSError:
-        return row
-    row = {**row, "cells_done": files}
-    if row["status"] == "complete" and row["cells_total"] is not None and files < row["cells_total"]:
+        intact, damaged = store.get(f"{row['kind']}-{row['key']}").inspect()
+    except (StoreError, OSError):
+        return {**row, "status": "broken"}
+    row = {**row, "cells_done": len(intact)}
+    total = row["cells_total"]
+    if row["status"] == "complete" and (damaged or (total is not None and len(intact) < total)):
         row.update(status="incomplete", error=INCOMPLETE_RUN)
     return row
 

@@ -42,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analysis import params as P
-from analysis.jobs import JobQueue, JobUnavailable, QueueFull, UnknownJob, availability
-from analysis.store import (ResultsStore, StoreError, json_safe, lock_holder, locked_message,
-                            project_commit)
+from analysis.jobs import MAX_QUEUED, JobQueue, JobUnavailable, QueueFull, UnknownJob, availability
+from analysis.store import (INCOMPLETE_RUN, ResultsStore, StoreError, json_safe, lock_holder,
+                            locked_message, project_commit)
 
 log = logging.getLogger("analysis.server")
 
@@ -352,7 +352,7 @@ class Redactor:
 def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = None,
                max_cells: int = P.MAX_GRID_CELLS, import_assets: str | os.PathLike | None = None,
                executor: str = "local", ray_address: str | None = None,
-               read_only: bool = False, max_queued: int = 256) -> FastAPI:
+               read_only: bool = False, max_queued: int = MAX_QUEUED) -> FastAPI:
     """The FastAPI app serving `loaded` (a LoadedModel) and the store at `store_root`.
     StoreLocked when another process writes the store (unless `read_only`)."""
     store = ResultsStore(store_root, read_only=read_only)
@@ -504,6 +504,9 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
             row = summary(found)
         except StoreError as exc:
             raise HTTPException(409, f"run {key!r} cannot be read: {exc}") from exc
+        if row["status"] == "complete" and (damaged or len(records) < (row["cells_total"] or 0)):
+            row = {**row, "status": "incomplete", "error": INCOMPLETE_RUN}
+        row["cells_done"] = len(records)
         return {**row, "records": [{**rec, "cell_id": cid} for cid, rec in sorted(records.items())],
                 "arrays": found.array_names(),
                 # intact cells are served; these are recomputed when the job is submitted again
@@ -591,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="serve a store another server writes: results and /generate, no jobs, "
                         "no deletes")
-    p.add_argument("--max-queued", type=int, default=256,
-                   help="queued jobs accepted at most (then 429; default 256)")
+    p.add_argument("--max-queued", type=int, default=MAX_QUEUED,
+                   help=f"queued jobs accepted at most (then 429; default {MAX_QUEUED})")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None)
     return p

@@ -100,12 +100,20 @@ def test_damaged_files_at_start_up_are_skipped_or_repaired(tmp_path):
         assert "rebuilt the index" in warnings and str(tmp_path) not in warnings
         assert second.client.run(done["run_key"])["status"] == "complete"
         assert [j["id"] for j in second.client.jobs()] == [done["id"]]
+        cell = next((tmp_path / "runs").glob("spectra-*/cells/*.json"))
+        cell.write_text(cell.read_text()[:10])               # a damaged cell: served, not a 500
+        damaged = second.client.run(done["run_key"])
+        assert damaged["damaged_cells"] == [cell.name] and damaged["records"] == []
+        assert damaged["status"] == "incomplete" and "run the same job" in damaged["error"]
     finally:
         second.stop()
-    # The CLI's reindex works on a damaged index too (no hand deletion first).
+    # The CLI's reindex works on a damaged index too (no hand deletion first), and exits 1
+    # over the damaged cell, naming it.
     index.write_bytes(b"garbage" * 200)
     cli = run_python("-m", "analysis", "store", "reindex", "--out", str(tmp_path))
-    assert cli.returncode == 0 and "indexed 1 run(s)" in cli.stdout, cli.stdout + cli.stderr
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert "rebuilt the index" in cli.stdout and "indexed 1 run(s)" in cli.stdout
+    assert "damaged cell" in cli.stdout and cell.name in cli.stdout
 
 
 def _cells(store) -> dict[str, tuple[int, int]]:

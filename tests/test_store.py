@@ -553,3 +553,17 @@ def test_taking_the_lock_marks_runs_a_dead_writer_left_running_as_interrupted(tm
     store.lock()
     row = store.runs()[0]
     assert row["status"] == "interrupted" and "run the same job" in row["error"]
+
+
+def test_store_list_reads_the_cells_not_only_the_index(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    run = store.open_run("needle", CONFIG)
+    _grid(run, ["c0", "c1"], [])
+    capsys.readouterr()
+    assert cli_store.main(["list", "--out", str(tmp_path)]) == 0
+    assert "complete" in capsys.readouterr().out
+    cell = run.path / "cells" / "c1.json"
+    cell.write_text(cell.read_text()[:-5])                 # truncated, the index does not know
+    assert cli_store.main(["list", "--out", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert "incomplete" in listing and "1/2" in listing

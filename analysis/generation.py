@@ -188,6 +188,24 @@ def cache_report(press, compression_ratio: float, prompt_tokens: int,
             "layers": layers}
 
 
+def answer_nll(loaded, press, context: str, question: str, query_mode: str,
+               answer_prefix: str | None, expected: str) -> float:
+    """Mean NLL (nats per token) of `expected`, teacher-forced after the context compressed by
+    `press` (None: full cache), the question and the answer prefix: a graded score where exact
+    match is all or nothing. The context's last token is fed with the question (so the press
+    sees one token less than in `answer_details`)."""
+    import torch
+
+    from analysis.tasks.ppl import continuation_token_nll
+
+    ids = prompt_ids(loaded, context, question, query_mode, answer_prefix)
+    answer = loaded.tokenizer(" " + expected.strip(), add_special_tokens=False,
+                              return_tensors="pt").input_ids
+    tail = torch.cat([ids["questions_ids"][0].cpu(), answer], dim=1)
+    nll, _ = continuation_token_nll(loaded, press, ids["context_ids"], tail)
+    return float(nll[-answer.shape[1]:].mean())
+
+
 def generate(loaded, params: GenerateParams) -> dict:
     """One interactive generation (the server's "generate" job): the prompt of `params.prompt`
     (a needle sample built from its seed, or free text) answered under `params.method`, and,
@@ -235,4 +253,11 @@ def generate(loaded, params: GenerateParams) -> dict:
                       score=needle_task.score(sample, main.text),
                       full_score=needle_task.score(sample, result["full_answer"])
                       if result["full_answer"] is not None else None)
+        nll = answer_nll(loaded, press, context, question, params.query_mode, prefix,
+                         sample.expected)
+        full_nll = None
+        if params.compare_full:
+            full_nll = nll if press is None else answer_nll(
+                loaded, None, context, question, params.query_mode, prefix, sample.expected)
+        result.update(answer_nll=nll, full_answer_nll=full_nll)
     return result

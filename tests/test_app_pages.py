@@ -119,7 +119,8 @@ class FakeClient:
                 "question": "What is the number?",
                 "expected_answer": "42", "answer_prefix": "The number is",
                 "score": {"exact": 0, "partial": 0.0, "rouge_l": 0.0},
-                "full_score": {"exact": 1, "partial": 1.0, "rouge_l": 1.0}}
+                "full_score": {"exact": 1, "partial": 1.0, "rouge_l": 1.0},
+                "answer_nll": 2.5, "full_answer_nll": 0.25}
 
     def called(self, name):
         return [args for n, args in self.calls if n == name]
@@ -609,8 +610,10 @@ def test_lab_keeps_a_history_marks_stale_results_and_compares_two():
     assert "**Stale:**" not in texts(at.warning)
     table = at.dataframe[-1].value
     assert len(table) == 2 and table["current"].tolist() == ["✓", ""]
-    assert {"plan", "method", "normalisation", "answer", "found", "rouge_l", "cache kept",
-            "seconds"} <= set(table.columns)
+    assert {"plan", "method", "normalisation", "answer", "found", "answer NLL", "rouge_l",
+            "cache kept", "seconds"} <= set(table.columns)
+    assert table["answer NLL"].tolist() == [2.5, 2.5]
+    assert "expected answer NLL 0.250 nats/token" in texts(at.caption)
     assert "They differ in: `method.compression_ratio`" in texts(at.caption)
 
 

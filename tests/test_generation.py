@@ -66,3 +66,18 @@ def test_cache_report_of_a_press_without_stats():
     report = cache_report(None, 0.75, 1000, [250, 250, 251])
     assert report["budget_tokens"] == 250 and report["compressed"] is True
     assert report["kept_tokens"] == pytest.approx(250.333, abs=1e-3) and report["layers"] == [{}] * 3
+
+
+def test_a_needle_prompt_reports_the_expected_answers_nll(tiny):
+    from analysis.generation import answer_nll, generate
+    from analysis.tasks import needle as needle_task
+
+    prompt = TaskPrompt(kind="needle", context_length=256, depth=50, seed=0)
+    method = MethodSpec(name="faedkv", compression_ratio=0.5)
+    result = generate(tiny, GenerateParams(prompt=prompt, method=method, max_new_tokens=2))
+    assert result["answer_nll"] > 0 and result["full_answer_nll"] > 0
+    assert result["answer_nll"] != result["full_answer_nll"]        # the press changed the cache
+    sample = needle_task.make_sample(tiny.tokenizer, "sentence", 256, 50, 0)
+    full = answer_nll(tiny, None, sample.context, sample.question, "query_agnostic",
+                      sample.answer_prefix, sample.expected)
+    assert full == pytest.approx(result["full_answer_nll"], rel=1e-5)

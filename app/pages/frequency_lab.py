@@ -310,7 +310,8 @@ def comparison_row(n: int, e: dict, current: dict | None) -> dict:
             "plan": plan_summary(method),
             "normalisation": params.get("slot_normalization", "mean") if method.get("name") == "faedkv" else "—",
             "mass": ("on" if params.get("mass_correction") else "off") if method.get("name") in PLANNED else "—",
-            "found": found(result), "rouge_l": score.get("rouge_l"),
+            "found": found(result), "answer NLL": result.get("answer_nll"),
+            "rouge_l": score.get("rouge_l"),
             "cache kept": f"{cache['kept_tokens']:.0f}/{cache['prompt_tokens']}"
                           + ("" if cache["compressed"] else " (whole)"),
             "seconds": result.get("seconds"), "answer": result.get("answer", ""),
@@ -344,9 +345,13 @@ def comparison(entries: list[dict], current: dict | None) -> None:
                    "compare rows of one model only.", icon=":material/warning:")
     st.dataframe(frame.drop(columns=["id"]), hide_index=True, width="stretch",
                  column_config={"rouge_l": st.column_config.NumberColumn(format="%.2f"),
+                                "answer NLL": st.column_config.NumberColumn(
+                                    format="%.3f", help="nats per token of the expected answer, "
+                                    "teacher-forced (needle prompts)"),
                                 "seconds": st.column_config.NumberColumn(format="%.2f s")})
     st.caption("✓: computed with the settings above. `found`: the needle's answer was in the "
-               "reply (needle prompts only).")
+               "reply; `answer NLL`: nats per token of the expected answer, teacher-forced "
+               "(needle prompts only).")
     if len(entries) < 2:
         return
     labels = {e["id"]: f"#{r['#']} {r['method']} · {r['plan']} · {r['normalisation']}"
@@ -379,7 +384,7 @@ def answer_card(result: dict, request: dict) -> None:
     _score(result.get("score"))
     cache = views.cache_of(result)
     st.caption(f"{views.kept_text(cache['kept_tokens'], cache['prompt_tokens'])} · "
-               f"{result.get('seconds', 0):.2f} s")
+               f"{result.get('seconds', 0):.2f} s" + nll_text(result.get("answer_nll")))
 
 
 def cache_warning(result: dict, method: dict) -> str | None:
@@ -440,14 +445,14 @@ def show_result(entry: dict, stale: list[str]) -> None:
         if result.get("full_answer") is not None:
             st.text(f"{result.get('answer_prefix') or ''} {result['full_answer']}".strip())
             _score(result.get("full_score"))
-            st.caption(f"{result.get('seconds_full', 0):.2f} s")
+            st.caption(f"{result.get('seconds_full', 0):.2f} s" + nll_text(result.get("full_answer_nll")))
         else:
             st.caption("not asked (turn on 'compare with the full cache')")
     with right.container(border=True):
         st.markdown(f"**{label}**")
         st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
         _score(result.get("score"))
-        st.caption(f"{result.get('seconds', 0):.2f} s")
+        st.caption(f"{result.get('seconds', 0):.2f} s" + nll_text(result.get("answer_nll")))
     c1, c2, c3 = st.columns(3)
     c1.metric("prompt tokens", cache["prompt_tokens"])
     c2.metric("cache kept (mean over layers)", f"{cache['kept_tokens']:.0f}",
@@ -459,6 +464,10 @@ def show_result(entry: dict, stale: list[str]) -> None:
         ui.show_entry(figure)
     if method.get("name") != "full" and not any(e.name == "lab-reconstruction-error" for e in entries):
         st.caption("This method reports no reconstruction error (eviction keeps tokens exactly).")
+
+
+def nll_text(nll) -> str:
+    return "" if nll is None else f" · expected answer NLL {nll:.3f} nats/token"
 
 
 def _score(score) -> None:

@@ -5,14 +5,21 @@ an interactive generation (the app's "re-run generation": 2K needle prompt, full
 the needle grid and the RULER-style suite for the kvpress baselines and FAEDKV, and one spectra
 run (the app's "Spectra" page). Results go to a fresh store under --store (kept, so a killed run
 resumes with the same command); the fragment goes to --out.
+
+`--qwen PATH` adds the CPU reference on a real model (Qwen2.5-Coder-0.5B-Instruct's GGUF, from
+`../shared/tools/qwen-gguf 0.5b`): a small needle grid and the continuation NLL after a prefix,
+full / SnapKV / StreamingLLM / FAEDKV (registry defaults) at one ratio, into its own fragment
+(--qwen-out); `--qwen-only` skips the embedded model's part.
 """
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from pathlib import Path
 
 DEFAULT_METHODS = "full,streaming_llm,snapkv,knorm,faedkv,faedkv:variant=resample"
+QWEN_METHODS = "full,snapkv,streaming_llm,faedkv"
 
 
 def timed(fn, *args, **kwargs):
@@ -36,6 +43,17 @@ def run_tasks(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.qwen and not Path(args.qwen).expanduser().is_file():
+        print(f"error: --qwen {args.qwen!r} is not a file: run `../shared/tools/qwen-gguf 0.5b` "
+              "(it prints the GGUF's path) and pass that path.", file=sys.stderr)
+        return 2
+    if args.qwen_only and not args.qwen:
+        print("error: --qwen-only needs --qwen PATH (the Qwen2.5-Coder-0.5B GGUF).", file=sys.stderr)
+        return 2
+    if args.qwen:
+        run_qwen(args)
+    if args.qwen_only:
+        return 0
     store = ResultsStore(args.store)
     loaded, load_s = timed(load_model, device=args.device)
     methods = parse_methods(args.methods, args.ratios)
@@ -72,6 +90,55 @@ def run_tasks(args) -> int:
     return 0
 
 
+def qwen_command(args) -> str:
+    return (f"python -m analysis.bench tasks --qwen {args.qwen} --qwen-only --qwen-length "
+            f"{args.qwen_length} --qwen-samples {args.qwen_samples} --qwen-texts {args.qwen_texts} "
+            f"--qwen-continuation {args.qwen_continuation} --qwen-ratio {args.qwen_ratio:g} "
+            f"--qwen-methods {args.qwen_methods}")
+
+
+def run_qwen(args) -> None:
+    """The CPU reference on Qwen2.5-Coder-0.5B: needle grid (one length, depths 0/50/100) and
+    continuation NLL after a prefix of the same length, one fragment."""
+    from analysis import methods as registry
+    from analysis.bench import machine_description, write_fragment
+    from analysis.cli import parse_methods
+    from analysis.models import load_model
+    from analysis.params import NeedleParams, PplParams
+    from analysis.store import ResultsStore
+    from analysis.tasks.needle import needle_markdown, run_needle
+    from analysis.tasks.ppl import ppl_markdown, run_ppl
+
+    store = ResultsStore(args.store)
+    loaded, load_s = timed(load_model, args.qwen, device=args.device)
+    info = loaded.info
+    methods = parse_methods(args.qwen_methods, [args.qwen_ratio])
+    faedkv = [registry.method_params(m) for m in methods if m.name == "faedkv"]
+    needle_params = NeedleParams(methods=methods, lengths=[args.qwen_length], depths=[0, 50, 100],
+                                 samples=args.qwen_samples)
+    needle_key, needle_s = timed(run_needle, loaded, store, needle_params)
+    ppl_params = PplParams(methods=methods, prefix_tokens=args.qwen_length,
+                           continuation_tokens=args.qwen_continuation, num_texts=args.qwen_texts)
+    ppl_key, ppl_s = timed(run_ppl, loaded, store, ppl_params)
+    lines = [f"### CPU reference on Qwen2.5-Coder-0.5B ({datetime.date.today().isoformat()}, {args.device})", "",
+             f"Machine: {machine_description(args.device)}. Model: {info.name} (GGUF sha256 "
+             f"{(info.sha256 or '?')[:16]}, {info.num_layers} layers, {info.num_kv_heads} KV heads, "
+             f"head_dim {info.head_dim}, context {info.context_length}; {info.dtype}), loaded in "
+             f"{load_s:.1f} s.", "",
+             f"Command: `{qwen_command(args)}`", "",
+             f"FAEDKV's parameters (the registry's defaults): `{faedkv[0] if faedkv else '-'}`.", "",
+             "| step | what | seconds |", "|---|---|---:|",
+             f"| needle grid | {needle_params.num_cells()} cells at {args.qwen_length} tokens | {needle_s:.0f} |",
+             f"| ppl | {ppl_params.num_cells()} cells, {args.qwen_length}-token prefix | {ppl_s:.0f} |",
+             "", "(A resumed run counts only the cells it computed.)", "",
+             needle_markdown(store.get(needle_key), detail=True), "",
+             ppl_markdown(store.get(ppl_key))]
+    text = "\n".join(lines) + "\n"
+    if args.qwen_out:
+        write_fragment(args.qwen_out, text)
+    print(text)
+
+
 def add_parser(sub) -> None:
     from analysis.cli import float_list, int_list
 
@@ -85,6 +152,17 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--store", default="results/bench-tasks", help="results store (resumes)")
     p.add_argument("--out", default="benchmarks/tasks-cpu.md", help="markdown fragment to write")
+    p.add_argument("--qwen", default=None, metavar="GGUF",
+                   help="also run the CPU reference on this Qwen2.5-Coder-0.5B GGUF "
+                        "(`../shared/tools/qwen-gguf 0.5b` prints its path)")
+    p.add_argument("--qwen-only", action="store_true", help="run only the --qwen section")
+    p.add_argument("--qwen-methods", default=QWEN_METHODS)
+    p.add_argument("--qwen-ratio", type=float, default=0.5)
+    p.add_argument("--qwen-length", type=int, default=2048, help="needle context and ppl prefix")
+    p.add_argument("--qwen-samples", type=int, default=1, help="needle samples per depth")
+    p.add_argument("--qwen-texts", type=int, default=1, help="ppl texts")
+    p.add_argument("--qwen-continuation", type=int, default=128, help="ppl continuation tokens")
+    p.add_argument("--qwen-out", default="benchmarks/tasks-cpu-qwen.md", help="its markdown fragment")
     p.set_defaults(func=run_tasks)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from analysis.client import BackendError, free_port
 from analysis.store import ResultsStore
-from tests.test_server import REPO, TINY, needle, start_backend, wait_until
+from tests.test_server import GENERATE, REPO, TINY, needle, start_backend, wait_until
 
 
 def run_python(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -52,6 +52,7 @@ def test_one_writer_per_store_second_server_cli_and_read_only(tmp_path):
                     call()
                 assert err.value.status == 403 and "read-only" in err.value.message
             assert r.jobs() and all(j["status"] != "interrupted" for j in r.jobs())
+            assert isinstance(r.generate(GENERATE)["answer"], str)     # answers, writes nothing
         finally:
             reader.stop()
         assert c.run(key)["status"] == "complete"           # the writer is untouched

@@ -494,7 +494,15 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
     @app.get("/runs", summary="Runs in the store, newest first")
     def runs(kind: str | None = Query(None, pattern=r"^[A-Za-z0-9_]+$", max_length=64),
              limit: int = Query(200, ge=1, le=10_000)) -> list[dict]:
-        return store.runs(kind=kind, limit=limit)
+        try:
+            return store.runs(kind=kind, limit=limit)
+        except StoreError as exc:
+            if read_only:
+                raise HTTPException(503, "the store's index cannot be read; the server that "
+                                         "writes the store rebuilds it, try again.") from exc
+            store.repair_index(exc)          # damaged while we run: rebuild it and answer
+            warnings.append(redact(store.repairs[-1]))
+            return store.runs(kind=kind, limit=limit)
 
     @app.get("/runs/{key}", summary="One run with its cell records")
     def run(key: str) -> dict:

@@ -715,16 +715,23 @@ class ResultsStore:
         try:
             fresh = self._open_index() or fresh
         except StoreError as exc:
-            # The index is derivable: keep the damaged file for inspection, build a new one.
-            aside = self._move_index_aside()
-            self.repairs.append(f"{self.index_path.name} was damaged ({exc.__cause__}); moved "
-                                f"it to {aside.name} and rebuilt the index from the run folders")
-            log.warning("%s", self.repairs[-1])
-            self._open_index()
-            fresh = True
+            if read_only:         # the writer rebuilds it; a reader must not move files
+                raise
+            self.repair_index(exc)
+            fresh = False
         clean_tmp(self.runs_dir)
         if fresh and any(self._run_folders()):
             self._rebuild_index()
+
+    def repair_index(self, exc: Exception) -> None:
+        """The index is derivable: keep the damaged file for inspection, build a new one from
+        the run folders (at open, or when a read finds it damaged)."""
+        aside = self._move_index_aside()
+        self.repairs.append(f"{self.index_path.name} was damaged ({exc.__cause__ or exc}); moved "
+                            f"it to {aside.name} and rebuilt the index from the run folders")
+        log.warning("%s", self.repairs[-1])
+        self._open_index()
+        self._rebuild_index()
 
     def _open_index(self) -> bool:
         """Create or check the index; True when it had to be (re)created."""

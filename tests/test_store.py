@@ -283,6 +283,14 @@ def test_damaged_index_is_moved_aside_and_rebuilt(tmp_path, damage):
     assert reopened.runs()[0]["cells_done"] == 1
     assert list(tmp_path.glob("index.sqlite.damaged-*"))      # kept for inspection
     assert ResultsStore(tmp_path).repairs == []
+    # damaged while a process has the store open: the next read that fails rebuilds it
+    index.write_bytes(b"junk" * 300)
+    with pytest.raises(StoreError, match="not a usable index"):
+        reopened.runs()
+    with pytest.raises(StoreError):
+        ResultsStore(tmp_path, read_only=True)          # a reader never moves files
+    reopened.repair_index(StoreError("read failed"))
+    assert [r["key"] for r in reopened.runs()] == [r["key"] for r in before]
 
 
 # ---------------------------------------------------------------------- index is derivable

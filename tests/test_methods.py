@@ -250,3 +250,20 @@ def test_merging_keeps_snapkvs_keys_and_folds_evicted_values_in(tiny):
     for a, b in zip(snap.layers, merged.layers):
         assert torch.equal(a.keys, b.keys)
         assert not torch.allclose(a.values, b.values)
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("name", NEW_BASELINES)
+def test_new_baselines_compress_the_embedded_smollm2_to_their_budget(embedded, name):
+    """On the real SmolLM2 (bf16): the kvpress pipeline answers and the budget check passes."""
+    sample = needle.make_sample(embedded.tokenizer, "passkey", 400, 50, seed=2)
+    press = methods.build_press(MethodSpec(name=name, compression_ratio=0.5), embedded.model)
+    a = answer_details(embedded, press, sample.context, sample.question, 8, "query_agnostic",
+                       sample.answer_prefix)
+    assert a.cache_lengths == a.expected_cache_lengths and a.text
+    if name in MASKING:
+        heads = embedded.info.num_kv_heads
+        kept = sum(a.prompt_tokens - m / heads for m in methods.masked_pairs(embedded.model))
+        assert abs(kept / embedded.info.num_layers - a.prompt_tokens / 2) <= 1
+    else:
+        assert len(set(a.cache_lengths)) == 1 and abs(a.cache_lengths[0] - a.prompt_tokens / 2) <= 1

@@ -249,14 +249,17 @@ def _slug(text: str) -> str:
 
 def gguf_model_dir(gguf: Path, label: str | None = None) -> tuple[Path, str, GGUFMeta]:
     """(folder with the GGUF's model as safetensors + tokenizer, its sha256, its metadata).
-    The folder is `<label or file stem>-<sha256[:16]>` in the user cache; the first call
+    The folder is `<label or file stem>-<sha256[:16]>` in the user cache (any folder with that
+    hash is reused: the key is the file's content, not its name); the first call
     dequantises the GGUF (about 15 s for SmolLM2-135M, a minute for Qwen2.5-0.5B on 2 cores),
     later calls reuse the folder."""
-    meta = gguf_metadata(gguf)
     digest = gguf_sha256(gguf)
+    # Keyed by content: the same file under another name or path reuses its folder.
+    for folder in sorted((cache_root() / "models").glob(f"*-{digest[:16]}")):
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder, digest, _folder_metadata(folder, gguf, digest)
     target = cache_root() / "models" / f"{_slug(label or gguf.stem)}-{digest[:16]}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target, digest, meta
+    meta = gguf_metadata(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger(__name__).info("dequantising %s into %s (once)", gguf.name, target)
@@ -287,6 +290,22 @@ def gguf_model_dir(gguf: Path, label: str | None = None) -> tuple[Path, str, GGU
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target, digest, meta
+
+
+def _folder_metadata(folder: Path, gguf: Path, digest: str) -> GGUFMeta:
+    """The GGUF metadata recorded beside a dequantised model (reading it from the GGUF parses
+    the whole vocabulary: seconds); folders written before it was recorded get it now."""
+    record = folder / "faedkv-source.json"
+    try:
+        saved = json.loads(record.read_text())
+        return GGUFMeta(saved["architecture"], saved["context_length"], saved["title"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    meta = gguf_metadata(gguf)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"gguf": str(gguf), "sha256": digest, **dataclasses.asdict(meta)}))
+    os.replace(tmp, record)
+    return meta
 
 
 def embedded_model_dir() -> tuple[Path, str]:

@@ -122,6 +122,8 @@ def test_a_gguf_path_loads_like_the_embedded_name(embedded):
     assert by_path.info.key["sha256"] == b["sha256"] and by_path.info.key["context_length"] == 8192
     assert "sha256" not in embedded.info.key          # shipped results keep their keys
     assert by_path.tokenizer.model_max_length == 8192 and by_path.tokenizer.chat_template
+    # dequantised once: the same content under its file name reuses the embedded model's folder
+    assert by_path.model.config.name_or_path == embedded.model.config.name_or_path
     ids = torch.tensor([[1, 5, 9, 11, 400, 2]])
     with torch.no_grad():
         assert torch.equal(embedded.model(ids).logits, by_path.model(ids).logits)

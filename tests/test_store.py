@@ -106,6 +106,11 @@ def test_project_commit(tmp_path):
     subprocess.run(["git", "clone", "-q", str(repo), str(dirty)], check=True)
     (dirty / "a.txt").write_text("2")
     assert project_commit(dirty) == head + "+dirty"
+    # project_commit() is cached per process (a run is keyed on the commit it started with);
+    # others may commit while the suite runs, so compare a fresh reading with HEAD now.
+    from analysis.store import _commit_of
+
+    _commit_of.cache_clear()
     assert project_commit().split("+")[0] == subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
         check=True).stdout.strip()

@@ -12,12 +12,12 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.client import TERMINAL, BackendClient, BackendError, LocalBackend
 from app import export
+from app.views import run_params  # noqa: F401 - pages read it from here
 
 CLIENT_KEY = "faedkv_client"        # session_state override (tests, notebooks)
 FIGURES_KEY = "_figures"            # session_state: name -> export.FigureEntry
@@ -186,12 +186,6 @@ def arrays(key: str, name: str) -> dict[str, np.ndarray] | None:
             return None
         memo[("arrays", key, name)] = {k: np.asarray(v) for k, v in result.items()}
     return memo[("arrays", key, name)]
-
-
-def run_params(summary: dict) -> dict:
-    """The job parameters a run was computed with (the store keeps them under config.task)."""
-    config = summary.get("config") or {}
-    return config.get("task") or config.get("params") or {}
 
 
 def run_model(summary: dict) -> str:
@@ -372,33 +366,9 @@ def job_panel(slot: str, on_done: Callable[[dict], None] | None = None,
 
 # ----------------------------------------------------------------------------- figures
 
-def provenance(model: str | None = None, text: str = "", method: str = "",
-               budget: str = "", ratio: float | None = None, run: str | None = None) -> dict:
-    return {"model": model or model_name(), "text": text, "method": method, "budget": budget,
-            "ratio": ratio, "run": run}
-
-
 def provenance_line(prov: dict) -> str:
     parts = [prov.get("model"), prov.get("text"), prov.get("method"), prov.get("budget")]
     return " · ".join(str(p) for p in parts if p)
-
-
-def budget_text(ratio: float | None) -> str:
-    """The budget a ratio asks for (what a grid's runs were set to; the lab shows what was kept)."""
-    if ratio is None:
-        return ""
-    return f"ratio {ratio:g} (budget {100 * (1 - ratio):.0f}% of the cache)"
-
-
-def kept_text(kept: float, prompt_tokens: int) -> str:
-    """The cache a generation actually kept."""
-    return f"kept {kept:.0f} of {plural(prompt_tokens, 'token')} ({kept / max(1, prompt_tokens):.0%})"
-
-
-def show_figure(name: str, title: str, fig: go.Figure, prov: dict,
-                data: pd.DataFrame | None = None, config: dict | None = None) -> None:
-    """Chart + export buttons; registers it for the Export page."""
-    show_entry(export.entry(name, title, fig, prov, data, config))
 
 
 def show_entry(entry: export.FigureEntry) -> None:

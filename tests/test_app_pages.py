@@ -748,3 +748,11 @@ def test_export_rebuilds_a_stored_generations_figures():
     stems = texts(at.markdown)
     assert "lab-cache-lengths_tiny-random-llama_faedkv-iwdft@0.5_r0.5_gen-" in stems
     assert "lab-reconstruction-error" in stems
+
+
+def test_lab_says_when_its_history_mixes_models():
+    fake = FakeClient()
+    _stored_generation(fake, model="smollm2-135m-instruct")
+    _stored_generation(fake, model="tiny-random-llama", answer="other")
+    at = _lab(fake)
+    assert "come from 2 models (smollm2-135m-instruct, tiny-random-llama)" in texts(at.warning)

@@ -25,6 +25,7 @@ NORMALISATIONS = ("mean", "sum")
 NORM_LABEL = {"mean": "class means", "sum": "(M/t)·sums (old)"}
 HISTORY = "lab.history"         # this session's generations: [{id, created, request, result}]
 DEFAULT_PLAN = "low-pass-0.5"
+UNKNOWN_MODEL = "not recorded"
 
 
 # ----------------------------------------------------------------------------- plan state
@@ -316,7 +317,7 @@ def comparison_row(n: int, e: dict, current: dict | None) -> dict:
                           + ("" if cache["compressed"] else " (whole)"),
             "seconds": result.get("seconds"), "answer": result.get("answer", ""),
             "prompt": views.prompt_label(e["request"].get("prompt") or {}, result),
-            "model": result.get("model", "?"), "id": e["id"]}
+            "model": result.get("model") or UNKNOWN_MODEL, "id": e["id"]}
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -339,10 +340,13 @@ def comparison(entries: list[dict], current: dict | None) -> None:
         return
     rows = [comparison_row(len(entries) - i, e, current) for i, e in enumerate(entries)]
     frame = pd.DataFrame(rows)
-    models = set(frame["model"])
+    models = set(frame["model"]) - {UNKNOWN_MODEL}
     if len(models) > 1:
-        st.warning(f"These runs come from {len(models)} models ({', '.join(sorted(map(str, models)))}): "
+        st.warning(f"These runs come from {len(models)} models ({', '.join(sorted(models))}): "
                    "compare rows of one model only.", icon=":material/warning:")
+    if UNKNOWN_MODEL in set(frame["model"]):
+        st.caption(f"Rows with model `{UNKNOWN_MODEL}` were stored before generations recorded "
+                   "their model: check before comparing them.")
     st.dataframe(frame.drop(columns=["id"]), hide_index=True, width="stretch",
                  column_config={"rouge_l": st.column_config.NumberColumn(format="%.2f"),
                                 "answer NLL": st.column_config.NumberColumn(

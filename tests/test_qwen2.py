@@ -88,3 +88,30 @@ def test_faedkv_cache_on_qwen2_decodes_at_a_fixed_budget():
     full = 3 * 2 * (tokens + 40) * 2 * 16 * 4          # a DynamicCache: layers x (k, v) x rows x heads x dim x fp32
     assert sizes[0] < 0.35 * full, (seed, sizes[0], full)
     assert cache.get_seq_length() == tokens + 40
+
+
+@pytest.mark.parametrize("heads,head_dim", [(14, 64), (12, 128)], ids=["0.5B-heads", "1.5B-heads"])
+def test_real_qwen25_head_geometry_through_press_and_cache(heads, head_dim):
+    """Qwen2.5-0.5B / 1.5B attention geometry (2 KV heads, groups of 7 / 6, head_dim 64 / 128) on
+    two random layers: the press keeps its budget, FAEDKVCache decodes at a fixed size."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    model = make_tiny_qwen2(num_layers=2, hidden_size=heads * head_dim, num_attention_heads=heads,
+                            num_kv_heads=2)
+    assert model.model.layers[0].self_attn.head_dim == head_dim
+    tokens = int(torch.randint(150, 220, (1,), generator=gen))
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=gen)
+    press = FAEDKVPress(compression_ratio=0.5, sink_tokens=4, window=16)
+    cache = prefill(model, ids, press)
+    assert [layer.keys.shape for layer in cache.layers] == \
+        [(1, 2, faedkv_cache_length(press, tokens), head_dim)] * 2, seed
+    decoding = FAEDKVCache(compression_ratio=0.5, sink_tokens=4, window=16, fused=False)
+    sizes = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=decoding)
+        for i in range(8):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=decoding,
+                        position_ids=torch.tensor([[tokens + i]]))
+            assert torch.isfinite(out.logits).all(), (seed, i)
+            sizes.append(decoding.memory_bytes())
+    assert len(set(sizes)) == 1, seed

@@ -167,12 +167,18 @@ def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
             for i in range(num_layers)]
 
 
+def kept_rows(tokens: int, compression_ratio: float) -> int:
+    from faedkv.budget import kept_rows as rows
+
+    return rows(tokens, compression_ratio)
+
+
 def cache_report(press, compression_ratio: float, prompt_tokens: int,
                  cache_lengths: list[int]) -> dict:
     """What the compressed cache actually holds against what the budget asked for.
 
-    budget_tokens = round((1 - ratio) * T), the kvpress convention (a press may round by one
-    token differently). `compressed` is False when some layer kept the whole prompt (e.g. a
+    budget_tokens = max(1, int((1 - ratio) * T)), kvpress's rule (faedkv.budget.kept_rows; a
+    press with its own rule may differ by a token; ratio 0 keeps all). `compressed` is False when some layer kept the whole prompt (e.g. a
     FAEDKV prompt not longer than sink + window has no middle to compress). `layers` carries a
     FAEDKV press's per-layer record (slots, middle, and the sink / window it actually used
     when the budget forced them smaller)."""
@@ -182,7 +188,7 @@ def cache_report(press, compression_ratio: float, prompt_tokens: int,
               if i in stats else {} for i in range(len(cache_lengths))]
     kept = sum(cache_lengths) / len(cache_lengths) if cache_lengths else float(prompt_tokens)
     return {"prompt_tokens": prompt_tokens,
-            "budget_tokens": round((1 - compression_ratio) * prompt_tokens),
+            "budget_tokens": kept_rows(prompt_tokens, compression_ratio) if prompt_tokens else 0,
             "kept_tokens": kept, "kept_fraction": kept / prompt_tokens if prompt_tokens else 1.0,
             "compressed": bool(cache_lengths) and all(n < prompt_tokens for n in cache_lengths),
             "layers": layers}
@@ -260,4 +266,12 @@ def generate(loaded, params: GenerateParams) -> dict:
             full_nll = nll if press is None else answer_nll(
                 loaded, None, context, question, params.query_mode, prefix, sample.expected)
         result.update(answer_nll=nll, full_answer_nll=full_nll)
+    if params.diagnostics:
+        from analysis.diagnostics import attention_diagnostics
+
+        ids = prompt_ids(loaded, context, question, params.query_mode, prefix)
+        device = loaded.model.device
+        result["diagnostics"] = attention_diagnostics(loaded, build_press(params.method, loaded.model),
+                                                      ids["context_ids"].to(device),
+                                                      ids["questions_ids"][0].to(device))
     return result

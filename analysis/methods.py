@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention), plan (null: every bin) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
@@ -66,7 +66,8 @@ class MethodEntry:
 
 _FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
                     "mass_correction": True, "slot_normalization": "mean", "exact_share": 0.0,
-                    "exact_scorer": "expected_attention", "plan": None}
+                    "exact_scorer": "expected_attention", "slot_fit": "mean", "fit_probes": 64,
+                    "plan": None}
 
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("full", None, {}),

@@ -116,6 +116,9 @@ _FAEDKV_RULES = {
     "exact_share": Rule("float", 0.0, 0.999),
     "exact_scorer": Rule("choice", choices=("expected_attention", "knorm", "keydiff", "snapkv",
                                             "tova")),
+    # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
+    "slot_fit": Rule("choice", choices=("mean", "probes")),
+    "fit_probes": IntRule(1, 4096),
 }
 
 # method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry
@@ -277,6 +280,9 @@ class GenerateParams(Strict):
     query_mode: Literal["query_agnostic", "query_aware"] = "query_agnostic"
     max_new_tokens: Int = Field(32, ge=1, le=512)
     compare_full: Bool = True       # also answer with the full cache, same prompt
+    # per layer and KV head: attention-output error and middle/slot mass for the question's
+    # queries (analysis.diagnostics); one more prefill of the context with each cache
+    diagnostics: Bool = False
 
 
 class GridBase(Strict):

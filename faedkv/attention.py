@@ -144,17 +144,26 @@ def realign_mask(mask: torch.Tensor, key_len: int) -> torch.Tensor:
 
 
 def column_bias(module, key, key_len: int, dtype, device) -> torch.Tensor | None:
-    """(key_len,) additive bias of the slot columns, from the keys' mark (FAEDKVCache) or the
-    module's recorded (start, bias) (FAEDKVPress), or None."""
+    """Additive bias of the slot columns, from the keys' mark (FAEDKVCache) or the module's
+    recorded (start, bias) (FAEDKVPress), or None: (key_len,) for one bias per column, or
+    (batch, kv_heads, key_len) for a per-head bias (fitted slots)."""
     recorded = getattr(key, MASS_ATTR, None) or getattr(module, BIAS_ATTR, None)
     if recorded is None:
         return None
     start, bias = recorded
     if start + bias.shape[-1] > key_len:  # the cache was cut below the slots: nothing to correct
         return None
-    full = torch.zeros(key_len, dtype=dtype, device=device)
-    full[start:start + bias.shape[-1]] = bias.to(device=device, dtype=dtype)
+    full = torch.zeros(bias.shape[:-1] + (key_len,), dtype=dtype, device=device)
+    full[..., start:start + bias.shape[-1]] = bias.to(device=device, dtype=dtype)
     return full
+
+
+def broadcast_bias(bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """A column bias shaped for a (batch, heads, q, key_len) mask: (key_len,) as it is,
+    (batch, kv_heads, key_len) repeated over each KV head's query heads."""
+    if bias.ndim == 1:
+        return bias
+    return bias.repeat_interleave(heads // bias.shape[1], dim=1).unsqueeze(2)
 
 
 def causal_bool_mask(q_len: int, key_len: int, device) -> torch.Tensor:
@@ -185,7 +194,7 @@ def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kw
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
                                          ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
-        attention_mask = attention_mask + bias
+        attention_mask = attention_mask + broadcast_bias(bias, query.shape[1])
     # sdpa as registered before us: kvpress's own wrapper (head-wise masking) stays in the chain
     return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -239,6 +248,11 @@ def log_mass(tokens_per_slot: torch.Tensor) -> torch.Tensor:
 def record_slot_bias(module, start: int, tokens_per_slot: torch.Tensor) -> None:
     """Store + log(tokens per slot) for the columns [start, start + M) of this layer."""
     setattr(module, BIAS_ATTR, (start, log_mass(tokens_per_slot)))
+
+
+def record_fitted_bias(module, start: int, bias: torch.Tensor) -> None:
+    """Store a fitted logit bias (batch, kv_heads, M) for the columns [start, start + M)."""
+    setattr(module, BIAS_ATTR, (start, bias.float()))
 
 
 def mark_mass(keys: torch.Tensor, start: int, tokens_per_slot: torch.Tensor) -> torch.Tensor:

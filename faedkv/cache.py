@@ -6,7 +6,7 @@ Per layer it keeps the first `sink_tokens` tokens exact, the middle as M ring ro
     [ sink (S) ][ slots (M) ][ window (W) ]      S + M + W rows, constant
 
 The prefill of T tokens attends exactly (the model sees all T keys) and is then stored
-compressed with M = round((1 - ratio) * T) - S - W (the press's budget). Every later call of
+compressed with M = max(1, int((1 - ratio) * T)) - S - W (kvpress's budget, faedkv.budget). Every later call of
 q tokens first folds the q oldest window tokens into the middle, then appends its own tokens,
 so decoding keeps exactly S + M + W rows. A call's own tokens are never folded before it
 attends to them: when q > W the window holds q rows until the next call folds the excess.
@@ -39,8 +39,8 @@ softmax, to their probabilities (an FFT over M numbers per query head, not over 
 every head_dim). The torch path below defines the result; both kernels match it.
 
 The mass needs faedkv's attention: every tensor of keys this cache returns is marked, and on an
-sdpa model the marked keys switch the config to faedkv_sdpa themselves (faedkv.attention). A
-model whose attention never saw the marks (eager) is refused at the first decode call.
+sdpa model the marked keys switch the config to faedkv_sdpa themselves (faedkv.attention).
+Eager attention does not read the marks: use sdpa (the default of analysis.models.load_model).
 
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
@@ -261,10 +261,6 @@ class FAEDKVLayer(CacheLayerMixin):
             self.prefill(key_states, value_states)
             return self.probed(key_states), value_states  # the prefill itself attends exactly
         self.seen += key_states.shape[-2]
-        if self.compression_ratio and self.attention_config is None:
-            raise ValueError("FAEDKVCache's slots need faedkv's attention (each slot's log-count mass), "
-                             "but this model's attention did not answer it; load the model with "
-                             "attn_implementation='sdpa' (FAEDKVCache switches it to faedkv_sdpa)")
         if self.compression_ratio == 0:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)

@@ -21,7 +21,8 @@ from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from faedkv import fused
-from faedkv.attention import record_slot_bias, use_faedkv_attention
+from faedkv.attention import record_fitted_bias, record_slot_bias, use_faedkv_attention
+from faedkv.fit import class_members, fit_slots, probe_queries
 from faedkv.budget import Layout, layout
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
@@ -29,6 +30,7 @@ from faedkv.variants import (SLOT_NORMALIZATIONS, VARIANTS, check_normalization,
                              plan_keep, slot_mass, slot_positions)
 
 KEY_SPACES = ("post_rope", "pre_rope")
+SLOT_FITS = ("mean", "probes")
 # kvpress scorers a hybrid may use to pick its exact middle tokens (query-agnostic ones first)
 EXACT_SCORERS = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
                  "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
@@ -73,6 +75,9 @@ class FAEDKVPress(BasePress):
         middle tokens chosen by `exact_scorer` (a kvpress scorer: expected_attention, knorm,
         keydiff, snapkv, tova); the slots summarise every other middle token, so what eviction
         would throw away is averaged in instead of lost. 0: no exact middle tokens.
+    slot_fit: "mean" (slots are class means with log-count mass) or "probes" (attention-matched:
+        each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
+        the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
 
     After each prefill, `last_stats[layer]` holds {"tokens", "cache_len", "sink_tokens",
     "window", "slots", "exact", "middle"} (the layout actually used) and, with record_errors,
@@ -93,6 +98,8 @@ class FAEDKVPress(BasePress):
     slot_normalization: str = "mean"
     exact_share: float = 0.0
     exact_scorer: str = "expected_attention"
+    slot_fit: str = "mean"
+    fit_probes: int = 64
     record_errors: bool = True
     fused: bool = True
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -125,6 +132,14 @@ class FAEDKVPress(BasePress):
         if self.exact_share and (self.key_space == "pre_rope" or self.variant == "dct-iterative"):
             raise ValueError("a hybrid (exact_share > 0) keeps post-RoPE exact tokens and summarises "
                              "the rest with iwdft or resample: use key_space='post_rope' and one of those")
+        if self.slot_fit not in SLOT_FITS:
+            raise ValueError(f"slot_fit must be one of {', '.join(SLOT_FITS)}, got {self.slot_fit!r}")
+        if self.slot_fit == "probes" and (self.variant != "iwdft" or self.key_space != "post_rope"
+                                          or self.slot_normalization != "mean"):
+            raise ValueError("slot_fit='probes' refits iwdft's class means over post-RoPE keys: use "
+                             "variant='iwdft', key_space='post_rope', slot_normalization='mean'")
+        if isinstance(self.fit_probes, bool) or not isinstance(self.fit_probes, int) or self.fit_probes < 1:
+            raise ValueError(f"fit_probes must be an integer >= 1, got {self.fit_probes!r}")
         self.scorer = None
         if self.exact_share:
             import kvpress
@@ -189,7 +204,13 @@ class FAEDKVPress(BasePress):
             represent = slot_positions(self.variant, kept.summarised, kept.slots, self.step)
             represent = represent.to(keys.device) + positions[0].double()
             key_slots = rotate(key_slots, *rope_cos_sin(represent, inv_freq, scaling))
-        self.record_mass(module, start + kept.exact, kept)
+        if self.slot_fit == "probes":
+            queries = probe_queries(module, hidden_states, kwargs["position_embeddings"], self.fit_probes)
+            members = class_members(kept.summarised, kept.slots, keys.device)
+            bias, value_slots = fit_slots(queries, module.scaling, mid_keys, mid_values, key_slots, members)
+            record_fitted_bias(module, start + kept.exact, bias)
+        else:
+            self.record_mass(module, start + kept.exact, kept)
         keys = torch.cat([keys[:, :, :start], exact_keys, key_slots.to(keys.dtype), keys[:, :, end:]], dim=2)
         values = torch.cat([values[:, :, :start], exact_values, value_slots.to(values.dtype),
                             values[:, :, end:]], dim=2)
@@ -212,7 +233,7 @@ class FAEDKVPress(BasePress):
         """The fused CUDA kernel computes exactly this press: iwdft, every bin, post-RoPE keys,
         no exact tokens and no error statistics to record (they need the float32 middle)."""
         return (self.fused and self.variant == "iwdft" and self.plan is None and self.key_space == "post_rope"
-                and not self.exact_share and not self.record_errors and fused.can_fuse(keys)
+                and not self.exact_share and self.slot_fit == "mean" and not self.record_errors and fused.can_fuse(keys)
                 and fused.can_fuse(values))
 
     @torch.no_grad()

@@ -411,12 +411,6 @@ def test_bad_use_raises_value_error():
     with pytest.raises(ValueError, match="cannot compress a 1-token prefill"):
         with torch.no_grad():
             model(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=FAEDKVCache(compression_ratio=0.5))
-    eager = make_tiny_llama(attn_implementation="eager")
-    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        with torch.no_grad():
-            cache = FAEDKVCache(compression_ratio=0.5, window=8)
-            eager(input_ids=torch.randint(0, VOCAB, (1, 60)), past_key_values=cache)
-            eager(input_ids=torch.randint(0, VOCAB, (1, 1)), past_key_values=cache)
     with pytest.raises(ValueError, match="of one shape"):
         FAEDKVCache(compression_ratio=0.5, window=8).update(torch.zeros(1, 2, 60, 16),
                                                             torch.zeros(1, 2, 60, 8), 0)
@@ -471,7 +465,8 @@ class ClassMeanCache(DynamicCache):
         return out[0], out[1]
 
 
-@pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2, 5], {"key": [0, 7, 8], "value": [[0, 5], [1, 2, 3]]},
+# every kept set holds chunk 0 (bin 0), so no layer or head keeps none of a small M's bins
+@pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2, 5], {"key": [0, 7, 8], "value": [[0, 5], [0, 2, 3]]},
                                                               list(range(0, 22, 2))])], ids=["every-bin", "plan"])
 def test_decoding_equals_attention_over_the_class_mean_cache(plan):
     """Over 200 decoded tokens (a fused=False torch path, one token a call), FAEDKVCache's logits

@@ -36,7 +36,7 @@ def test_an_own_text_reports_its_cache_question_and_model(tiny):
     result = _generate(tiny, TaskPrompt(kind="text", text="A short text about nothing much.",
                                         question="What is it about?"))
     cache = _consistent(result)
-    assert cache["budget_tokens"] == round(0.5 * cache["prompt_tokens"])
+    assert cache["budget_tokens"] == int(0.5 * cache["prompt_tokens"])
     assert result["question"] == "What is it about?"
     assert result["model"] == "tiny-random-llama" and result["model_revision"]
 
@@ -81,3 +81,15 @@ def test_a_needle_prompt_reports_the_expected_answers_nll(tiny):
     full = answer_nll(tiny, None, sample.context, sample.question, "query_agnostic",
                       sample.answer_prefix, sample.expected)
     assert full == pytest.approx(result["full_answer_nll"], rel=1e-5)
+
+
+def test_diagnostics_come_with_the_generation_when_asked(tiny):
+    from analysis.generation import generate
+
+    method = MethodSpec(name="faedkv", compression_ratio=0.5)
+    result = generate(tiny, GenerateParams(prompt=TaskPrompt(context_length=256, depth=50), method=method,
+                                           max_new_tokens=2, compare_full=False, diagnostics=True))
+    diagnostics = result["diagnostics"]
+    assert diagnostics["probes"] > 0 and len(diagnostics["output_error"]) == 3
+    assert all(0 < e for layer in diagnostics["output_error"] for e in layer)
+    assert all(0 < m <= 1 for layer in diagnostics["slot_mass"] for m in layer)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
+#   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
+# PART: ppl | needle-main | needle-rest | speed. Results go to the store in results/ (kept between calls on a warm
+# machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
+# `python -m analysis.results_report` turns the store into docs/RESULTS.md here.
+set -uo pipefail
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed [seconds]}
+limit=${2:-540}
+MODEL=${MODEL:-/tmp/m/model}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+common=(--model "$MODEL" --device cuda --out results --no-progress)
+# FAEDKV configurations of the search (issue 15); every one is a plain --methods spec
+FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
+case "$part" in
+  ppl)
+    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+      --num-texts 3 --ratios 0.05,0.25,0.5,0.75 \
+      --methods "$FAEDKV,faedkv:mass_correction=false,faedkv:slot_normalization=sum:mass_correction=false,faedkv:variant=resample:mass_correction=false,snapkv,streaming_llm,expected_attention,kvzip" \
+      > "$OUT/ppl.log" 2>&1; echo "ppl exit $?"; tail -40 "$OUT/ppl.log" ;;
+  needle-main)
+    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
+      --samples 3 --ratios 0.5,0.75 --methods "$FAEDKV,kvzip,expected_attention,snapkv,keydiff,streaming_llm" \
+      > "$OUT/needle-main.log" 2>&1; echo "needle-main exit $?"; tail -45 "$OUT/needle-main.log" ;;
+  needle-rest)
+    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
+      --samples 2 --ratios 0.5,0.75 --methods "tova,knorm,pyramidkv,lagkv,compactor,merging,dct_iterative" \
+      > "$OUT/needle-rest.log" 2>&1; echo "needle-rest exit $?"; tail -30 "$OUT/needle-rest.log" ;;
+  speed)
+    timeout "$limit" python3 -m analysis.bench gpu --parts compress decode --lengths 32768 131072 --layers 4 \
+      --methods iwdft resample snapkv --decode-lengths 32768 131072 --decode-kinds full faedkv faedkv-attn \
+      --no-kernel-sweeps --steps 20 --out "$OUT/bench" --fragment '' > "$OUT/speed.log" 2>&1
+    echo "speed exit $?"; tail -40 "$OUT/speed.log" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
+# the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here
+[ -d results/runs ] && tar czf "$OUT/store.tgz" results/runs && du -sh "$OUT/store.tgz"

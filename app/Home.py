@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from app import ui  # noqa: E402
+from app import results_doc, ui  # noqa: E402
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 
@@ -27,6 +27,32 @@ ABOUT = (
     "This lab lets you look at per-layer spectra, edit plans and re-run generation, compare "
     "token contributions, watch needle-in-a-haystack grids fill in, and export every figure."
 )
+
+
+EVERY_MODEL = "every model"
+RESULTS_SENTENCE = (
+    "`docs/RESULTS.md` (in the repository, written by `python -m analysis.results_report` from "
+    "the shipped runs in `assets/results`) asks whether a frequency-domain cache beats eviction at "
+    "equal budget on a real model, with its needle grids, continuation NLL, the configurations "
+    "tried and the commands that made them. Its answer:")
+
+
+def results_summary() -> None:
+    """The repository's results document: what it says, its first table, all of it on demand."""
+    st.subheader("Results")
+    if not results_doc.RESULTS.exists():
+        st.caption("`docs/RESULTS.md` is not in this checkout yet: "
+                   "`python -m analysis.results_report --store assets/results --out docs/RESULTS.md` "
+                   "writes it from the shipped runs.")
+        return
+    text = results_doc.without_comments(results_doc.RESULTS.read_text(encoding="utf-8"))
+    lead = results_doc.lead_sentence(text)
+    st.markdown(RESULTS_SENTENCE + (f" {lead}" if lead else " (see the document)."))
+    table = results_doc.first_table(text)
+    if table:
+        st.markdown(table)
+    with st.expander("Read docs/RESULTS.md", icon=":material/description:"):
+        st.markdown(text)
 
 
 def overview() -> None:
@@ -56,16 +82,27 @@ def overview() -> None:
             st.page_link(page, label=f"**{page.title}**", icon=page.icon)
             st.caption(text)
 
+    results_summary()
+
     st.subheader("Recent runs")
-    recent = ui.runs(limit=20)
-    if not recent:
+    every = ui.runs(limit=200)
+    if not every:
         ui.empty_state("No runs in the store yet. Compute one from a page (Spectra, Needle, "
                        "Ablation, Token contribution), or from the CLI: `python -m analysis`.")
         return
+    models = ui.models_of(every)
+    this = info.get("name")
+    mine = {ui.model_label(r) for r in every if ui.same_model(r)}
+    shown = st.selectbox("runs of", [EVERY_MODEL] + models, key="home.model",
+                         format_func=lambda m: f"{m} (the backend's model)" if m in mine else m,
+                         help=f"The store holds runs of {ui.plural(len(models), 'model')}; "
+                              f"the backend holds {this}. Pages list another model's runs after "
+                              "this model's and label them OTHER MODEL.")
+    recent = [r for r in every if shown == EVERY_MODEL or ui.model_label(r) == shown][:20]
     table = pd.DataFrame([{
         "kind": r.get("kind"), "status": r.get("status"),
         "cells": f"{r.get('cells_done', 0)}/{r.get('cells_total') or '?'}",
-        "model": ui.run_model(r), "created": str(r.get("created", ""))[:19].replace("T", " "),
+        "model": ui.model_label(r), "created": str(r.get("created", ""))[:19].replace("T", " "),
         "key": r.get("key")} for r in recent])
     st.dataframe(table, hide_index=True, width="stretch")
 

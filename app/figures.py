@@ -250,3 +250,27 @@ def ablation_heatmap(delta_mean: np.ndarray, delta_sem: np.ndarray | None, title
                               diverging=True)
     fig.update_xaxes(title_text="removed frequency chunk (low → high)")
     return fig
+
+
+def head_heatmap(z: Sequence[Sequence[float | None] | None], what: str, title: str = "",
+                 zmin: float | None = 0.0, zmax: float | None = None, zmid: float | None = None,
+                 colorscale: str = "Viridis") -> go.Figure:
+    """Layer x KV head heatmap of one per-head quantity (attention-output error, mass ratio).
+    z: one list per layer, one value per KV head; a layer given as None (a method without slots
+    on that layer) or a None value stays blank."""
+    heads = max((len(row) for row in z if row is not None), default=1)
+    grid = np.full((len(z), heads), np.nan)
+    for l, row in enumerate(z):
+        for h, v in enumerate(row or []):
+            if v is not None:
+                grid[l, h] = v
+    scale = dict(zmin=zmin, zmax=zmax) if zmid is None else dict(zmid=zmid)
+    fig = go.Figure(go.Heatmap(
+        z=grid, x=[f"H{h}" for h in range(heads)], y=[f"L{l}" for l in range(len(z))],
+        colorscale=colorscale, xgap=1, ygap=1, colorbar=dict(title=what),
+        hovertemplate=f"layer %{{y}}, KV head %{{x}}<br>{what} %{{z:.4g}}<extra></extra>", **scale))
+    fig.update_layout(**LAYOUT, title=title, xaxis_title="KV head", yaxis_title="layer",
+                      height=max(300, 16 * len(z) + 140))
+    fig.update_yaxes(autorange="reversed", type="category", dtick=max(1, len(z) // 15))
+    fig.update_xaxes(type="category")
+    return fig

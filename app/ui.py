@@ -193,6 +193,20 @@ def run_model(summary: dict) -> str:
     return model.get("name") if isinstance(model, dict) and model.get("name") else model_name()
 
 
+def model_label(summary: dict) -> str:
+    """A run's model as recorded: its name, with the revision when the run records one (two
+    models stored under the same folder name differ there)."""
+    model = (summary.get("config") or {}).get("model") or {}
+    revision = model.get("revision") if isinstance(model, dict) else None
+    return f"{run_model(summary)} ({revision})" if revision else run_model(summary)
+
+
+def models_of(summaries: list[dict]) -> list[str]:
+    """The model labels of some runs, the backend's model first, each once."""
+    labels = {model_label(s): same_model(s) for s in summaries}
+    return sorted(labels, key=lambda m: (not labels[m], m))
+
+
 def same_model(summary: dict) -> bool:
     """Whether a run was computed on the model the backend holds (name, and revision when both
     sides know it). A run without a model record counts as this model's."""
@@ -229,7 +243,7 @@ def run_label(summary: dict) -> str:
     created = str(summary.get("created", ""))[:16].replace("T", " ")
     cells = f"{summary.get('cells_done', '?')}/{summary.get('cells_total', '?')}"
     details = run_details(summary)
-    other = "" if same_model(summary) else f" · OTHER MODEL {run_model(summary)}"
+    other = "" if same_model(summary) else f" · OTHER MODEL {model_label(summary)}"
     return (f"{created} · {summary.get('status', '?')} · {cells} cells" +
             (f" · {details}" if details else "") + f" · {summary.get('key', '')[:10]}" + other)
 
@@ -241,7 +255,7 @@ def current_model_first(summaries: list[dict]) -> list[dict]:
 
 def warn_other_model(summary: dict) -> None:
     if not same_model(summary):
-        st.warning(f"This run was computed on **{run_model(summary)}**, not on the model the "
+        st.warning(f"This run was computed on **{model_label(summary)}**, not on the model the "
                    f"backend holds ({model_name()}): do not compare its numbers with this "
                    "model's runs.", icon=":material/warning:")
 

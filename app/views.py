@@ -24,8 +24,8 @@ ABLATION_MEASURES = {"continuation": ("delta_mean", "delta_sem", "Δ NLL of the 
                      "needle": ("needle_delta_mean", "needle_delta_sem", "Δ NLL of the needle answer")}
 
 
-def plural(n, word: str) -> str:
-    return f"{n} {word if n == 1 else word + 's'}"
+def plural(n, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def run_params(summary: dict) -> dict:
@@ -325,7 +325,14 @@ def generation_provenance(generation: dict, model: str = "model") -> dict:
             "ratio": ratio, "run": f"gen-{generation['id']}"}
 
 
-def generation_entries(generation: dict, model: str = "model") -> list[FigureEntry]:
+def generation_entries(generation: dict, model: str = "model",
+                       mass: str = "compressed") -> list[FigureEntry]:
+    """Every figure of one generation: its cache (cache_entries) and, when it was asked for,
+    its attention diagnostics (diagnostics_entries)."""
+    return cache_entries(generation, model) + diagnostics_entries(generation, model, mass)
+
+
+def cache_entries(generation: dict, model: str = "model") -> list[FigureEntry]:
     """Cache length per layer (against the full cache) and, when the method reports one, the
     reconstruction error per layer, of one generation."""
     result, request = generation["result"], generation["request"]
@@ -347,6 +354,90 @@ def generation_entries(generation: dict, model: str = "model") -> list[FigureEnt
                          prov, pd.DataFrame({"layer": range(len(values)), "reconstruction_error": values}),
                          config))
     return out
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+OUTPUT_ERROR_NOTE = (
+    "How far each layer's attention output over the compressed cache is from the full cache's "
+    "for the question's queries (‖o_compressed − o_full‖ / ‖o_full‖, mean over the group's query "
+    "heads; every layer sees the same queries, so a cell shows what that layer's compression does).")
+MASS_NOTE = (
+    "Attention mass the {what} take, divided by the mass the middle tokens took under full "
+    "attention (1 = the same): a slot's logit is the mean of its members' logits and "
+    "exp(mean) ≤ mean(exp) (Jensen), so slots under-weight a class in which one member (a needle) "
+    "matches the query far better than the rest.")
+# the mass the compressed cache gives the middle: numerator field, what it is
+MASS_VIEWS = {"compressed": ("middle_mass_compressed", "compressed middle rows"),
+              "slots": ("slot_mass", "slots alone")}
+
+
+def mass_ratio(numerator: list, denominator: list) -> list:
+    """Per layer and KV head numerator / denominator (None where either is missing or the
+    denominator is 0); a layer without slots (None on either side) stays None."""
+    out = []
+    for top, bottom in zip(numerator, denominator):
+        if top is None or bottom is None:
+            out.append(None)
+            continue
+        out.append([a / b if a is not None and b else None for a, b in zip(top, bottom)])
+    return out
+
+
+def has_slot_masses(diagnostics: dict) -> bool:
+    return any(row is not None for row in diagnostics.get("middle_mass_full") or [])
+
+
+def grid_mean(grid: list) -> float | None:
+    """Mean over every layer and KV head that has a value (the heatmap's cells)."""
+    cells = [v for row in grid or [] if row is not None for v in row if v is not None]
+    return float(np.mean(cells)) if cells else None
+
+
+def diagnostics_means(diagnostics: dict) -> str:
+    """One line: the means over layers and KV heads of what the heatmaps show."""
+    parts = [f"output error {grid_mean(diagnostics.get('output_error')):.3g}"
+             if grid_mean(diagnostics.get("output_error")) is not None else "output error —"]
+    if has_slot_masses(diagnostics):
+        for name, what in (("middle_mass_full", "middle mass under full attention"),
+                           ("middle_mass_compressed", "compressed middle"), ("slot_mass", "slots")):
+            mean = grid_mean(diagnostics.get(name))
+            if mean is not None:
+                parts.append(f"{what} {mean:.3f}")
+    return (f"Means over layers × KV heads ({plural(diagnostics.get('probes', '?'), 'probe query', 'probe queries')}"
+            f", {diagnostics.get('context_tokens', '?')} context tokens): " + " · ".join(parts))
+
+
+def diagnostics_entries(generation: dict, model: str = "model",
+                        mass: str = "compressed") -> list[FigureEntry]:
+    """The attention diagnostics of one generation (GenerateParams.diagnostics): output error
+    per layer and KV head and, for methods with slots, the middle-mass ratio (`mass`: the
+    compressed middle rows, or the slots alone, over the middle's mass under full attention)."""
+    diagnostics = generation["result"].get("diagnostics")
+    if not diagnostics:
+        return []
+    prov = generation_provenance(generation, model)
+    config = {"request": generation["request"], "diagnostics": diagnostics}
+    errors = diagnostics.get("output_error") or []
+    out = [entry("lab-output-error", "Attention-output error against the full cache, per layer "
+                 "and KV head", figures.head_heatmap(errors, "relative error"), prov,
+                 head_frame(errors, "output_error"), config)]
+    if has_slot_masses(diagnostics):
+        field_name, what = MASS_VIEWS[mass]
+        ratio = mass_ratio(diagnostics.get(field_name) or [], diagnostics["middle_mass_full"])
+        out.append(entry(f"lab-mass-ratio-{mass}", f"Middle-token attention mass: {what} / full "
+                         "cache, per layer and KV head",
+                         figures.head_heatmap(ratio, f"{mass} / full", zmin=None, zmid=1.0,
+                                              colorscale="RdBu"),
+                         prov, head_frame(ratio, "mass_ratio"), {**config, "mass": mass}))
+    return out
+
+
+def head_frame(grid: list, name: str) -> pd.DataFrame:
+    """A layer x KV head grid as rows (layer, head, value) for CSV export."""
+    return pd.DataFrame([{"layer": l, "kv_head": h, name: v} for l, row in enumerate(grid)
+                         if row is not None for h, v in enumerate(row)],
+                        columns=["layer", "kv_head", name])
 
 
 @dataclass

@@ -50,6 +50,21 @@ def needle_records():
     return out
 
 
+# per layer x KV head (LAYERS x HEADS): what analysis.diagnostics returns
+OUTPUT_ERROR = [[0.1, 0.2], [0.3, 0.4], [0.05, 0.15]]          # mean 0.2
+MASS_FULL = [[0.5, 0.25], [0.4, 0.2], [0.8, 0.1]]
+MASS_COMPRESSED = [[0.25, 0.25], [0.1, 0.2], [0.4, 0.1]]       # / full: 0.5 1 / 0.25 1 / 0.5 1
+SLOT_MASS = [[0.125, 0.25], [0.1, 0.05], [0.2, 0.0]]           # / full: 0.25 1 / 0.25 0.25 / 0.25 0
+
+
+def diagnostics(slots=True):
+    missing = [None] * LAYERS
+    return {"probes": 12, "context_tokens": 2048, "output_error": OUTPUT_ERROR,
+            "middle_mass_full": MASS_FULL if slots else missing,
+            "middle_mass_compressed": MASS_COMPRESSED if slots else missing,
+            "slot_mass": SLOT_MASS if slots else missing}
+
+
 class FakeClient:
     """In-memory backend: the client's methods, the REST API's answers, every call recorded."""
 
@@ -107,7 +122,10 @@ class FakeClient:
 
     def generate(self, params):
         self._log("generate", params)
-        return {**self._answer(params), **self.answer}
+        answer = self._answer(params)
+        if params.get("diagnostics"):       # the backend measures them only when asked
+            answer["diagnostics"] = diagnostics(params["method"]["name"] in ("faedkv", "dct_iterative"))
+        return {**answer, **self.answer}
 
     def _answer(self, params):
         n = LAYERS
@@ -756,3 +774,191 @@ def test_lab_says_when_its_history_mixes_models():
     _stored_generation(fake, model="tiny-random-llama", answer="other")
     at = _lab(fake)
     assert "come from 2 models (smollm2-135m-instruct, tiny-random-llama)" in texts(at.warning)
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+def titled(at, text):
+    """The plotly charts whose title contains `text`."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return [c for c in specs if text in c["layout"]["title"]["text"]]
+
+
+def test_lab_search_knobs_reach_the_request_the_url_and_the_table():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.selectbox(key="lab.exact_scorer").disabled            # no exact tokens by default
+    assert at.number_input(key="lab.fit_probes").disabled           # class-mean slots by default
+    at.button(key="lab.run").click().run()
+    params = fake.called("generate")[-1][0]["method"]["params"]
+    assert params["exact_share"] == 0.0 and params["slot_fit"] == "mean"
+    assert "exact_scorer" not in params and "fit_probes" not in params   # they would do nothing
+
+    at.slider(key="lab.exact_share").set_value(0.25).run()
+    at.selectbox(key="lab.exact_scorer").set_value("snapkv").run()
+    at.selectbox(key="lab.slot_fit").set_value("probes").run()
+    at.number_input(key="lab.fit_probes").set_value(32).run()
+    no_exception(at)
+    assert at.button(key="lab.run_both").disabled                   # probes refit class means only
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    params = fake.called("generate")[-1][0]["method"]["params"]
+    assert (params["exact_share"], params["exact_scorer"]) == (0.25, "snapkv")
+    assert (params["slot_fit"], params["fit_probes"]) == ("probes", 32)
+    assert [at.query_params[k] for k in ("exact_share", "exact_scorer", "slot_fit", "fit_probes")] == [
+        "0.25", "snapkv", "probes", "32"]
+    table = at.dataframe[-1].value
+    assert table["exact share"].tolist() == ["25% snapkv", "0"]
+    assert table["slot fit"].tolist() == ["probes (32)", "mean"]
+    assert "exact share 25% snapkv · fit probes (32)" in texts(at.markdown)
+
+
+def test_lab_search_knobs_come_back_from_a_link():
+    at = app_for("pages/frequency_lab.py", FakeClient(), query={
+        "exact_share": "0.5", "exact_scorer": "keydiff", "slot_fit": "probes", "fit_probes": "16",
+        "diagnostics": "0"})
+    no_exception(at)
+    assert at.slider(key="lab.exact_share").value == 0.5
+    assert at.selectbox(key="lab.exact_scorer").value == "keydiff"
+    assert at.selectbox(key="lab.slot_fit").value == "probes"
+    assert at.number_input(key="lab.fit_probes").value == 16
+    assert at.toggle(key="lab.diagnostics").value is False
+
+
+def test_lab_diagnostics_heatmaps_with_slot_masses():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.toggle(key="lab.diagnostics").value is True            # on by default
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert fake.called("generate")[-1][0]["diagnostics"] is True
+    error, = titled(at, "Attention-output error")
+    assert values(error["data"][0]["z"]).tolist() == OUTPUT_ERROR
+    assert list(error["data"][0]["x"]) == ["H0", "H1"] and list(error["data"][0]["y"]) == ["L0", "L1", "L2"]
+    ratio, = titled(at, "compressed middle rows / full cache")
+    assert values(ratio["data"][0]["z"]).tolist() == [[0.5, 1.0], [0.25, 1.0], [0.5, 1.0]]
+    captions = texts(at.caption)
+    assert "Jensen" in captions and "exp(mean) ≤ mean(exp)" in captions
+    assert "the same queries" in captions
+    assert "(12 probe queries, 2048 context tokens): output error 0.2 · middle mass under full " \
+           "attention 0.375 · compressed middle 0.217 · slots 0.121" in captions
+
+    at.segmented_control(key="lab.mass_view").set_value("slots").run()
+    no_exception(at)
+    ratio, = titled(at, "slots alone / full cache")
+    assert values(ratio["data"][0]["z"]).tolist() == [[0.25, 1.0], [0.25, 0.25], [0.25, 0.0]]
+    assert at.query_params["mass_view"] == "slots"
+    assert "mass the slots alone take" in texts(at.caption)
+
+
+def test_lab_diagnostics_of_an_eviction_method_show_the_output_error_only():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.selectbox(key="lab.method").set_value("snapkv").run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert len(titled(at, "Attention-output error")) == 1
+    assert not titled(at, "Middle-token attention mass")
+    assert "lab.mass_view" not in [w.key for w in at.segmented_control]
+    assert "keeps no slots" in texts(at.caption)
+    assert "slots 0." not in texts(at.caption)        # the means line has no masses either
+
+
+def test_lab_without_diagnostics_asks_for_none_and_says_how_to_get_them():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.toggle(key="lab.diagnostics").set_value(False).run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert fake.called("generate")[-1][0]["diagnostics"] is False
+    assert not titled(at, "Attention-output error")
+    assert "turn on 'diagnostics' and re-run" in texts(at.caption)
+    assert at.query_params["diagnostics"] == "0"
+
+
+def test_export_rebuilds_a_stored_generations_diagnostics():
+    fake = FakeClient()
+    _stored_generation(fake, diagnostics=diagnostics())
+    at = app_for("pages/export_all.py", fake)
+    no_exception(at)
+    stems = texts(at.markdown)
+    assert "lab-output-error_tiny-random-llama" in stems and "lab-mass-ratio-compressed" in stems
+
+
+def test_mass_ratio_divides_per_head_and_keeps_missing_layers_blank():
+    from app.figures import head_heatmap
+    from app.views import mass_ratio
+
+    ratio = mass_ratio([[0.2, 0.3], None, [0.1, None]], [[0.4, 0.0], None, [0.2, 0.5]])
+    assert ratio == [[0.5, None], None, [0.5, None]]
+    z = np.asarray(head_heatmap(ratio, "ratio").data[0].z, dtype=float)
+    assert z.shape == (3, 2) and z[0, 0] == 0.5 and np.isnan(z[1]).all() and np.isnan(z[0, 1])
+
+
+QWEN = "/tmp/m/model"
+
+
+def _qwen_needle_run(key="9" * 16):
+    run = summary(key, "needle", {"needle": "sentence", "lengths": [256, 512], "depths": [0, 50, 100],
+                                  "samples": 1, "methods": [{"name": "snapkv", "compression_ratio": 0.75}]},
+                  cells=12)
+    run["config"]["model"] = {"name": QWEN, "revision": "local:0123abcd"}
+    run["created"] = "2026-12-01T18:00:00"          # newer than the tiny model's grid
+    return run
+
+
+def test_needle_picks_a_grid_of_another_model_labelled_with_its_model():
+    mine, qwen = "c" * 16, "9" * 16
+    records = needle_records()
+    qwen_records = [{**r, "exact": 1} for r in records]     # the other model finds every needle
+    fake = FakeClient(runs=[_qwen_needle_run(qwen), summary(mine, "needle", {
+        "lengths": [256, 512], "depths": [0, 50, 100], "samples": 1,
+        "methods": [{"name": "snapkv", "compression_ratio": 0.75}]}, cells=12)],
+        records={mine: records, qwen: qwen_records})
+    at = app_for("pages/needle.py", fake)
+    no_exception(at)
+    picker = at.selectbox(key="needle.run")
+    assert "OTHER MODEL" not in picker.options[0]                   # the backend's model first
+    assert f"OTHER MODEL {QWEN} (local:0123abcd)" in picker.options[1]
+    assert f"{QWEN} (local:0123abcd) (1 grid)" in texts(at.caption)
+    assert values(chart(at, 0)["data"][1]["z"]).tolist() == [[1, 1], [0, 0], [1, 1]]
+    picker.select_index(1).run()
+    no_exception(at)
+    assert at.query_params["run"] == qwen
+    assert f"computed on **{QWEN} (local:0123abcd)**" in texts(at.warning)
+    spec = chart(at, 0)
+    assert values(spec["data"][1]["z"]).tolist() == [[1, 1], [1, 1], [1, 1]]
+    assert QWEN in spec["layout"]["title"]["subtitle"]["text"]
+
+
+def test_overview_filters_runs_by_model_and_shows_the_results_document():
+    from app import results_doc
+
+    fake = FakeClient(runs=[_qwen_needle_run(), summary("a" * 16, "spectra", {})])
+    at = app_for("Home.py", fake)
+    no_exception(at)
+    picker = at.selectbox(key="home.model")
+    assert picker.options == ["every model", "tiny-random-llama (the backend's model)",
+                              f"{QWEN} (local:0123abcd)"]
+    assert at.dataframe[0].value["model"].tolist() == [f"{QWEN} (local:0123abcd)", "tiny-random-llama"]
+    picker.select_index(2).run()
+    assert at.dataframe[0].value["kind"].tolist() == ["needle"]
+    shown = texts(at.markdown)
+    if results_doc.RESULTS.exists():
+        text = results_doc.without_comments(results_doc.RESULTS.read_text())
+        assert "`docs/RESULTS.md`" in shown and results_doc.lead_sentence(text) in shown
+        assert results_doc.first_table(text) in shown
+    else:
+        assert "is not in this checkout yet" in texts(at.caption)
+
+
+def test_results_document_pieces():
+    from app.results_doc import first_table, lead_sentence, without_comments
+
+    doc = without_comments("<!-- made by a script -->\n# T\n\nIntro.\n\n## The answer\n\n"
+                           "**No, it does not.** More words. And more.\n\n```\n| not | a table |\n```\n\n"
+                           "| a | b |\n|---|---|\n| 1 | 2 |\n\ntext\n\n| c |\n|---|\n")
+    assert doc.startswith("# T")
+    assert lead_sentence(doc) == "**No, it does not.**"
+    assert first_table(doc) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert lead_sentence("no sections here") is None and first_table("no table") is None

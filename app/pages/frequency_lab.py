@@ -23,6 +23,10 @@ PLANNED = ("faedkv", "dct_iterative")          # methods that take a frequency p
 SPACE_LABEL = {"post_rope": "post-RoPE keys", "pre_rope": "pre-RoPE keys"}
 NORMALISATIONS = ("mean", "sum")
 NORM_LABEL = {"mean": "class means", "sum": "(M/t)·sums (old)"}
+EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova")
+SLOT_FITS = ("mean", "probes")
+FIT_LABEL = {"mean": "class means", "probes": "attention-matched"}
+MASS_LABEL = {"compressed": "compressed middle / full", "slots": "slots / full"}
 HISTORY = "lab.history"         # this session's generations: [{id, created, request, result}]
 DEFAULT_PLAN = "low-pass-0.5"
 UNKNOWN_MODEL = "not recorded"
@@ -251,6 +255,9 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
             PAGE, "mass", True, state.decode_bool), help="add log(tokens in the class) to each "
             "slot's attention logit: attention then equals attention over the cache in which every "
             "middle token is replaced by its class mean")
+        if name == "faedkv":
+            knobs, shown = search_knobs()
+            params.update(knobs)
         use_plan = st.toggle("apply the plan above", key=state.bind(PAGE, "use_plan", True,
                                                                    state.decode_bool),
                              help="off: keep every frequency bin (plan = null)")
@@ -259,12 +266,46 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
                 return None, {}
             params["plan"] = plans.to_json_dict(mask, plan_name)
     values = {"method": name, "ratio": float(ratio), "query_mode": query_mode}
-    values.update({("norm" if k == "slot_normalization" else
-                    "sink" if k == "sink_tokens" else "mass" if k == "mass_correction" else k): v
-                   for k, v in params.items() if k != "plan"})
+    values.update({URL_NAMES.get(k, k): v for k, v in params.items() if k != "plan"})
+    if name == "faedkv":
+        values.update(shown)        # the URL keeps the knobs not sent at this setting too
     spec = ui.call("checking the method", MethodSpec, name=name,
                    compression_ratio=0.0 if name == "full" else float(ratio), params=params)
     return spec, values
+
+
+URL_NAMES = {"slot_normalization": "norm", "sink_tokens": "sink", "mass_correction": "mass"}
+
+
+def search_knobs() -> tuple[dict, dict]:
+    """FAEDKV's hybrid budget and slot fit (issue 15): (the params to send, every knob's value
+    for the URL). A knob that does nothing at the chosen setting (the scorer without exact
+    tokens, fit_probes without the probe fit) is not sent."""
+    c1, c2, c3, c4 = st.columns(4)
+    share = c1.slider("exact share", 0.0, 0.95, step=0.05, key=state.bind(
+        PAGE, "exact_share", 0.0, float, lambda v: 0 <= v < 1),
+        help="Hybrid budget: this fraction of the rows left after sink and window keeps exact "
+             "middle tokens (picked by the scorer); the slots average every other middle token "
+             "in. 0: slots only.")
+    scorer = c2.selectbox("exact-token scorer", EXACT_SCORERS, disabled=share == 0,
+                          key=state.bind(PAGE, "exact_scorer", "expected_attention",
+                                         valid=state.options_valid(EXACT_SCORERS)),
+                          help="The kvpress scorer that picks the exact middle tokens.")
+    fit = c3.selectbox("slot fit", SLOT_FITS, format_func=FIT_LABEL.get, key=state.bind(
+        PAGE, "slot_fit", "mean", valid=state.options_valid(SLOT_FITS)),
+        help="class means: each slot is its class's mean with a log(count) mass. "
+             "attention-matched: each slot's logit bias and value are refit so the prompt's last "
+             "queries give it the mass and weighted value its tokens had (iwdft, post-RoPE keys, "
+             "class means).")
+    probes = c4.number_input("fit probes", 1, 4096, key=state.bind(
+        PAGE, "fit_probes", 64, int, lambda v: 1 <= v <= 4096), disabled=fit == "mean",
+        help="How many of the prompt's last queries the attention-matched fit uses.")
+    knobs = {"exact_share": float(share), "slot_fit": fit}
+    if share > 0:
+        knobs["exact_scorer"] = scorer
+    if fit == "probes":
+        knobs["fit_probes"] = int(probes)
+    return knobs, {**knobs, "exact_scorer": scorer, "fit_probes": int(probes)}
 
 
 # ----------------------------------------------------------------------------- history
@@ -295,6 +336,23 @@ def plan_summary(method: dict) -> str:
     return f"{plan.get('name', 'custom')} ({min(kept) if kept else '?'}/{plan.get('chunks', '?')})"
 
 
+def hybrid_summary(method: dict) -> str:
+    """'25% expected_attention' for a hybrid budget, '0' without exact tokens, '—' off faedkv."""
+    if method.get("name") != "faedkv":
+        return "—"
+    params = method.get("params") or {}
+    share = params.get("exact_share") or 0.0
+    return f"{share:.0%} {params.get('exact_scorer', 'expected_attention')}" if share else "0"
+
+
+def fit_summary(method: dict) -> str:
+    if method.get("name") != "faedkv":
+        return "—"
+    params = method.get("params") or {}
+    fit = params.get("slot_fit", "mean")
+    return f"probes ({params.get('fit_probes', 64)})" if fit == "probes" else fit
+
+
 def found(result: dict) -> str:
     score = result.get("score")
     if not isinstance(score, dict):
@@ -311,6 +369,7 @@ def comparison_row(n: int, e: dict, current: dict | None) -> dict:
             "plan": plan_summary(method),
             "normalisation": params.get("slot_normalization", "mean") if method.get("name") == "faedkv" else "—",
             "mass": ("on" if params.get("mass_correction") else "off") if method.get("name") in PLANNED else "—",
+            "exact share": hybrid_summary(method), "slot fit": fit_summary(method),
             "found": found(result), "answer NLL": result.get("answer_nll"),
             "rouge_l": score.get("rouge_l"),
             "cache kept": f"{cache['kept_tokens']:.0f}/{cache['prompt_tokens']}"
@@ -381,7 +440,8 @@ def answer_card(result: dict, request: dict) -> None:
     method = request.get("method") or {}
     params = method.get("params") or {}
     extra = (f" · slots: {params.get('slot_normalization', 'mean')} · mass "
-             f"{'on' if params.get('mass_correction') else 'off'}") if method.get("name") == "faedkv" else ""
+             f"{'on' if params.get('mass_correction') else 'off'} · exact share "
+             f"{hybrid_summary(method)} · fit {fit_summary(method)}") if method.get("name") == "faedkv" else ""
     st.markdown(f"**{result.get('method_label') or method.get('name')}** · "
                 f"{plan_summary(method)}{extra}")
     st.text(f"{result.get('answer_prefix') or ''} {result.get('answer', '')}".strip())
@@ -463,11 +523,44 @@ def show_result(entry: dict, stale: list[str]) -> None:
               f"{cache['kept_fraction'] - 1:+.0%} (budget {cache['budget_tokens']})",
               delta_color="off")
     c3.metric("time (compressed run)", f"{result.get('seconds', 0):.2f} s")
-    entries = views.generation_entries(entry, ui.model_name())
+    show_diagnostics(entry)
+    entries = views.cache_entries(entry, ui.model_name())
     for figure in entries:
         ui.show_entry(figure)
     if method.get("name") != "full" and not any(e.name == "lab-reconstruction-error" for e in entries):
         st.caption("This method reports no reconstruction error (eviction keeps tokens exactly).")
+
+
+def show_diagnostics(entry: dict) -> None:
+    """The result's attention diagnostics: output error and middle-mass ratio per layer and KV
+    head, side by side, each with what it says."""
+    diagnostics = entry["result"].get("diagnostics")
+    if not diagnostics:
+        if not entry["request"].get("diagnostics"):
+            st.caption("No attention diagnostics for this result: turn on 'diagnostics' and "
+                       "re-run to see the output error and middle mass per layer and KV head.")
+        return
+    st.markdown("**Why the answers differ** (attention over each cache for the question's queries)")
+    st.caption(views.diagnostics_means(diagnostics))
+    slots = views.has_slot_masses(diagnostics)
+    mass = "compressed"
+    if slots:
+        mass = st.segmented_control("middle mass", tuple(MASS_LABEL), format_func=MASS_LABEL.get,
+                                    key=state.bind(PAGE, "mass_view", "compressed",
+                                                   valid=state.options_valid(MASS_LABEL))) or "compressed"
+        state.sync(PAGE, {"mass_view": mass})
+    error, *ratio = views.diagnostics_entries(entry, ui.model_name(), mass)
+    left, right = st.columns(2)
+    with left:
+        ui.show_entry(error)
+        st.caption(views.OUTPUT_ERROR_NOTE)
+    with right:
+        if ratio:
+            ui.show_entry(ratio[0])
+            st.caption(views.MASS_NOTE.format(what=views.MASS_VIEWS[mass][1]))
+        else:
+            st.caption("This method keeps no slots (it evicts or keeps tokens exactly), so there is "
+                       "no middle mass to compare: only the output error applies.")
 
 
 def nll_text(nll) -> str:
@@ -536,25 +629,31 @@ def main() -> None:
     st.subheader("2 · Re-run generation")
     prompt, prompt_values = prompt_form(context)
     spec, values = method_form(mask, plan_name, problem)
-    c1, c2, c3, c4 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
     max_new = c1.number_input("max new tokens", 1, 512, key=state.bind(PAGE, "max_new", 32, int))
     compare = c2.toggle("compare with the full cache", key=state.bind(PAGE, "compare", True,
                                                                      state.decode_bool))
+    diagnose = c3.toggle("diagnostics", key=state.bind(PAGE, "diagnostics", True, state.decode_bool),
+                         help="Also measure, per layer and KV head, how far attention over the "
+                              "compressed cache is from the full cache's for the question's "
+                              "queries (one more prefill of the context with each cache).")
     state.sync(PAGE, {**prompt_values, **values, "max_new": int(max_new), "compare": compare,
-                      "plan": state.encode_mask(mask), "plan_name": plan_name})
+                      "diagnostics": diagnose, "plan": state.encode_mask(mask),
+                      "plan_name": plan_name})
     body = None
     if prompt is not None and spec is not None:
         params = ui.call("checking the request", GenerateParams, prompt=prompt, method=spec,
                          query_mode=values["query_mode"], max_new_tokens=int(max_new),
-                         compare_full=compare)
+                         compare_full=compare, diagnostics=diagnose)
         body = params.model_dump(mode="json") if params is not None else None
-    run = c3.button("Re-run generation", type="primary", icon=":material/play_arrow:",
+    run = c4.button("Re-run generation", type="primary", icon=":material/play_arrow:",
                     disabled=body is None, key="lab.run")
-    both = c4.button("Run both normalisations", icon=":material/compare:", key="lab.run_both",
-                     disabled=body is None or values.get("variant") != "iwdft",
+    both = c5.button("Run both normalisations", icon=":material/compare:", key="lab.run_both",
+                     disabled=body is None or values.get("variant") != "iwdft"
+                     or values.get("slot_fit") == "probes",
                      help="Run this request with class means and with the old (M/t) × class "
-                          "sums (faedkv's iwdft variant only), then compare them side by side "
-                          "below.")
+                          "sums (faedkv's iwdft variant with class-mean slot fit only), then "
+                          "compare them side by side below.")
     if run and body is not None:
         e = run_generation(body, spec.label)
         if e is not None:

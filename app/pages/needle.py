@@ -186,6 +186,13 @@ def finished(metric: str, summaries: list[dict]) -> None:
     if not summaries:
         ui.empty_state("No needle grid in the store yet: configure one above and press Start.")
         return
+    models = ui.models_of(summaries)
+    if len(models) > 1:
+        st.caption("Needle grids in the store of " + ui.plural(len(models), "model") + ": " +
+                   ", ".join(f"{model} ({ui.plural(sum(ui.model_label(s) == model for s in summaries), 'grid')})"
+                             for model in models) +
+                   ". Any of them can be picked below (the backend's model first; another model's "
+                   "grid is labelled OTHER MODEL).")
     summary = ui.pick_run(PAGE, "needle", summaries)
     state.sync(PAGE, {"run": summary["key"], "metric": metric})
     run = ui.run(summary["key"])

@@ -252,8 +252,11 @@ def ablation_heatmap(delta_mean: np.ndarray, delta_sem: np.ndarray | None, title
     return fig
 
 
+HEAD_TEXT_CELLS = 256
+
+
 def head_heatmap(z: Sequence[Sequence[float | None] | None], what: str, title: str = "",
-                 zmin: float | None = 0.0, zmax: float | None = None, zmid: float | None = None,
+                 zmin: float | None = None, zmax: float | None = None,
                  colorscale: str = "Viridis") -> go.Figure:
     """Layer x KV head heatmap of one per-head quantity (attention-output error, mass ratio).
     z: one list per layer, one value per KV head; a layer given as None (a method without slots
@@ -264,11 +267,13 @@ def head_heatmap(z: Sequence[Sequence[float | None] | None], what: str, title: s
         for h, v in enumerate(row or []):
             if v is not None:
                 grid[l, h] = v
-    scale = dict(zmin=zmin, zmax=zmax) if zmid is None else dict(zmid=zmid)
+    # values written in the cells while they fit (a ratio of 1 is near-white on RdBu)
+    text = dict(text=np.where(np.isnan(grid), "", np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(grid))),
+                texttemplate="%{text}") if grid.size <= HEAD_TEXT_CELLS else {}
     fig = go.Figure(go.Heatmap(
-        z=grid, x=[f"H{h}" for h in range(heads)], y=[f"L{l}" for l in range(len(z))],
-        colorscale=colorscale, xgap=1, ygap=1, colorbar=dict(title=what),
-        hovertemplate=f"layer %{{y}}, KV head %{{x}}<br>{what} %{{z:.4g}}<extra></extra>", **scale))
+        z=grid, x=[f"H{h}" for h in range(heads)], y=[f"L{l}" for l in range(len(z))], **text,
+        colorscale=colorscale, zmin=zmin, zmax=zmax, xgap=1, ygap=1, colorbar=dict(title=what),
+        hovertemplate=f"layer %{{y}}, KV head %{{x}}<br>{what} %{{z:.4g}}<extra></extra>"))
     fig.update_layout(**LAYOUT, title=title, xaxis_title="KV head", yaxis_title="layer",
                       height=max(300, 16 * len(z) + 140))
     fig.update_yaxes(autorange="reversed", type="category", dtick=max(1, len(z) // 15))

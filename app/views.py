@@ -367,9 +367,9 @@ MASS_NOTE = (
     "attention (1 = the same): a slot's logit is the mean of its members' logits and "
     "exp(mean) ≤ mean(exp) (Jensen), so slots under-weight a class in which one member (a needle) "
     "matches the query far better than the rest.")
-# the mass the compressed cache gives the middle: numerator field, what it is
-MASS_VIEWS = {"compressed": ("middle_mass_compressed", "compressed middle rows"),
-              "slots": ("slot_mass", "slots alone")}
+# the mass the compressed cache gives the middle: numerator field, what it is, in a title
+MASS_VIEWS = {"compressed": ("middle_mass_compressed", "compressed middle rows", "compressed middle"),
+              "slots": ("slot_mass", "slots alone", "slots alone")}
 
 
 def mass_ratio(numerator: list, denominator: list) -> list:
@@ -419,15 +419,15 @@ def diagnostics_entries(generation: dict, model: str = "model",
     prov = generation_provenance(generation, model)
     config = {"request": generation["request"], "diagnostics": diagnostics}
     errors = diagnostics.get("output_error") or []
-    out = [entry("lab-output-error", "Attention-output error against the full cache, per layer "
-                 "and KV head", figures.head_heatmap(errors, "relative error"), prov,
+    out = [entry("lab-output-error", "Attention-output error vs the full cache",
+                 figures.head_heatmap(errors, "relative error"), prov,
                  head_frame(errors, "output_error"), config)]
     if has_slot_masses(diagnostics):
-        field_name, what = MASS_VIEWS[mass]
+        field_name, _, short = MASS_VIEWS[mass]
         ratio = mass_ratio(diagnostics.get(field_name) or [], diagnostics["middle_mass_full"])
-        out.append(entry(f"lab-mass-ratio-{mass}", f"Middle-token attention mass: {what} / full "
-                         "cache, per layer and KV head",
-                         figures.head_heatmap(ratio, f"{mass} / full", zmin=None, zmid=1.0,
+        out.append(entry(f"lab-mass-ratio-{mass}", f"Middle mass, {short} / full cache",
+                         # 1 (the same mass) white in the middle; above 2 saturates (hover: value)
+                         figures.head_heatmap(ratio, f"{mass} / full", zmin=0.0, zmax=2.0,
                                               colorscale="RdBu"),
                          prov, head_frame(ratio, "mass_ratio"), {**config, "mass": mass}))
     return out

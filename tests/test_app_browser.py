@@ -196,6 +196,9 @@ def test_frequency_lab_reruns_generation(page, app_url):
     settle(page)
     text = main_text(page)
     assert "Full cache" in text and "faedkv-iwdft" in text and "cache kept" in text
+    # diagnostics are on by default: the real backend measured them, the lab drew both heatmaps
+    assert "Attention-output error vs the full cache" in text and "Jensen" in text
+    assert "Middle mass, compressed middle / full cache" in text
     screenshot(page, "frequency_lab")
 
     page.get_by_role("button", name="Run both normalisations").click()

@@ -835,7 +835,7 @@ def test_lab_diagnostics_heatmaps_with_slot_masses():
     error, = titled(at, "Attention-output error")
     assert values(error["data"][0]["z"]).tolist() == OUTPUT_ERROR
     assert list(error["data"][0]["x"]) == ["H0", "H1"] and list(error["data"][0]["y"]) == ["L0", "L1", "L2"]
-    ratio, = titled(at, "compressed middle rows / full cache")
+    ratio, = titled(at, "Middle mass, compressed middle / full cache")
     assert values(ratio["data"][0]["z"]).tolist() == [[0.5, 1.0], [0.25, 1.0], [0.5, 1.0]]
     captions = texts(at.caption)
     assert "Jensen" in captions and "exp(mean) ≤ mean(exp)" in captions
@@ -845,7 +845,7 @@ def test_lab_diagnostics_heatmaps_with_slot_masses():
 
     at.segmented_control(key="lab.mass_view").set_value("slots").run()
     no_exception(at)
-    ratio, = titled(at, "slots alone / full cache")
+    ratio, = titled(at, "Middle mass, slots alone / full cache")
     assert values(ratio["data"][0]["z"]).tolist() == [[0.25, 1.0], [0.25, 0.25], [0.25, 0.0]]
     assert at.query_params["mass_view"] == "slots"
     assert "mass the slots alone take" in texts(at.caption)
@@ -858,7 +858,7 @@ def test_lab_diagnostics_of_an_eviction_method_show_the_output_error_only():
     at.button(key="lab.run").click().run()
     no_exception(at)
     assert len(titled(at, "Attention-output error")) == 1
-    assert not titled(at, "Middle-token attention mass")
+    assert not titled(at, "Middle mass")
     assert "lab.mass_view" not in [w.key for w in at.segmented_control]
     assert "keeps no slots" in texts(at.caption)
     assert "slots 0." not in texts(at.caption)        # the means line has no masses either
@@ -893,6 +893,8 @@ def test_mass_ratio_divides_per_head_and_keeps_missing_layers_blank():
     assert ratio == [[0.5, None], None, [0.5, None]]
     z = np.asarray(head_heatmap(ratio, "ratio").data[0].z, dtype=float)
     assert z.shape == (3, 2) and z[0, 0] == 0.5 and np.isnan(z[1]).all() and np.isnan(z[0, 1])
+    text = head_heatmap(ratio, "ratio").data[0].text             # values written in the cells
+    assert text[0][0] == "0.50" and text[0][1] == "" and list(text[1]) == ["", ""]
 
 
 QWEN = "/tmp/m/model"

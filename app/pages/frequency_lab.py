@@ -629,7 +629,7 @@ def main() -> None:
     st.subheader("2 · Re-run generation")
     prompt, prompt_values = prompt_form(context)
     spec, values = method_form(mask, plan_name, problem)
-    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5 = st.columns([1, 1.4, 0.9, 1, 1.3], vertical_alignment="bottom")
     max_new = c1.number_input("max new tokens", 1, 512, key=state.bind(PAGE, "max_new", 32, int))
     compare = c2.toggle("compare with the full cache", key=state.bind(PAGE, "compare", True,
                                                                      state.decode_bool))

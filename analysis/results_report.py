@@ -2,7 +2,7 @@
 one model, with the configurations tried and their commands.
 
     python -m analysis.results_report --store assets/results --model /tmp/m/model \\
-        --findings docs/results-findings.md --out docs/RESULTS.md
+        --model <the 0.5B GGUF path> --findings docs/results-findings.md --out docs/RESULTS.md
 
 The findings (what the numbers say, written by a person) come first and stay hand-written; every
 table after them is computed here from the stored cells (unfinished runs included, marked so).
@@ -125,25 +125,30 @@ SUMMARY_NOTE = ("Needle: found / samples pooled over every stored run of the con
                 "compressed prefix (the ppl run's parameters below). '-': not run.")
 
 
-def report(store_root: str, model: str | None, findings: str | None) -> str:
-    store = ResultsStore(store_root, read_only=True)
+def report(store_root: str, models: list[str | None], findings: str | None) -> str:
     parts = [f"<!-- written by `python -m analysis.results_report` on {datetime.date.today()}; "
              "edit the findings file, not this one -->"]
     if findings:
         parts.append(Path(findings).read_text().strip())
+    for model in models:
+        parts += model_section(ResultsStore(store_root, read_only=True), model)
+    return "\n\n".join(parts) + "\n"
+
+
+def model_section(store: ResultsStore, model: str | None) -> list[str]:
     needles = [(run, run_metrics(run, "needle")) for run in model_runs(store, "needle", model)]
     ppls = [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)]
-    parts += ["## Summary: every configuration tried", SUMMARY_NOTE,
-              summary_table([m for _, m in needles], [m for _, m in ppls]), "## Tables from the store"]
+    parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE,
+             summary_table([m for _, m in needles], [m for _, m in ppls]), "### Tables from the store"]
     for run, metrics in needles:
-        parts += [f"### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
+        parts += [f"#### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
                   "Accuracy per depth (both lengths):", depth_profile(metrics)]
     for run, metrics in ppls:
-        parts += [f"### Continuation NLL: {run.name}", run_header(run, metrics),
+        parts += [f"#### Continuation NLL: {run.name}", run_header(run, metrics),
                   f"NLL of {metrics['continuation_tokens']} tokens after a {metrics['prefix_tokens']}-token "
                   f"compressed prefix; full cache {metrics['nll_full']:.4f}. Increase over full, mean of "
                   f"{PplParams(**run.config['params']).num_texts} texts:", nll_against_ratio(metrics)]
-    return "\n\n".join(parts) + "\n"
+    return parts
 
 
 def fragment(store_root: str, model: str | None, machine: str, path: str) -> None:
@@ -162,7 +167,8 @@ def fragment(store_root: str, model: str | None, machine: str, path: str) -> Non
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.results_report", description=__doc__.split("\n")[0])
     parser.add_argument("--store", default="results", help="results store (folder with runs/)")
-    parser.add_argument("--model", default=None, help="only runs of this model name (as stored)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="only runs of this model name (as stored); repeat for several, one section each")
     parser.add_argument("--findings", default=None, help="hand-written findings (markdown) to put first")
     parser.add_argument("--out", default="docs/RESULTS.md")
     parser.add_argument("--fragment", default=None,
@@ -171,9 +177,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (Path(args.store) / "runs").is_dir():
         raise SystemExit(f"{args.store} has no runs/ folder: point --store at a results store")
-    text = report(args.store, args.model, args.findings)
+    models = args.model or [None]
+    text = report(args.store, models, args.findings)
     if args.fragment:
-        fragment(args.store, args.model, args.machine, args.fragment)
+        fragment(args.store, models[0], args.machine, args.fragment)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, args.out)

@@ -1,0 +1,68 @@
+"""docs/RESULTS.md from a store: tables for every needle and ppl run of a model, unfinished runs
+recomputed from their cells."""
+import pytest
+
+from analysis.params import MethodSpec, NeedleParams, PplParams
+from analysis.store import ResultsStore
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from analysis.models import load_model
+    from analysis.tasks.needle import run_needle
+    from analysis.tasks.ppl import run_ppl
+
+    root = tmp_path_factory.mktemp("store")
+    loaded = load_model("tiny-random-llama", dtype="float32")
+    writer = ResultsStore(root)
+    methods = [MethodSpec(name="faedkv", compression_ratio=0.5), MethodSpec(name="snapkv", compression_ratio=0.5)]
+    run_needle(loaded, writer, NeedleParams(methods=methods, lengths=[256], depths=[0, 100], samples=1,
+                                            max_new_tokens=2), show_progress=False)
+    run_ppl(loaded, writer, PplParams(methods=methods, prefix_tokens=128, continuation_tokens=8, num_texts=2),
+            show_progress=False)
+    del writer
+    return root, loaded.info.name
+
+
+def test_report_has_a_summary_row_per_configuration_and_every_run(store, tmp_path):
+    from analysis.results_report import main
+
+    root, model = store
+    findings = tmp_path / "findings.md"
+    findings.write_text("# Findings\n\nHand-written.\n")
+    out = tmp_path / "RESULTS.md"
+    assert main(["--store", str(root), "--model", model, "--findings", str(findings), "--out", str(out),
+                 "--fragment", str(tmp_path / "frag.md"), "--machine", "test"]) == 0
+    text = out.read_text()
+    assert text.index("Hand-written.") < text.index("every configuration tried")
+    summary = text.split("every configuration tried")[1].split("### Tables from the store")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| faedkv-iwdft |") or line.startswith("| snapkv |")]
+    assert len(rows) == 2
+    # 2 needle cells per method (depths 0 and 100) and an NLL increase at 0.5
+    assert all(" of 2 " in row and row.rstrip(" |").split("|")[-1].strip()[0] in "+-" for row in rows), rows
+    assert "#### Needle:" in text and "#### Continuation NLL:" in text and "Accuracy per depth" in text
+    fragment = (tmp_path / "frag.md").read_text()
+    assert fragment.startswith("### Quality on a real model: tiny-random-llama") and "Machine: test." in fragment
+    assert [line for line in fragment.splitlines() if line.startswith("| snapkv |")] == [rows[1]]
+
+
+def test_unfinished_runs_are_reported_from_their_cells(store, tmp_path):
+    from analysis.results_report import report
+
+    root, model = store
+    run_dir = next((root / "runs").glob("needle-*"))
+    cells = sorted((run_dir / "cells").iterdir())
+    removed = cells[0].read_bytes()
+    cells[0].unlink()
+    try:
+        text = report(str(root), [model], None)
+    finally:
+        cells[0].write_bytes(removed)
+    assert "UNFINISHED: 5 of 6 cells" in text
+
+
+def test_a_folder_without_runs_is_a_clear_error(tmp_path):
+    from analysis.results_report import main
+
+    with pytest.raises(SystemExit, match="has no runs/ folder"):
+        main(["--store", str(tmp_path), "--out", str(tmp_path / "x.md")])

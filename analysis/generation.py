@@ -1,7 +1,8 @@
 """Compressed generation: one context, one question, one press; the answer and the cache sizes.
 
-    text, cache_lengths = answer(loaded, press, context, question, max_new_tokens=32,
-                                 query_mode="query_agnostic", answer_prefix="The pass key is")
+    answer = answer_details(loaded, press, context, question, max_new_tokens=32,
+                            query_mode="query_agnostic", answer_prefix="The pass key is")
+    answer.text, answer.cache_lengths
     result = generate(loaded, GenerateParams(method=MethodSpec(name="snapkv", compression_ratio=0.75)))
 
 Generation runs kvpress's own "kv-press-text-generation" pipeline
@@ -147,14 +148,6 @@ def answer_details(loaded, press, context: str, question: str, max_new_tokens: i
     lengths = [int(cache.get_seq_length(i)) for i in range(len(cache))]
     expected = check_cache_lengths(press, loaded.model, prompt_tokens, lengths)
     return Answer(out["answer"], lengths, expected, prompt_tokens, seconds)
-
-
-def answer(loaded, press, context: str, question: str, max_new_tokens: int = 32,
-           query_mode: str = "query_agnostic", answer_prefix: str | None = None
-           ) -> tuple[str, list[int]]:
-    """(answer text, per-layer cache lengths after the compressed prefill); see answer_details."""
-    a = answer_details(loaded, press, context, question, max_new_tokens, query_mode, answer_prefix)
-    return a.text, a.cache_lengths
 
 
 def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:

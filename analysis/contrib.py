@@ -44,7 +44,10 @@ import torch
 from analysis.params import ContribParams, MethodSpec
 
 LINEAR = {"faedkv", "dct_iterative"}
-EVICTION = {"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm", "expected_attention"}
+# presses whose kept rows are copies of original rows (merging and kvzip are not: MergingPress
+# averages what it evicts into the kept rows, KVzip hides pairs behind fake keys)
+EVICTION = {"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm", "expected_attention",
+            "keydiff", "lagkv", "compactor"}
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 64
 
 

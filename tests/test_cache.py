@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import make_tiny_llama
+from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
 from faedkv import FAEDKVCache, FrequencyPlan, iwdft
 from faedkv.attention import mark_mass
 from faedkv.budget import kept_rows
@@ -468,12 +468,13 @@ class ClassMeanCache(DynamicCache):
 # every kept set holds chunk 0 (bin 0), so no layer or head keeps none of a small M's bins
 @pytest.mark.parametrize("plan", [None, FrequencyPlan(layers=[[0, 1, 2, 5], {"key": [0, 7, 8], "value": [[0, 5], [0, 2, 3]]},
                                                               list(range(0, 22, 2))])], ids=["every-bin", "plan"])
-def test_decoding_equals_attention_over_the_class_mean_cache(plan):
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_decoding_equals_attention_over_the_class_mean_cache(plan, arch):
     """Over 200 decoded tokens (a fused=False torch path, one token a call), FAEDKVCache's logits
     equal those of the full cache in which every middle token is replaced by its class mean."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
-    model = make_tiny_llama()
+    model = make_tiny(arch)
     tokens = int(torch.randint(100, 160, (1,), generator=gen))
     ratio = float(torch.empty(1).uniform_(0.4, 0.8, generator=gen))
     ids = torch.randint(0, VOCAB, (2, tokens + 200), generator=gen)

@@ -103,3 +103,19 @@ def test_eviction_profiles_from_a_real_run(tiny_loaded, tmp_path):
     assert records["faedkv-iwdft@0.75"]["source"] == "attention-equivalent map"
     assert records["faedkv-iwdft@0.75"]["one_minus_gini"] == pytest.approx(1.0, abs=1e-6)
     assert run.metrics()["methods"]["snapkv@0.75"]["source"] == "observed-eviction"
+
+
+@pytest.mark.parametrize("name", ["keydiff", "lagkv", "compactor"])
+def test_the_newer_eviction_presses_keep_copies_of_rows_at_their_budget(tiny_loaded, tmp_path, name):
+    """keydiff, lagkv and compactor keep exact rows: their kept sets are recovered by matching,
+    one kvpress budget's worth per (layer, head)."""
+    from analysis.store import ResultsStore
+
+    params = ContribParams(methods=[MethodSpec(name=name, compression_ratio=0.5)], context_length=256,
+                           text_seed=random.randrange(40))
+    store = ResultsStore(tmp_path)
+    run = store.get(contrib.run_contrib(tiny_loaded, store, params, progress=lambda d, t: None))
+    record = run.records()[0]
+    assert record["source"] == "observed-eviction" and record["cache_lengths"] == [128] * 3
+    assert np.array(record["contribution"]).mean() == pytest.approx(128 / 256)
+    assert record["min_over_max"] == 0.0      # some token was dropped everywhere

@@ -8,7 +8,7 @@ import torch
 from kvpress import PerLayerCompressionPress
 from transformers import DynamicCache, pipeline
 
-from conftest import make_tiny_llama
+from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
 from faedkv import VARIANTS, FAEDKVPress, FrequencyFilterPress, FrequencyPlan
 from faedkv.attention import BIAS_ATTR, FAEDKV_SDPA
 from faedkv.budget import kept_rows, layout
@@ -110,13 +110,14 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     return float((got - reference).norm() / reference.norm())
 
 
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
 @pytest.mark.parametrize("planned", [False, True], ids=["every-bin", "plan"])
-def test_slots_with_their_mass_attend_like_the_class_mean_cache(planned):
+def test_slots_with_their_mass_attend_like_the_class_mean_cache(planned, arch):
     """FAEDKV's defining property: attention over [sink | class means + log c | window] equals
     attention over the full cache with each middle token replaced by its class mean."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
-    model = make_tiny_llama()
+    model = make_tiny(arch)
     tokens = int(torch.randint(150, 260, (1,), generator=gen))
     ratio = float(torch.empty(1).uniform_(0.3, 0.8, generator=gen))
     ids = torch.randint(0, VOCAB, (2, tokens), generator=gen)

@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="BENCHMARKS.md")
     r.set_defaults(func=run_report)
     from analysis.bench_gpu import add_parser as add_gpu_parser
+    from analysis.bench_e2e import add_parser as add_e2e_parser
 
     add_gpu_parser(sub)
+    add_e2e_parser(sub)
     return parser
 
 

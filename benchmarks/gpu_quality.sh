@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
-# PART: ppl | needle-main | needle-rest | speed. Results go to the store in results/ (kept between calls on a warm
+# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | needle-next. Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|needle-next [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
@@ -32,6 +32,18 @@ case "$part" in
       --methods iwdft resample snapkv --decode-lengths 32768 131072 --decode-kinds full faedkv faedkv-attn \
       --no-kernel-sweeps --steps 20 --out "$OUT/bench" --fragment '' > "$OUT/speed.log" 2>&1
     echo "speed exit $?"; tail -40 "$OUT/speed.log" ;;
+  e2e)   # issue 18: time to first token, ms per token, peak memory through model.generate on the real model
+    timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
+      --new-tokens 256 --ratio 0.75 --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
+    echo "e2e exit $?"; tail -20 "$OUT/e2e.log" ;;
+  ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks, keys and values)
+    timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
+      --continuation-tokens 256 --needle-samples 2 > "$OUT/ablate.log" 2>&1
+    echo "ablate exit $?"; tail -20 "$OUT/ablate.log" ;;
+  needle-next)   # what this grid lacked: h2o (4K), attention-matched slots, ratio 0.625
+    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096 --depths 0,25,50,75,100 \
+      --samples 3 --ratios 0.5,0.625,0.75 --methods "h2o,faedkv:slot_fit=probes,faedkv:variant=resample,kvzip" \
+      > "$OUT/needle-next.log" 2>&1; echo "needle-next exit $?"; tail -30 "$OUT/needle-next.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

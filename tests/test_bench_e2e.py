@@ -1,0 +1,26 @@
+"""bench e2e: every cache row generates through model.generate and is reported (no timing
+thresholds: times are only checked to be measured)."""
+import pytest
+
+
+def test_every_row_generates_and_is_reported(tmp_path):
+    from analysis.bench_e2e import ROWS, e2e_markdown, e2e_rows
+    from analysis.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    rows = e2e_rows(loaded, [300], new_tokens=4, ratio=0.75, repeats=1)
+    assert [r["row"] for r in rows] == list(ROWS)
+    for r in rows:
+        assert r["ttft_s"] > 0 and r["total_s"] > 0 and r["peak_gb"] is None   # CPU: no CUDA peak
+        assert r["ratio"] == (0.0 if r["row"] == "full" else 0.75)
+    text = e2e_markdown(rows, "test machine", "cmd", loaded.info.name)
+    assert text.count("\n| 300 |") == len(ROWS) and "Machine: test machine" in text
+
+
+def test_bad_rows_and_token_counts_are_refused():
+    from analysis.bench import main
+
+    with pytest.raises(SystemExit, match="unknown row"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "h2o"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from faedkv.rope import rotate
 
 
 def probe_queries(module, hidden_states: torch.Tensor, position_embeddings, probes: int) -> torch.Tensor:
@@ -26,8 +23,7 @@ def probe_queries(module, hidden_states: torch.Tensor, position_embeddings, prob
     probes = min(probes, hidden_states.shape[1])
     query = get_prerope_query_states(module, hidden_states[:, -probes:])
     cos, sin = position_embeddings
-    cos, sin = cos[:, -probes:].unsqueeze(1), sin[:, -probes:].unsqueeze(1)
-    return query * cos + rotate_half(query) * sin
+    return rotate(query, cos[:, -probes:].unsqueeze(1), sin[:, -probes:].unsqueeze(1))
 
 
 def class_members(num_tokens: int, num_slots: int, device) -> torch.Tensor:

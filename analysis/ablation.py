@@ -258,12 +258,7 @@ def run_ablation(model, store, params: AblateParams, progress=None, should_stop=
     handle = model if isinstance(model, ModelHandle) else ModelHandle.from_loaded(model)
     info = handle.get().info
     layers = ablation_layers(params, info.num_layers)
-    middle = params.prefix_tokens - 1 - params.sink_tokens - params.window
-    if middle < 2 * params.chunks:
-        raise ValueError(f"a {params.prefix_tokens}-token prefix leaves {middle} middle tokens "
-                         f"(sink {params.sink_tokens}, window {params.window}): too few for "
-                         f"{params.chunks} chunks (need {2 * params.chunks}); raise --prefix-tokens "
-                         "or lower --chunks")
+    # AblateParams checks that the middle holds the chunks
     if params.prefix_tokens + params.continuation_tokens > info.context_length:
         raise ValueError(f"prefix + continuation ({params.prefix_tokens + params.continuation_tokens}"
                          f") exceeds the model's context ({info.context_length})")

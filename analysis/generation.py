@@ -160,12 +160,6 @@ def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
             for i in range(num_layers)]
 
 
-def kept_rows(tokens: int, compression_ratio: float) -> int:
-    from faedkv.budget import kept_rows as rows
-
-    return rows(tokens, compression_ratio)
-
-
 def cache_report(press, compression_ratio: float, prompt_tokens: int,
                  cache_lengths: list[int]) -> dict:
     """What the compressed cache actually holds against what the budget asked for.
@@ -175,6 +169,8 @@ def cache_report(press, compression_ratio: float, prompt_tokens: int,
     FAEDKV prompt not longer than sink + window has no middle to compress). `layers` carries a
     FAEDKV press's per-layer record (slots, middle, and the sink / window it actually used
     when the budget forced them smaller)."""
+    from faedkv.budget import kept_rows
+
     stats = getattr(press, "last_stats", None) or {}
     layers = [{k: stats[i][k] for k in ("slots", "exact", "middle", "sink_tokens", "window")
                if k in stats[i]}

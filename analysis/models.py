@@ -341,22 +341,33 @@ def _draw_padding_embedding(model) -> None:
             weight[pad].normal_(0.0, model.config.initializer_range)
 
 
-def build_tiny_llama(seed: int = 0, dtype=None, attn_implementation: str | None = None, **config):
-    """A random-weight `LlamaForCausalLM` from `tiny_llama_config(**config)`, deterministic in seed."""
+def build_tiny(model_class, cfg, seed: int, dtype=None, attn_implementation: str | None = None,
+               draw_biases: bool = False):
+    """A random-weight `model_class(cfg)`, deterministic in seed (the global RNG is left alone).
+    draw_biases: draw the q/k/v biases too (transformers initialises them to zero, which would
+    leave the bias path of every analysis untested)."""
     import torch
-    from transformers import LlamaForCausalLM
 
-    cfg = tiny_llama_config(**config)
     if attn_implementation:
         cfg._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)
         _draw_padding_embedding(model)
+        if draw_biases:
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        proj.bias.normal_(0.0, 0.5)
     model.eval()
-    if dtype is not None:
-        model = model.to(dtype)
-    return model
+    return model if dtype is None else model.to(dtype)
+
+
+def build_tiny_llama(seed: int = 0, dtype=None, attn_implementation: str | None = None, **config):
+    """A random-weight `LlamaForCausalLM` from `tiny_llama_config(**config)`, deterministic in seed."""
+    from transformers import LlamaForCausalLM
+
+    return build_tiny(LlamaForCausalLM, tiny_llama_config(**config), seed, dtype, attn_implementation)
 
 
 def tiny_qwen2_config(num_layers: int = 3, vocab_size: int = 49152, hidden_size: int = 64,
@@ -375,26 +386,11 @@ def tiny_qwen2_config(num_layers: int = 3, vocab_size: int = 49152, hidden_size:
 
 def build_tiny_qwen2(seed: int = 0, dtype=None, attn_implementation: str | None = None, **config):
     """A random-weight `Qwen2ForCausalLM` from `tiny_qwen2_config(**config)`, deterministic in
-    seed. Its q/k/v biases are drawn too (transformers initialises them to zero, which would
-    leave the bias path of every analysis untested)."""
-    import torch
+    seed, its q/k/v biases drawn too."""
     from transformers import Qwen2ForCausalLM
 
-    cfg = tiny_qwen2_config(**config)
-    if attn_implementation:
-        cfg._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(cfg)
-        _draw_padding_embedding(model)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
-    model.eval()
-    if dtype is not None:
-        model = model.to(dtype)
-    return model
+    return build_tiny(Qwen2ForCausalLM, tiny_qwen2_config(**config), seed, dtype, attn_implementation,
+                      draw_biases=True)
 
 
 TINY_BUILDERS = {TINY_NAME: build_tiny_llama, TINY_QWEN2_NAME: build_tiny_qwen2}

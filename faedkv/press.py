@@ -36,6 +36,12 @@ EXACT_SCORERS = {"expected_attention": "ExpectedAttentionPress", "knorm": "Knorm
                  "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
 
 
+def check_fraction(name: str, value, meaning: str) -> None:
+    """A number in [0, 1) (bools refused), else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1) ({meaning}), got {value!r}")
+
+
 def fused_compress(x: torch.Tensor, start: int, end: int, num_slots: int, normalization: str) -> torch.Tensor:
     """[sink | slots | window] with the slots folded by faedkv.fused straight into place."""
     batch, heads, tokens, dim = x.shape
@@ -105,10 +111,7 @@ class FAEDKVPress(BasePress):
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if (isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, (int, float))
-                or not 0 <= self.compression_ratio < 1):
-            raise ValueError(f"compression_ratio must be in [0, 1) (fraction removed), got "
-                             f"{self.compression_ratio!r}")
+        check_fraction("compression_ratio", self.compression_ratio, "fraction removed")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; use one of {', '.join(VARIANTS)}")
         if self.key_space not in KEY_SPACES:
@@ -123,10 +126,7 @@ class FAEDKVPress(BasePress):
             raise ValueError(f"slot_normalization must be one of {', '.join(SLOT_NORMALIZATIONS)}, got "
                              f"{self.slot_normalization!r}")
         check_normalization(self.variant, self.slot_normalization)
-        if (isinstance(self.exact_share, bool) or not isinstance(self.exact_share, (int, float))
-                or not 0 <= self.exact_share < 1):
-            raise ValueError(f"exact_share must be in [0, 1) (the budget share of exact middle tokens), "
-                             f"got {self.exact_share!r}")
+        check_fraction("exact_share", self.exact_share, "the budget share of exact middle tokens")
         if self.exact_scorer not in EXACT_SCORERS:
             raise ValueError(f"unknown exact_scorer {self.exact_scorer!r}; use one of {', '.join(EXACT_SCORERS)}")
         if self.exact_share and (self.key_space == "pre_rope" or self.variant == "dct-iterative"):

@@ -44,6 +44,28 @@ def pytest_runtest_makereport(item, call):
                                                  f"FAEDKV_TEST_SEED={BASE_SEED})"))
 
 
+@torch.no_grad()
+def prefill(model, ids, press=None):
+    """A DynamicCache after one prefill of ids, compressed by press (None: the full cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if press is None:
+        model.model(input_ids=ids, past_key_values=cache)
+    else:
+        with press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+    return cache
+
+
+@torch.no_grad()
+def next_logits(model, cache, ids, start):
+    """float32 logits of the tokens after the prefill, read from the (compressed) cache at their
+    true positions start, start + 1, ... (what kvpress's pipeline does)."""
+    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+    return model(input_ids=ids, past_key_values=cache, position_ids=positions).logits.float()
+
+
 @pytest.fixture(params=[torch.float32], ids=["fp32"])
 def tiny_llama(request):
     """3 layers, 4 query heads, 2 KV heads, head_dim 16, vocab 128: fast and download-free."""

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from kvpress import PerLayerCompressionPress
-from transformers import DynamicCache, pipeline
+from transformers import pipeline
 
-from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
+from conftest import TINY_ARCHS, make_tiny, make_tiny_llama, next_logits, prefill
 from faedkv import VARIANTS, FAEDKVPress, FrequencyFilterPress, FrequencyPlan
 from faedkv.attention import BIAS_ATTR, FAEDKV_SDPA
 from faedkv.budget import kept_rows, layout
@@ -17,25 +17,6 @@ from faedkv.plans import bin_frequencies, chunk_of
 from faedkv.variants import compress, iwdft_expand, plan_keep
 
 VOCAB = 128
-
-
-@torch.no_grad()
-def prefill(model, ids, press=None):
-    cache = DynamicCache()
-    if press is None:
-        model.model(input_ids=ids, past_key_values=cache)
-    else:
-        with press(model):
-            model.model(input_ids=ids, past_key_values=cache)
-    return cache
-
-
-def next_logits(model, cache, ids, start):
-    """Logits of the tokens after the prefill, read from the (compressed) cache at their true
-    positions (what kvpress's pipeline does)."""
-    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
-    with torch.no_grad():
-        return model(input_ids=ids, past_key_values=cache, position_ids=positions).logits.float()
 
 
 def lengths(cache):

@@ -8,27 +8,10 @@ import torch
 from transformers import DynamicCache
 
 from analysis.methods import faedkv_cache_length
-from conftest import make_tiny_qwen2
+from conftest import make_tiny_qwen2, next_logits, prefill
 from faedkv import FAEDKVCache, FAEDKVPress
 
 VOCAB = 128
-
-
-def prefill(model, ids, press=None):
-    cache = DynamicCache()
-    with torch.no_grad():
-        if press is None:
-            model.model(input_ids=ids, past_key_values=cache)
-        else:
-            with press(model):
-                model.model(input_ids=ids, past_key_values=cache)
-    return cache
-
-
-def next_logits(model, cache, follow, first_position):
-    positions = torch.arange(first_position, first_position + follow.shape[1])[None].expand(follow.shape[0], -1)
-    with torch.no_grad():
-        return model(input_ids=follow, past_key_values=cache, position_ids=positions).logits
 
 
 @pytest.mark.parametrize("variant", ["iwdft", "resample"])

@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -85,7 +84,7 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("expected_attention", "kvpress:ExpectedAttentionPress",
                 {"n_future_positions": 512, "n_sink": 4, "use_covariance": True,
                  "use_vnorm": True, "epsilon": 0.0}),
-    MethodEntry("kvzip", "analysis.methods:KVzip",
+    MethodEntry("kvzip", "faedkv.kvzip:TemplateAwareKVzip",
                 {"n_sink": 4, "layerwise": False, "kvzip_plus_normalization": False,
                  "chunk_size": 2048}),
     MethodEntry("keydiff", "kvpress:KeyDiffPress", {}),
@@ -200,47 +199,11 @@ def _build_faedkv(spec: MethodSpec, params: dict):
 # ------------------------------------------------------------------- presses we adapt
 
 
-def _template_head_ids(tokenizer) -> list[int]:
-    """Token ids the chat template puts before the user's content (kvpress's KVzip derives its
-    prefix length the same way)."""
-    if tokenizer.chat_template is None:
-        return []
-    marker, separator = "dummy context", "\n" + "#" * len("dummy context")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker + separator}],
-                                         add_generation_prompt=True, tokenize=False,
-                                         enable_thinking=False)
-    return tokenizer.encode(text.split(separator)[0].split(marker)[0], add_special_tokens=False)
-
-
 def _define_presses():
-    """KVzip and SeededCompactor subclass kvpress classes; defined on first use (kvpress imports
-    torch and transformers)."""
+    """SeededCompactor subclasses a kvpress class; defined on first use (kvpress imports torch
+    and transformers)."""
     import torch
-    from kvpress import CompactorPress, KVzipPress
-
-    @dataclasses.dataclass
-    class KVzip(KVzipPress):
-        """kvpress's KVzipPress for contexts with or without the chat template. kvpress assumes
-        the prefill starts with the template's head and scores only what follows it; a raw text
-        (the perplexity task) has no head, so there every token is scored."""
-
-        def __post_init__(self):
-            # kvpress warns about KVzip's extra passes at every construction (once per cell);
-            # the registry documents them instead.
-            kvzip_logger = logging.getLogger("kvpress.presses.kvzip_press")
-            level = kvzip_logger.level
-            kvzip_logger.setLevel(logging.ERROR)
-            try:
-                super().__post_init__()
-            finally:
-                kvzip_logger.setLevel(level)
-
-        def _perform_kvzip_compression(self, model, tokenizer):
-            # The head's last token (a newline) may merge with the context's first characters.
-            head = _template_head_ids(tokenizer)[:-1]
-            if self._context_ids[0, :len(head)].tolist() != head:
-                self.prefix_length = 0
-            super()._perform_kvzip_compression(model, tokenizer)
+    from kvpress import CompactorPress
 
     @dataclasses.dataclass
     class SeededCompactor(CompactorPress):
@@ -254,17 +217,17 @@ def _define_presses():
                 torch.manual_seed(self.seed * 1000 + int(module.layer_idx))
                 return super().score(module, hidden_states, keys, values, attentions, kwargs)
 
-    return KVzip, SeededCompactor
+    return SeededCompactor
 
 
 _ADAPTED: dict = {}
 
 
 def __getattr__(name: str):
-    """`analysis.methods.KVzip` / `SeededCompactor`, built on first access (see _define_presses)."""
-    if name in ("KVzip", "SeededCompactor"):
+    """`analysis.methods.SeededCompactor`, built on first access (see _define_presses)."""
+    if name == "SeededCompactor":
         if not _ADAPTED:
-            _ADAPTED.update(zip(("KVzip", "SeededCompactor"), _define_presses()))
+            _ADAPTED[name] = _define_presses()
         return _ADAPTED[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -39,6 +39,10 @@ METHODS = (
 )
 VARIANTS = ("iwdft", "resample", "dct-iterative")
 KEY_SPACES = ("post_rope", "pre_rope")
+SLOT_NORMALIZATIONS = ("mean", "sum")
+# scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
+EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
+SLOT_FITS = ("mean", "probes")
 QUERY_MODES = ("query_agnostic", "query_aware")
 NEEDLE_KINDS = ("sentence", "passkey", "multi")
 SUITE_TASKS = ("multikey_niah", "multivalue_niah", "variable_tracking", "common_words", "essay_qa")
@@ -111,13 +115,12 @@ _FAEDKV_RULES = {
     "window": IntRule(0),
     "mass_correction": BOOL,
     "plan": PLAN,
-    "slot_normalization": Rule("choice", choices=("mean", "sum")),
+    "slot_normalization": Rule("choice", choices=SLOT_NORMALIZATIONS),
     # a share of the budget kept as exact middle tokens, chosen by a kvpress scorer
     "exact_share": Rule("float", 0.0, 0.999),
-    "exact_scorer": Rule("choice", choices=("expected_attention", "knorm", "keydiff", "snapkv",
-                                            "tova")),
+    "exact_scorer": Rule("choice", choices=EXACT_SCORERS),
     # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
-    "slot_fit": Rule("choice", choices=("mean", "probes")),
+    "slot_fit": Rule("choice", choices=SLOT_FITS),
     "fit_probes": IntRule(1, 4096),
 }
 

@@ -13,6 +13,7 @@ its class mean.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,10 @@ from faedkv.variants import (SLOT_NORMALIZATIONS, VARIANTS, check_normalization,
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_FITS = ("mean", "probes")
 # kvpress scorers a hybrid may use to pick its exact middle tokens (query-agnostic ones first)
-EXACT_SCORERS = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
-                 "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
+SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
+                  "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
+# ... and KVzip's reconstruction scores (faedkv.kvzip), computed after the prefill
+EXACT_SCORERS = (*SCORER_PRESSES, "kvzip")
 
 
 def check_fraction(name: str, value, meaning: str) -> None:
@@ -79,8 +82,10 @@ class FAEDKVPress(BasePress):
         (M/t) x class sums, which breaks real models; kept to show why).
     exact_share: hybrid budget: this fraction of the rows left after sink and window keeps exact
         middle tokens chosen by `exact_scorer` (a kvpress scorer: expected_attention, knorm,
-        keydiff, snapkv, tova); the slots summarise every other middle token, so what eviction
-        would throw away is averaged in instead of lost. 0: no exact middle tokens.
+        keydiff, snapkv, tova; or kvzip: KVzip's context-reconstruction scores, 2-3 extra
+        prefill passes after the prefill, batch size 1); the slots summarise every other middle
+        token, so what eviction would throw away is averaged in instead of lost. 0: no exact
+        middle tokens.
     slot_fit: "mean" (slots are class means with log-count mass) or "probes" (attention-matched:
         each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
         the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
@@ -129,6 +134,9 @@ class FAEDKVPress(BasePress):
         check_fraction("exact_share", self.exact_share, "the budget share of exact middle tokens")
         if self.exact_scorer not in EXACT_SCORERS:
             raise ValueError(f"unknown exact_scorer {self.exact_scorer!r}; use one of {', '.join(EXACT_SCORERS)}")
+        if self.exact_share and self.exact_scorer == "kvzip" and self.slot_fit == "probes":
+            raise ValueError("slot_fit='probes' needs the prefill's queries, which KVzip's scoring "
+                             "(after the prefill) does not keep: use slot_fit='mean' with exact_scorer='kvzip'")
         if self.exact_share and (self.key_space == "pre_rope" or self.variant == "dct-iterative"):
             raise ValueError("a hybrid (exact_share > 0) keeps post-RoPE exact tokens and summarises "
                              "the rest with iwdft or resample: use key_space='post_rope' and one of those")
@@ -141,11 +149,16 @@ class FAEDKVPress(BasePress):
         if isinstance(self.fit_probes, bool) or not isinstance(self.fit_probes, int) or self.fit_probes < 1:
             raise ValueError(f"fit_probes must be an integer >= 1, got {self.fit_probes!r}")
         self.scorer = None
-        if self.exact_share:
+        self.layer_scores = {}
+        if self.exact_share and self.exact_scorer == "kvzip":
+            from faedkv.kvzip import KVzipScores
+
+            self.scorer = KVzipScores(on_scores=self.compress_scored)
+        elif self.exact_share:
             import kvpress
 
             # the scorer's own ratio is unused: we call score() and pick the top E ourselves
-            self.scorer = getattr(kvpress, EXACT_SCORERS[self.exact_scorer])()
+            self.scorer = getattr(kvpress, SCORER_PRESSES[self.exact_scorer])()
 
     def post_init_from_model(self, model):
         self.last_stats = {}
@@ -157,6 +170,44 @@ class FAEDKVPress(BasePress):
             use_faedkv_attention(model.config)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
+
+    @contextmanager
+    def __call__(self, model):
+        """kvpress's hooks compress each layer during the prefill; with KVzip's scores the
+        prefill runs whole, then KVzip's passes score it and `compress_scored` compresses."""
+        if not (self.exact_share and self.exact_scorer == "kvzip" and self.compression_ratio):
+            with super().__call__(model):
+                yield
+            return
+        self.post_init_from_model(model)
+        self.scorer.compression_ratio = self.compression_ratio
+        try:
+            with self.scorer(model):
+                yield
+        finally:
+            self.layer_scores = {}
+
+    def compress_scored(self, model, cache, scores: torch.Tensor) -> None:
+        """Compress every layer of `cache` in place; scores (layers, 1, kv_heads, T) pick the
+        exact tokens (exact_order)."""
+        from kvpress.utils import extract_keys_and_values
+        from transformers import QuantizedCache
+
+        for decoder_layer in model.model.layers:
+            module = decoder_layer.self_attn
+            layer = module.layer_idx
+            keys, values = extract_keys_and_values(cache, layer)
+            self.layer_scores[layer] = scores[layer]
+            keys, values = self.compress(module, None, keys, values, None, {})
+            cache_layer = cache.layers[layer]
+            if isinstance(cache, QuantizedCache):  # as kvpress's BasePress.forward_hook writes back
+                cache_layer._quantized_keys = cache_layer._quantize(keys, axis=cache_layer.axis_key)
+                cache_layer._quantized_values = cache_layer._quantize(values, axis=cache_layer.axis_value)
+                cache_layer.keys = torch.zeros(0, dtype=keys.dtype, device=keys.device)
+                cache_layer.values = torch.zeros(0, dtype=keys.dtype, device=keys.device)
+                cache_layer.cumulative_length = keys.shape[2]
+            else:
+                cache_layer.keys, cache_layer.values = keys, values
 
     @property
     def step(self) -> int:
@@ -224,7 +275,10 @@ class FAEDKVPress(BasePress):
         """(batch, kv_heads, N) middle indices: the summarised ones first, then the E exact ones
         (the scorer's top E among the middle tokens), each group in time order."""
         start, end = kept.sink, kept.tokens - kept.window
-        scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)[..., start:end]
+        if self.exact_scorer == "kvzip":
+            scores = self.layer_scores[module.layer_idx][..., start:end]
+        else:
+            scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)[..., start:end]
         top = scores.float().topk(kept.exact, dim=-1).indices
         is_exact = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device).scatter_(-1, top, 1)
         return torch.argsort(is_exact, dim=-1, stable=True)

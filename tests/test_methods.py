@@ -7,6 +7,7 @@ import torch
 from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress
 
 from analysis import methods
+from faedkv.kvzip import TemplateAwareKVzip, template_head_ids
 from analysis.generation import answer_details, prompt_ids
 from analysis.models import load_model
 from analysis.params import METHODS, MethodSpec
@@ -182,7 +183,7 @@ def test_new_baselines_compress_the_perplexity_prefix(tiny, name):
 
 def test_kvzip_scores_every_token_of_a_raw_text_and_skips_the_template_head(tiny, sample):
     """kvpress's KVzip skips the chat template's head; a raw text has none to skip."""
-    KVzip = methods.KVzip
+    KVzip = TemplateAwareKVzip
     seen = []
 
     @dataclasses.dataclass
@@ -195,7 +196,7 @@ def test_kvzip_scores_every_token_of_a_raw_text_and_skips_the_template_head(tiny
             seen.append(self.prefix_length)
             return super().prepare(model, tokenizer, prev_postfix_size)
 
-    head = methods._template_head_ids(tiny.tokenizer)
+    head = template_head_ids(tiny.tokenizer)
     templated = prompt_ids(tiny, sample.context, sample.question, "query_agnostic")["context_ids"][0]
     assert len(head) > 1 and templated[:len(head) - 1].tolist() == head[:-1]
     answer_details(tiny, Recording(compression_ratio=0.5), sample.context, sample.question, 2)
@@ -206,9 +207,47 @@ def test_kvzip_scores_every_token_of_a_raw_text_and_skips_the_template_head(tiny
     assert seen == [len(head), 0, 0, 0]
 
 
+def test_faedkv_hybrid_keeps_kvzips_top_tokens_exact_and_summarises_the_rest(tiny):
+    """exact_scorer='kvzip': the E exact middle tokens per head are those KVzip scores highest."""
+    from transformers import DynamicCache
+
+    from analysis.tasks.ppl import prefill
+    from faedkv.kvzip import KVzipScores
+
+    ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 300, 4)])
+    tokens = ids.shape[1]
+    captured = {}
+
+    @dataclasses.dataclass
+    class Capture(KVzipScores):
+        def compress_post(self, model):
+            captured["scores"] = self.score_val.clone()
+
+    full, _ = prefill(tiny, None, ids)
+    with torch.inference_mode(), Capture(compression_ratio=0.5)(tiny.model):
+        tiny.model.model(input_ids=ids, past_key_values=DynamicCache())
+    spec = MethodSpec(name="faedkv", compression_ratio=0.5,
+                      params={"exact_share": 0.5, "exact_scorer": "kvzip", "window": 16})
+    press = methods.build_press(spec, tiny.model)
+    cache, lengths = prefill(tiny, press, ids)
+    kept = press.layout(tokens)
+    assert kept.exact > 0 and kept.slots > 0 and lengths == [kept.rows] * len(lengths)
+    sink, end = kept.sink, tokens - kept.window
+    for layer, (compressed, original) in enumerate(zip(cache.layers, full.layers)):
+        middle = original.keys[:, :, sink:end]
+        chosen = captured["scores"][layer][..., sink:end].float().topk(kept.exact, dim=-1).indices
+        chosen = chosen.sort(dim=-1).values.unsqueeze(-1).expand(-1, -1, -1, middle.shape[-1])
+        assert torch.equal(compressed.keys[:, :, sink:sink + kept.exact], middle.gather(2, chosen))
+        assert torch.equal(compressed.values[:, :, -kept.window:], original.values[:, :, end:])
+    assert press.last_stats[0]["exact"] == kept.exact and not press.layer_scores
+    with pytest.raises(ValueError, match="slot_fit='probes'"):
+        methods.build_press(MethodSpec(name="faedkv", compression_ratio=0.5, params={
+            "exact_share": 0.5, "exact_scorer": "kvzip", "slot_fit": "probes"}), tiny.model)
+
+
 def test_kvzip_that_masks_nothing_is_an_error(tiny, sample):
     @dataclasses.dataclass
-    class Lazy(methods.KVzip):
+    class Lazy(TemplateAwareKVzip):
         def compress_post(self, model):
             return None
 

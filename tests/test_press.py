@@ -367,3 +367,14 @@ def test_fused_kernel_is_not_used_on_cpu():
     from faedkv import fused
 
     assert not fused.can_fuse(torch.randn(1, 2, 64, 16))
+
+
+def test_the_torch_free_option_lists_match_the_press():
+    """analysis.params (what the app and the CLI validate against) names the press's options."""
+    from analysis import params
+    from faedkv import press, variants
+
+    assert params.EXACT_SCORERS == press.EXACT_SCORERS
+    assert params.SLOT_FITS == press.SLOT_FITS
+    assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
+    assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == VARIANTS

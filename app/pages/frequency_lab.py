@@ -13,18 +13,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import (KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS,  # noqa: E402
-                             GenerateParams, MethodSpec, TaskPrompt)
+from analysis.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES,  # noqa: E402
+                             SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
+                             TaskPrompt)
 from app import figures, plans, state, ui, views  # noqa: E402
 
 PAGE = "lab"
 STARTS = ("low-pass", "energy", "ablation")
 PLANNED = ("faedkv", "dct_iterative")          # methods that take a frequency plan
 SPACE_LABEL = {"post_rope": "post-RoPE keys", "pre_rope": "pre-RoPE keys"}
-NORMALISATIONS = ("mean", "sum")
 NORM_LABEL = {"mean": "class means", "sum": "(M/t)·sums (old)"}
-EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova")
-SLOT_FITS = ("mean", "probes")
 FIT_LABEL = {"mean": "class means", "probes": "attention-matched"}
 MASS_LABEL = {"compressed": "compressed middle / full", "slots": "slots / full"}
 HISTORY = "lab.history"         # this session's generations: [{id, created, request, result}]
@@ -240,8 +238,8 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
             params["variant"] = c1.selectbox("variant", VARIANTS, key=state.bind(
                 PAGE, "variant", "iwdft", valid=state.options_valid(VARIANTS)))
             params["slot_normalization"] = c6.selectbox(
-                "slots", NORMALISATIONS, format_func=NORM_LABEL.get,
-                key=state.bind(PAGE, "norm", "mean", valid=state.options_valid(NORMALISATIONS)),
+                "slots", SLOT_NORMALIZATIONS, format_func=NORM_LABEL.get,
+                key=state.bind(PAGE, "norm", "mean", valid=state.options_valid(SLOT_NORMALIZATIONS)),
                 help="Each slot is its class's mean key and value (correct), or the old (M/t) × "
                      "class sum, whose large common key component lets one slot win the softmax.")
         params["key_space"] = c2.selectbox("key space", KEY_SPACES, format_func=SPACE_LABEL.get,
@@ -660,7 +658,7 @@ def main() -> None:
             st.session_state["lab.shown"] = e["id"]
     if both and body is not None:
         done = [run_generation(with_normalisation(body, n), f"{spec.label} ({n})")
-                for n in NORMALISATIONS]
+                for n in SLOT_NORMALIZATIONS]
         if all(done):
             st.session_state["lab.shown"] = done[0]["id"]
             st.session_state["lab.compare_pick"] = (done[0]["id"], done[1]["id"])

@@ -16,7 +16,19 @@ from __future__ import annotations
 import statistics
 import time
 
-ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")
+ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
+
+
+def row_press(row: str, ratio: float, model):
+    """The press of a row: None for "full" and "faedkv-cache" (FAEDKVCache compresses itself),
+    else the registry press of the method spec `row` (e.g. "faedkv:exact_share=0.9") at `ratio`."""
+    from analysis.cli import parse_methods
+    from analysis.methods import build_press
+
+    if row in ("full", "faedkv-cache"):
+        return None
+    (spec,) = parse_methods(row, [ratio])
+    return build_press(spec, model)
 
 
 def synchronize(device: str) -> None:
@@ -31,19 +43,11 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> tu
     import torch
     from transformers import DynamicCache
 
-    from analysis.methods import build_press
-    from analysis.params import MethodSpec
     from faedkv import FAEDKVCache
 
     model, device = loaded.model, str(loaded.model.device)
-    press = None
-    cache = DynamicCache()
-    if row in ("snapkv", "faedkv"):
-        press = build_press(MethodSpec(name=row, compression_ratio=ratio), model)
-    elif row == "faedkv-cache":
-        cache = FAEDKVCache(compression_ratio=ratio)
-    elif row != "full":
-        raise ValueError(f"unknown row {row!r}; use one of {', '.join(ROWS)}")
+    press = row_press(row, ratio, model)
+    cache = FAEDKVCache(compression_ratio=ratio) if row == "faedkv-cache" else DynamicCache()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -106,9 +110,15 @@ def run_e2e(args) -> int:
     from analysis.bench import machine_description, write_fragment
     from analysis.models import load_model
 
+    from analysis.cli import parse_methods
+
     for row in args.rows:
-        if row not in ROWS:
-            raise SystemExit(f"unknown row {row!r}: use {', '.join(ROWS)}")
+        try:
+            if row != "faedkv-cache" and len(parse_methods(row, [args.ratio])) != 1:
+                raise ValueError("one method per row")
+        except ValueError as exc:
+            raise SystemExit(f"row {row!r}: {exc}; a row is faedkv-cache or one --methods spec "
+                             "(full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token needs two calls to differ)")
     loaded = load_model(args.model, device=args.device)
@@ -129,6 +139,7 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"any of {', '.join(ROWS)}")
+    p.add_argument("--rows", nargs="+", default=list(ROWS),
+                   help=f"faedkv-cache or method specs as --methods writes them (default: {' '.join(ROWS)})")
     p.add_argument("--fragment", default="", help="also write a BENCHMARKS.md fragment here")
     p.set_defaults(func=run_e2e)

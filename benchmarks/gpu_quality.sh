@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
-# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | needle-next. Results go to the store in results/ (kept between calls on a warm
+# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | needle-next | search-a | search-b | search-ppl.
+# Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|needle-next [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|needle-next|search-a|search-b|search-ppl [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 common=(--model "$MODEL" --device cuda --out results --no-progress)
 # FAEDKV configurations of the search (issue 15); every one is a plain --methods spec
+# hybrids of the second search round: exact tokens by KVzip's or KeyDiff's scores, the rest summarised
+HYBRIDS="faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff,faedkv:exact_share=0.75:exact_scorer=keydiff"
+needle_grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 3)
 FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
 case "$part" in
   ppl)
@@ -34,7 +38,9 @@ case "$part" in
     echo "speed exit $?"; tail -40 "$OUT/speed.log" ;;
   e2e)   # issue 18: time to first token, ms per token, peak memory through model.generate on the real model
     timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
-      --new-tokens 256 --ratio 0.75 --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
+      --new-tokens 256 --ratio 0.75 --repeats 2 \
+      --rows full snapkv faedkv faedkv-cache faedkv:exact_share=0.9:exact_scorer=keydiff \
+      --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
     echo "e2e exit $?"; tail -20 "$OUT/e2e.log" ;;
   ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks, keys and values)
     timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
@@ -44,6 +50,19 @@ case "$part" in
     timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096 --depths 0,25,50,75,100 \
       --samples 3 --ratios 0.5,0.625,0.75 --methods "h2o,faedkv:slot_fit=probes,faedkv:variant=resample,kvzip" \
       > "$OUT/needle-next.log" 2>&1; echo "needle-next exit $?"; tail -30 "$OUT/needle-next.log" ;;
+  search-a)   # issue 15, round 2: the hybrids at 0.5 and 0.75
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
+      --methods "$HYBRIDS" > "$OUT/search-a.log" 2>&1; echo "search-a exit $?"; tail -25 "$OUT/search-a.log" ;;
+  search-b)   # kvzip with one budget per layer (as the hybrids have), then ratio 0.625
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
+      --methods "kvzip:layerwise=true" > "$OUT/search-b1.log" 2>&1; echo "search-b1 exit $?"
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
+      --methods "kvzip,keydiff,faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff" \
+      > "$OUT/search-b2.log" 2>&1; echo "search-b2 exit $?"; tail -25 "$OUT/search-b2.log" ;;
+  search-ppl)
+    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+      --num-texts 3 --ratios 0.25,0.5,0.625,0.75 --methods "$HYBRIDS,kvzip:layerwise=true,kvzip,keydiff" \
+      > "$OUT/search-ppl.log" 2>&1; echo "search-ppl exit $?"; tail -40 "$OUT/search-ppl.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

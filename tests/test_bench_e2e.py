@@ -17,10 +17,22 @@ def test_every_row_generates_and_is_reported(tmp_path):
     assert text.count("\n| 300 |") == len(ROWS) and "Machine: test machine" in text
 
 
+def test_a_method_spec_is_a_row():
+    from analysis.bench_e2e import e2e_rows
+    from analysis.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    row = "faedkv:exact_share=0.5:exact_scorer=knorm"
+    (result,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=[row])
+    assert result["row"] == row and result["ratio"] == 0.5 and result["total_s"] > result["ttft_s"] > 0
+
+
 def test_bad_rows_and_token_counts_are_refused():
     from analysis.bench import main
 
-    with pytest.raises(SystemExit, match="unknown row"):
-        main(["e2e", "--model", "tiny-random-llama", "--rows", "h2o"])
+    with pytest.raises(SystemExit, match="row 'oracle': .*unknown method 'oracle'"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "oracle"])
+    with pytest.raises(SystemExit, match="row 'snapkv,knorm': one method per row"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "snapkv,knorm"])
     with pytest.raises(SystemExit, match="at least 2"):
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])

@@ -110,14 +110,14 @@ def run_e2e(args) -> int:
     from analysis.bench import machine_description, write_fragment
     from analysis.models import load_model
 
-    from analysis.cli import parse_methods
+    from analysis.cli import one_line, parse_methods
 
     for row in args.rows:
         try:
             if row != "faedkv-cache" and len(parse_methods(row, [args.ratio])) != 1:
                 raise ValueError("one method per row")
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {exc}; a row is faedkv-cache or one --methods spec "
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache or one --methods spec "
                              "(full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token needs two calls to differ)")

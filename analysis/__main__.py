@@ -6,39 +6,32 @@
     python -m analysis ppl --methods full,knorm --ratios 0.5 --prefix-tokens 2048
     python -m analysis store list --out results/
 
-Adding a command: write `add_cli(subparsers)` in your module (create the parser with
-`analysis.cli.add_task_parser(subparsers, name, help)` or `subparsers.add_parser(...)`, add
-your flags, and `set_defaults(func=<args -> exit code>)`), then append the module's name to
-COMMAND_MODULES below. Raise ValueError (or a subclass: ModelLoadError, StoreError, pydantic's
-ValidationError) for user errors: they print as one line and exit 2, without a traceback.
+The commands are those of the job kinds (`analysis.tasks.kinds()`): a kind's declaration
+names its `add_cli(subparsers)`, which creates the parser (`analysis.cli.add_task_parser(
+subparsers, name, help)` or `subparsers.add_parser(...)`), adds its flags and sets
+`func=<args -> exit code>` (running the job through `analysis.cli.run_job`); the store commands
+come from analysis.cli_store. Raise ValueError (or a subclass: ModelLoadError, StoreError,
+pydantic's ValidationError) for user errors: they print as one line and exit 2, without a
+traceback.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 from analysis import cli
 
-# Modules with an `add_cli(subparsers)`; the store commands come from analysis.cli_store.
-COMMAND_MODULES = (
-    "analysis.tasks.needle",
-    "analysis.tasks.suite",
-    "analysis.tasks.ppl",
-    "analysis.spectra",
-    "analysis.ablation",
-    "analysis.contrib",
-)
-
 
 def build_parser() -> cli.ArgParser:
     from analysis.cli_store import add_store_commands
+    from analysis.tasks import kinds
 
     parser = cli.ArgParser(prog="python -m analysis",
                            description="FAEDKV Lab evaluation harness (results go to a store).")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    for kind in kinds().values():
+        if kind.cli is not None:
+            kind.cli(sub)
     add_store_commands(sub)
     return parser
 

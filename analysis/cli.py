@@ -2,7 +2,8 @@
 
     p = add_task_parser(subparsers, "needle", "needle-in-a-haystack grid")   # common flags
     params = build_params(NeedleParams, args, lengths=args.lengths)          # validated
-    return run_task(args, run_needle, params, needle_markdown)                # load, run, print
+    run, seconds = run_job(args, run_needle, params, "needle")               # load, run
+    return print_run(run, needle_markdown(run))                              # print
 
 Method specs (`--methods`): comma-separated `name[:key=value[:key=value]]`, e.g.
 `full,snapkv,faedkv:variant=resample,faedkv:variant=iwdft:key_space=pre_rope`. Values are
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from analysis.params import QUERY_MODES, MethodSpec
@@ -169,24 +171,51 @@ def build_params(cls, args, **fields):
     return cls(**common, **fields)
 
 
-def load_from_args(args):
-    """The model the flags name (ModelLoadError, a ValueError, when it cannot be loaded)."""
-    from analysis.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def run_task(args, run_fn, params, render) -> int:
-    """Load the model, run (or resume) the grid into the store, print `render(run)`."""
+def open_model_and_store(args):
+    """(ModelHandle, ResultsStore) from the shared flags. The model is loaded now, so a model
+    that cannot load fails (ModelLoadError, a ValueError) before anything is drawn or written."""
+    from analysis.runner import ModelHandle
     from analysis.store import ResultsStore
 
-    loaded = load_from_args(args)
-    store = ResultsStore(args.out)
-    key = run_fn(loaded, store, params, executor=args.executor, ray_address=args.ray_address,
-                 show_progress=not args.no_progress)
-    run = store.get(key)
+    handle = ModelHandle(args.model, args.device, args.dtype)
+    handle.get()
+    return handle, ResultsStore(args.out)
+
+
+def progress_bar(args, desc: str, unit: str = "cell"):
+    """(progress(done, total), close()): a tqdm bar on stderr, or nothing with --no-progress."""
+    if getattr(args, "no_progress", False):
+        return lambda done, total: None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=desc, unit=unit, dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return progress, bar.close
+
+
+def run_job(args, run_fn, params, desc: str, unit: str = "cell"):
+    """Run (or resume) a job kind's run function from the shared flags into the --out store,
+    with a progress bar: (run, wall seconds). Every command that runs a job goes through here."""
+    handle, store = open_model_and_store(args)
+    start = time.perf_counter()
+    progress, close = progress_bar(args, desc, unit)
+    try:
+        key = run_fn(handle, store, params, progress=progress, executor=args.executor,
+                     ray_address=args.ray_address)
+    finally:
+        close()
+    return store.get(key), time.perf_counter() - start
+
+
+def print_run(run, text: str) -> int:
+    """A task command's output: its table, then where the run is stored."""
     print()
-    print(render(run))
+    print(text)
     print(f"\nrun {run.name} in {run.path}")
     return 0
 

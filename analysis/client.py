@@ -5,12 +5,12 @@
     job = client.wait(job["id"], on_progress=lambda j: print(j["progress"]))
     rows = client.run(job["run_key"])["records"]
 
-    client = connect()                              # the configured backend, or a local one
+    with LocalBackend(model="tiny-random-llama", store="results") as client:   # its own server
+        ...
 
-`connect()` is what the app calls: with FAEDKV_BACKEND_URL set it talks to that server; without
-it, it starts `python -m analysis.server` on the embedded model in a subprocess (`LocalBackend`),
-waits for /health and stops it when this process exits. Every failure is a `BackendError`
-carrying the server's message (its "detail") and the HTTP status.
+`LocalBackend` starts `python -m analysis.server` in a subprocess, waits for /health and stops
+it when this process exits (the app does so when FAEDKV_BACKEND_URL is unset). Every failure
+is a `BackendError` carrying the server's message (its "detail") and the HTTP status.
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from urllib.parse import quote
 
 import httpx
 
+from analysis.job_states import TERMINAL
+
 DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "FAEDKV_BACKEND_URL"
 TOKEN_ENV = "FAEDKV_TOKEN"
-TERMINAL = ("done", "failed", "cancelled", "interrupted")
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -290,20 +291,3 @@ class LocalBackend:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-_LOCAL: LocalBackend | None = None
-_LOCAL_LOCK = threading.Lock()
-
-
-def connect(model: str | None = None, store: str | os.PathLike = "results",
-            device: str = "auto") -> BackendClient:
-    """The configured backend ($FAEDKV_BACKEND_URL, token from $FAEDKV_TOKEN) or, when none is
-    configured, one local backend per process on `model` (default: the embedded model)."""
-    if os.environ.get(URL_ENV):
-        return BackendClient()
-    global _LOCAL
-    with _LOCAL_LOCK:
-        if _LOCAL is None:
-            _LOCAL = LocalBackend(model=model, store=store, device=device)
-        return _LOCAL.start()

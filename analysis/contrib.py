@@ -42,12 +42,8 @@ import numpy as np
 import torch
 
 from analysis.params import ContribParams, MethodSpec
+from analysis.tasks.contrib import EVICTION, LINEAR
 
-LINEAR = {"faedkv", "dct_iterative"}
-# presses whose kept rows are copies of original rows (merging and kvzip are not: MergingPress
-# averages what it evicts into the kept rows, KVzip hides pairs behind fake keys)
-EVICTION = {"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm", "expected_attention",
-            "keydiff", "lagkv", "compactor"}
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 64
 
 
@@ -266,7 +262,7 @@ def run_contrib(model, store, params: ContribParams, progress=None, should_stop=
         if spec.name not in LINEAR | EVICTION:
             raise ValueError(f"method {spec.name!r} has no contribution profile (it keeps the whole "
                              "cache); leave it out of --methods.")
-    config = {"model": info.key, "task": params.key_dict(), "project_commit": project_commit()}
+    config = {"model": info.key, "params": params.key_dict(), "project_commit": project_commit()}
     run = store.open_run("contrib", config)
     cells = [{"id": method_label(s), "spec": s.model_dump(mode="json")} for s in params.methods]
     records = run_cells(run, cells, ContribCell(handle, params), executor=executor,
@@ -279,53 +275,3 @@ def run_contrib(model, store, params: ContribParams, progress=None, should_stop=
                        "methods": summary,
                        "seconds": {label: rec["seconds"] for label, rec in records.items()}})
     return run.key
-
-
-# ---------------------------------------------------------------------------------- CLI
-
-def parse_methods(text: str, ratio: float, variants: str = "iwdft") -> list[MethodSpec]:
-    """"faedkv,snapkv" -> MethodSpecs at `ratio`: a bare "faedkv" expands to each of `variants`
-    ("iwdft,resample"); anything else as the task commands read it ("faedkv:variant=resample",
-    "snapkv:window_size=32")."""
-    from analysis.cli import parse_methods as parse_task_methods
-
-    specs = []
-    for item in [n.strip() for n in text.split(",") if n.strip()]:
-        if item == "faedkv":
-            specs += [MethodSpec(name="faedkv", compression_ratio=ratio, params={"variant": v})
-                      for v in variants.split(",")]
-        else:
-            specs += parse_task_methods(item, [ratio])
-    return specs
-
-
-def _cli(args) -> int:
-    from analysis.spectra import run_from_cli
-
-    params = ContribParams(methods=parse_methods(args.methods, args.ratio, args.variants),
-                           context_length=args.context_length, text_seed=args.text_seed)
-    run, seconds = run_from_cli(args, run_contrib, params, "contrib (methods)")
-    print(f"contrib run {run.name}: {len(params.methods)} methods, ratio {args.ratio}, "
-          f"{params.context_length} tokens, {seconds:.1f} s")
-    print(f"  {'method':34s} {'source':18s} {'1-Gini':>7s} {'old/new':>8s} {'min/max':>8s}")
-    for label, s in run.metrics()["methods"].items():
-        print(f"  {label:34s} {s['source']:18s} {s['one_minus_gini']:7.4f} "
-              f"{s['oldest_over_newest']:8.4f} {s['min_over_max']:8.4f}")
-    print(f"  (summaries over every position; over the middle only: records' 'middle'); "
-          f"stored in {run.path}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    from analysis.spectra import add_model_args
-
-    p = subparsers.add_parser("contrib", help="token-contribution profiles per method")
-    add_model_args(p)
-    p.add_argument("--methods", default="faedkv,dct_iterative,streaming_llm,snapkv,h2o",
-                   help="comma list; a bare 'faedkv' expands to --variants; "
-                        "'faedkv:variant=resample:key_space=pre_rope' as in the task commands")
-    p.add_argument("--variants", default="iwdft,resample")
-    p.add_argument("--ratio", type=float, default=0.75, help="compression_ratio (fraction removed)")
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--text-seed", type=int, default=0)
-    p.set_defaults(func=_cli)

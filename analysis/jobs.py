@@ -5,10 +5,11 @@
     job = queue.submit("needle", NeedleParams(...))
     queue.wait(job["id"])                       # {"status": "done", "run_key": ..., ...}
 
-Order: a priority queue where interactive `generate` jobs go before batch jobs (then first in,
-first out). A batch job is a grid of cells; between two of its cells (in its progress callback,
-on the worker thread, when the model carries no press: kinds in `INTERLEAVE`) the worker also
-runs the `generate` jobs queued meanwhile, so an answer never waits for a 30-minute ablation.
+Order: a priority queue where interactive jobs (`generate`) go before batch jobs (then first
+in, first out). A batch job is a grid of cells; between two of its cells (in its progress
+callback, on the worker thread, when the model carries no press: kinds declared `interleave`)
+the worker also runs the interactive jobs queued meanwhile, so an answer never waits for a
+30-minute ablation.
 
 Persistence: every job is a JSON file `<store>/jobs/<id>.json`, written atomically on every
 change of state (progress at most once a second). A restarted server lists them all and marks
@@ -18,8 +19,9 @@ fails marks its run "failed" with the message. Resubmitting the same parameters 
 the results store keys runs by content, so the job opens the same run and skips its finished
 cells.
 
-Job functions are imported lazily by name (`JOB_FUNCTIONS`): a kind whose module is not
-installed is reported as unavailable (`JobUnavailable`), the others keep working.
+The kinds are `analysis.tasks.kinds()`; each names its run function "module:function", imported
+lazily: a kind whose module is not installed is reported as unavailable (`JobUnavailable`), the
+others keep working.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import dataclasses
 import datetime as _dt
 import heapq
 import importlib
-import inspect
 import itertools
 import json
 import logging
@@ -38,29 +39,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from analysis.params import JOB_PARAMS, Strict
+from analysis.job_states import JOB_STATUSES, TERMINAL
+from analysis.params import Strict
 from analysis.store import ResultsStore, StoreError, atomic_write_text, json_safe
+from analysis.tasks import JobKind, kinds
 
 log = logging.getLogger(__name__)
 
-# kind -> (module, function). Batch functions: run_<kind>(model, store, params, progress=None,
-# should_stop=None, executor="local", ray_address=None) -> run key; generate(loaded, params) -> dict.
-JOB_FUNCTIONS: dict[str, tuple[str, str]] = {
-    "generate": ("analysis.generation", "generate"),
-    "needle": ("analysis.tasks.needle", "run_needle"),
-    "suite": ("analysis.tasks.suite", "run_suite"),
-    "ppl": ("analysis.tasks.ppl", "run_ppl"),
-    "spectra": ("analysis.spectra", "run_spectra"),
-    "ablate": ("analysis.ablation", "run_ablation"),
-    "contrib": ("analysis.contrib", "run_contrib"),
-}
-INTERACTIVE = frozenset({"generate"})
-# Kinds whose progress() comes only from runner.run_cells, between two cells, when the model
-# carries no press or hook: queued interactive jobs may run there. (spectra reports progress
-# per layer from inside its capturing forward pass, so it is not one of them.)
-INTERLEAVE = frozenset({"needle", "suite", "ppl", "ablate", "contrib"})
-STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
-TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
 # Finished job files kept on disk; older ones are removed when the server starts.
 MAX_KEPT_JOBS = 1000
 _PROGRESS_PERSIST_SECONDS = 1.0
@@ -87,11 +72,17 @@ class UnknownJob(KeyError):
         return self.args[0] if self.args else "unknown job"
 
 
+def job_kind(kind: str) -> JobKind:
+    """The declaration of `kind`; ValueError naming the known kinds."""
+    found = kinds().get(kind)
+    if found is None:
+        raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(kinds())}")
+    return found
+
+
 def job_function(kind: str) -> Callable:
     """The function that runs `kind`, imported now (a module that lands later lights up)."""
-    if kind not in JOB_FUNCTIONS:
-        raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(JOB_FUNCTIONS)}")
-    module_name, name = JOB_FUNCTIONS[kind]
+    module_name, _, name = job_kind(kind).run.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - a broken or missing module disables one kind only
@@ -112,7 +103,7 @@ def job_function(kind: str) -> Callable:
 def availability() -> dict[str, str | None]:
     """kind -> None when it can run, else why not."""
     out: dict[str, str | None] = {}
-    for kind in JOB_FUNCTIONS:
+    for kind in kinds():
         try:
             job_function(kind)
             out[kind] = None
@@ -155,7 +146,7 @@ class Job:
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         job = cls(**{k: v for k, v in data.items() if k in names})
-        if not isinstance(job.id, str) or job.kind not in JOB_PARAMS or job.status not in STATUSES:
+        if not isinstance(job.id, str) or job.kind not in kinds() or job.status not in JOB_STATUSES:
             raise ValueError("not a job record (id, kind, status)")
         if not isinstance(job.params, dict) or not isinstance(job.progress, dict):
             raise ValueError("params and progress must be objects")
@@ -279,12 +270,11 @@ class JobQueue:
 
     def submit(self, kind: str, params: Strict) -> dict:
         """Queue a job (params already validated); returns its record."""
-        if not isinstance(params, JOB_PARAMS.get(kind, ())):
-            raise ValueError(f"{kind!r} jobs take {JOB_PARAMS[kind].__name__} parameters"
-                             if kind in JOB_PARAMS else
-                             f"unknown job kind {kind!r}; known: {', '.join(JOB_PARAMS)}")
+        declared = job_kind(kind)
+        if not isinstance(params, declared.params):
+            raise ValueError(f"{kind!r} jobs take {declared.params.__name__} parameters")
         job_function(kind)      # fail now, not in the worker, when the kind cannot run
-        if self.read_only and kind not in INTERACTIVE:
+        if self.read_only and not declared.interactive:
             raise StoreError("this server opened its store read-only (another server writes "
                              "it): it answers generate requests but runs no batch job; submit "
                              "it to the server that writes the store.")
@@ -297,7 +287,7 @@ class JobQueue:
             self._jobs[job.id] = job
             self._prune()
             self._persist(job)
-            heapq.heappush(self._heap, (0 if kind in INTERACTIVE else 1, next(self._seq), job.id))
+            heapq.heappush(self._heap, (0 if declared.interactive else 1, next(self._seq), job.id))
             self._cond.notify_all()
             return job.to_dict()
 
@@ -409,9 +399,10 @@ class JobQueue:
             self._cond.notify_all()
         status, result, error = "failed", None, "the worker stopped during this job"
         try:
-            params = JOB_PARAMS[job.kind].model_validate(job.params)
+            declared = job_kind(job.kind)
+            params = declared.params.model_validate(job.params)
             fn = job_function(job.kind)
-            if job.kind in INTERACTIVE:
+            if declared.interactive:
                 result = json_safe(fn(self._loaded(), params))
             else:
                 key = self._run_batch(job, fn, params)
@@ -451,6 +442,8 @@ class JobQueue:
         return get() if callable(get) else self.model
 
     def _run_batch(self, job: Job, fn: Callable, params: Strict) -> Any:
+        interleave = job_kind(job.kind).interleave
+
         def opened(key: str) -> None:
             with self._cond:
                 if job.run_key is None:
@@ -464,7 +457,7 @@ class JobQueue:
                 if time.monotonic() - self._persisted_at.get(job.id, 0.0) >= _PROGRESS_PERSIST_SECONDS:
                     self._persist(job)
                 self._cond.notify_all()
-            if job.kind in INTERLEAVE:
+            if interleave:
                 # Between two cells the model is free: answer interactive requests now.
                 self._run_interactive()
 
@@ -472,12 +465,10 @@ class JobQueue:
             with self._cond:
                 return job.id in self._cancel
 
-        extra = {}
-        if "show_progress" in inspect.signature(fn).parameters:
-            extra["show_progress"] = False       # progress goes to the job record, not a tqdm bar
+        # A run function draws no progress bar when it is given a progress callback.
         self.store.on_open = opened
         return fn(self.model, self.store, params, progress=progress, should_stop=should_stop,
-                  executor=self.executor, ray_address=self.ray_address, **extra)
+                  executor=self.executor, ray_address=self.ray_address)
 
     def _run_interactive(self) -> None:
         """Run the queued interactive jobs (called on the worker thread between cells)."""

@@ -398,14 +398,3 @@ class ContribParams(Strict):
 
     def num_cells(self) -> int:
         return len(self.methods)
-
-
-JOB_PARAMS: dict[str, type[Strict]] = {
-    "generate": GenerateParams,
-    "needle": NeedleParams,
-    "suite": SuiteParams,
-    "ppl": PplParams,
-    "spectra": SpectraParams,
-    "ablate": AblateParams,
-    "contrib": ContribParams,
-}

@@ -42,9 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from analysis import params as P
-from analysis.jobs import MAX_QUEUED, JobQueue, JobUnavailable, QueueFull, UnknownJob, availability
+from analysis.jobs import (MAX_QUEUED, JobQueue, JobUnavailable, QueueFull, UnknownJob,
+                           availability, job_kind)
 from analysis.store import (INCOMPLETE_RUN, ResultsStore, StoreError, json_safe, lock_holder,
                             locked_message, project_commit)
+from analysis.tasks import JobKind, kinds
 
 log = logging.getLogger("analysis.server")
 
@@ -58,14 +60,13 @@ _KEY = re.compile(r"(?:[A-Za-z0-9_]{1,64}-)?[0-9a-f]{16}")
 MIN_TOKEN_BITS = 128
 _ARRAY = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,119}")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-# Methods that every task grid adds when absent (analysis.tasks.with_full).
-_GRIDS_WITH_FULL = ("needle", "suite", "ppl")
 
 
 class JobRequest(BaseModel):
-    """POST /jobs body: the job kind and its parameters (validated by `params.JOB_PARAMS[kind]`)."""
+    """POST /jobs body: the job kind and its parameters (validated by the kind's params model,
+    `analysis.tasks.kinds()[kind].params`)."""
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(description="one of: " + ", ".join(P.JOB_PARAMS))
+    kind: str = Field(description="one of: " + ", ".join(kinds()))
     params: dict = Field(default_factory=dict)
 
 
@@ -114,72 +115,10 @@ def describe_errors(errors: list[dict], prefix: str = "") -> str:
 
 def parse_params(kind: str, raw: dict) -> P.Strict:
     """`raw` as the kind's parameter model; ValueError naming the kind or the bad fields."""
-    if kind not in P.JOB_PARAMS:
-        raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(P.JOB_PARAMS)}")
     try:
-        return P.JOB_PARAMS[kind].model_validate(raw)
+        return job_kind(kind).params.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(describe_errors(exc.errors(include_url=False), "params")) from exc
-
-
-def grid_cells(kind: str, params: P.Strict, num_layers: int) -> int:
-    """How many cells the job computes (the full-cache baseline included where tasks add it)."""
-    if kind == "generate":
-        return 1
-    if kind == "ablate":
-        return params.num_cells(num_layers)
-    if kind in _GRIDS_WITH_FULL and not any(m.name == "full" for m in params.methods):
-        params = params.model_copy(update={"methods": [P.MethodSpec(name="full"), *params.methods]})
-    return params.num_cells()
-
-
-def prompt_tokens(kind: str, params: P.Strict, tokenizer) -> tuple[int, str]:
-    """(tokens the job puts in the model's context at once, what they are)."""
-    if kind == "generate":
-        prompt = params.prompt
-        if prompt.kind == "text":
-            text = prompt.text + ("\n" + prompt.question if prompt.question else "")
-            n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
-            what = f"the prompt ({n} tokens)"
-        else:
-            n, what = prompt.context_length, f"prompt.context_length ({prompt.context_length})"
-        return n + params.max_new_tokens, f"{what} + max_new_tokens ({params.max_new_tokens})"
-    if kind == "needle":
-        n = max(params.lengths)
-        return n + params.max_new_tokens, (f"the longest of lengths ({n}) + max_new_tokens "
-                                           f"({params.max_new_tokens})")
-    if kind == "suite":
-        return (params.context_length + params.max_new_tokens,
-                f"context_length ({params.context_length}) + max_new_tokens ({params.max_new_tokens})")
-    if kind in ("ppl", "ablate"):
-        return (params.prefix_tokens + params.continuation_tokens,
-                f"prefix_tokens ({params.prefix_tokens}) + continuation_tokens "
-                f"({params.continuation_tokens})")
-    if kind == "spectra":
-        return params.num_tokens, f"num_tokens ({params.num_tokens})"
-    return params.context_length, f"context_length ({params.context_length})"
-
-
-def shortest_prompt(kind: str, params: P.Strict, tokenizer) -> tuple[int, str]:
-    """(the fewest context tokens a compressed prefill of this job sees, what they are)."""
-    if kind == "generate":
-        prompt = params.prompt
-        if prompt.kind == "text":
-            n = len(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
-            return n, f"the prompt text ({n} tokens)"
-        return prompt.context_length, f"prompt.context_length ({prompt.context_length})"
-    if kind == "needle":
-        return min(params.lengths), f"the shortest of lengths ({min(params.lengths)})"
-    if kind == "ppl":
-        return params.prefix_tokens - 1, f"prefix_tokens - 1 ({params.prefix_tokens - 1})"
-    return params.context_length, f"context_length ({params.context_length})"
-
-
-def job_methods(kind: str, params: P.Strict) -> list[tuple[str, P.MethodSpec]]:
-    """(field path, spec) of every method the job runs."""
-    if kind == "generate":
-        return [("params.method", params.method)]
-    return [(f"params.methods.{i}", m) for i, m in enumerate(getattr(params, "methods", []))]
 
 
 def check_plan(where: str, plan: dict, info) -> None:
@@ -221,11 +160,13 @@ def check_press(where: str, spec: P.MethodSpec, model, shortest: int, what: str)
         raise ValueError(f"{where} ({spec.name}) cannot compress {what}: {exc}") from exc
 
 
-def check_methods(kind: str, params: P.Strict, info, tokenizer, model=None) -> None:
+def check_methods(kind: JobKind, params: P.Strict, info, tokenizer, model=None) -> None:
     """What the parameter models cannot know: plans against the model, each method's minimum
-    prompt against the job's shortest prompt, duplicate labels, methods the kind cannot run."""
-    specs = job_methods(kind, params)
-    shortest, what = shortest_prompt(kind, params, tokenizer) if specs else (0, "")
+    prompt against the job's shortest prompt, duplicate labels."""
+    specs = kind.methods(params)
+    if not specs:
+        return
+    shortest, what = kind.shortest(params, tokenizer)
     for where, spec in specs:
         plan = spec.params.get("plan")
         if plan is not None:
@@ -237,35 +178,25 @@ def check_methods(kind: str, params: P.Strict, info, tokenizer, model=None) -> N
             raise ValueError(f"{where} ({spec.name} at ratio {spec.compression_ratio:g}) needs a "
                              f"prompt of at least {need} tokens ({why}), but {what} is shorter; "
                              "lengthen the prompt or lower that parameter.")
-    if kind == "contrib":
-        from analysis.contrib import EVICTION, LINEAR
+    if not kind.interactive:
+        from analysis.tasks import unique_labels
 
-        for where, spec in specs:
-            if spec.name not in LINEAR | EVICTION:
-                raise ValueError(f"{where}: method {spec.name!r} has no contribution profile "
-                                 "(it keeps the whole cache); leave it out of methods.")
-    if kind != "generate" and specs:
-        from analysis.tasks import unique_labels, with_full
-
-        methods = with_full(params.methods) if kind in _GRIDS_WITH_FULL else params.methods
-        unique_labels(methods)
+        unique_labels(kind.full_params(params).methods)
 
 
 def check_bounds(kind: str, params: P.Strict, info, tokenizer, max_cells: int,
                  model=None) -> None:
     """ValueError unless the job fits the loaded model (context, layers, heads, every method's
-    needs) and the server's cell limit."""
-    n, what = prompt_tokens(kind, params, tokenizer)
+    needs, the kind's own check) and the server's cell limit."""
+    declared = job_kind(kind)
+    n, what = declared.context(params, tokenizer)
     if n > info.context_length:
         raise ValueError(f"{what} = {n} tokens exceeds the model context of {info.context_length} "
                          f"tokens ({info.name}); shorten the prompt or lower the lengths.")
-    if kind == "ablate" and params.layers is not None:
-        bad = [layer for layer in params.layers if not 0 <= layer < info.num_layers]
-        if bad:
-            raise ValueError(f"params.layers {bad} outside [0, {info.num_layers - 1}] "
-                             f"({info.name} has {info.num_layers} layers).")
-    check_methods(kind, params, info, tokenizer, model)
-    cells = grid_cells(kind, params, info.num_layers)
+    if declared.check is not None:
+        declared.check(params, info)
+    check_methods(declared, params, info, tokenizer, model)
+    cells = declared.num_cells(params, info.num_layers)
     if cells > max_cells:
         raise ValueError(f"the job has {cells} cells, more than this server's limit of "
                          f"{max_cells} (--max-cells); split it into smaller grids.")
@@ -450,7 +381,7 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
         return params
 
     def submit(kind: str, params: P.Strict) -> dict:
-        if kind not in ("generate",):
+        if not job_kind(kind).interactive:
             writable()
         try:
             return queue.submit(kind, params)

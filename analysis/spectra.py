@@ -34,7 +34,6 @@ Values carry no rotation: their pre_rope entries equal their post_rope ones.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -216,7 +215,7 @@ def run_spectra(model, store, params: SpectraParams, progress=None, should_stop=
     if params.num_tokens > info.context_length:
         raise ValueError(f"num_tokens {params.num_tokens} exceeds the model's context "
                          f"({info.context_length}); use --num-tokens {info.context_length} or less.")
-    config = {"model": info.key, "task": params.key_dict(), "project_commit": project_commit()}
+    config = {"model": info.key, "params": params.key_dict(), "project_commit": project_commit()}
     run = store.open_run("spectra", config)
     if run.status == "complete":
         return run.key
@@ -254,77 +253,3 @@ def run_spectra(model, store, params: SpectraParams, progress=None, should_stop=
         run.set_status("failed", f"{exc.__class__.__name__}: {exc}")
         raise
     return run.key
-
-
-# ---------------------------------------------------------------------------------- CLI
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags every analysis command shares (the same as the task commands')."""
-    from analysis import cli
-
-    cli.add_model_args(p)
-    cli.add_output_args(p)
-
-
-def progress_callback(args, desc: str, unit: str = "cell"):
-    """A tqdm-backed progress(done, total), or a silent one with --no-progress."""
-    from tqdm.auto import tqdm
-
-    if getattr(args, "no_progress", False):
-        return lambda done, total: None, lambda: None
-    bar = tqdm(total=1, desc=desc, unit=unit, dynamic_ncols=True)
-
-    def progress(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return progress, bar.close
-
-
-def open_cli(args, attn_implementation: str | None = None):
-    """(handle, store) from the shared flags; the model stays unloaded until a job needs it."""
-    from analysis.runner import ModelHandle
-    from analysis.store import ResultsStore
-
-    return (ModelHandle(args.model, args.device, args.dtype, attn_implementation),
-            ResultsStore(args.out))
-
-
-def run_from_cli(args, run_fn, params, desc: str, unit: str = "cell"):
-    """Run an analysis job from the shared flags with a progress bar: (run, wall seconds)."""
-    handle, store = open_cli(args)
-    start = time.perf_counter()
-    progress, close = progress_callback(args, desc, unit)
-    try:
-        key = run_fn(handle, store, params, progress=progress, executor=args.executor,
-                     ray_address=args.ray_address)
-    finally:
-        close()
-    return store.get(key), time.perf_counter() - start
-
-
-def _cli(args) -> int:
-    params = SpectraParams(num_tokens=args.num_tokens, text_seed=args.text_seed,
-                           grid_points=args.grid_points, chunks=args.chunks)
-    run, seconds = run_from_cli(args, run_spectra, params, "spectra (layers)", "layer")
-    m = run.metrics()
-    print(f"spectra run {run.name} ({m['num_layers']} layers x {m['kv_heads']} KV heads, "
-          f"{m['text']['num_tokens']} tokens from {m['text']['first_essay']!r}) in "
-          f"{seconds:.1f} s (forward + spectra: {m['seconds']} s)")
-    print("layer-mean spectral centroid (normalised frequency, IWDFT):")
-    for name, value in m["mean_centroid"].items():
-        low = np.mean(m["fraction_below"][name]["0.05"])
-        print(f"  {name:18s} centroid {value:.4f}   energy below f=0.05: {low:.1%}")
-    print(f"stored in {run.path}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("spectra", help="per-layer K/V energy spectra (IWDFT and DFT)")
-    add_model_args(p)
-    p.add_argument("--num-tokens", type=int, default=2048)
-    p.add_argument("--text-seed", type=int, default=0, help="first essay (file-name order)")
-    p.add_argument("--grid-points", type=int, default=257)
-    p.add_argument("--chunks", type=int, default=22)
-    p.set_defaults(func=_cli)

@@ -29,9 +29,10 @@ def plural(n, word: str, many: str | None = None) -> str:
 
 
 def run_params(summary: dict) -> dict:
-    """The job parameters a run was computed with (the store keeps them under config.task)."""
+    """The job parameters a run was computed with: config.params (spectra, ablate and contrib
+    runs written before issue 19 keep them under config.task)."""
     config = summary.get("config") or {}
-    return config.get("task") or config.get("params") or {}
+    return config.get("params") or config.get("task") or {}
 
 
 def run_model(summary: dict, fallback: str = "model") -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from analysis import ablation
 from analysis.params import AblateParams
+from analysis.tasks.ablate import parse_layers
 from analysis.tasks.ppl import continuation_nll
 from faedkv.filter_press import FrequencyFilterPress
 from faedkv.plans import FrequencyPlan
@@ -118,7 +119,7 @@ def test_bad_layers_and_short_prefix_are_rejected(tiny_loaded, tmp_path):
         ablation.run_ablation(tiny_loaded, store, _params(layers=[0, 7]))
     with pytest.raises(ValueError, match="middle tokens"):
         ablation.run_ablation(tiny_loaded, store, _params(prefix_tokens=64, chunks=40))
-    assert ablation.parse_layers("0:30:10") == [0, 10, 20] and ablation.parse_layers("all") is None
+    assert parse_layers("0:30:10") == [0, 10, 20] and parse_layers("all") is None
 
 
 def test_plan_comparison_builds_three_plans_and_a_table(tiny_loaded, tmp_path):

@@ -3,6 +3,7 @@ a second server or the CLI on a store a server writes, damaged files at start-up
 several points of a grid, stale run statuses, tokens and Host headers, the queue limit."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -178,9 +179,10 @@ def failing_after_open(model, store, params, progress=None, should_stop=None, **
 def test_a_failed_job_marks_its_run_failed(tmp_path, monkeypatch):
     from analysis import jobs as jobs_module
     from analysis.params import SpectraParams
+    from analysis.tasks import kinds
 
-    monkeypatch.setitem(jobs_module.JOB_FUNCTIONS, "spectra",
-                        ("tests.test_backend_robustness", "failing_after_open"))
+    monkeypatch.setitem(kinds(), "spectra", dataclasses.replace(
+        kinds()["spectra"], run="tests.test_backend_robustness:failing_after_open"))
     queue = jobs_module.JobQueue(None, tmp_path)          # the job function needs no model
     queue.start()
     try:

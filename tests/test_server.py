@@ -3,6 +3,7 @@ through `analysis.client`: job lifecycle, progress, cancel, priority of `generat
 clients, kill -9 and resume, token enforcement, bad requests, and a schemathesis fuzz."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -21,6 +22,7 @@ from schemathesis.checks import not_a_server_error
 from analysis import jobs as jobs_module
 from analysis.client import BackendClient, BackendError, LocalBackend, free_port
 from analysis.store import ResultsStore
+from analysis.tasks import kinds
 
 TOKEN = "test-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -264,11 +266,12 @@ def test_malformed_json(backend):
 
 
 def test_unimportable_job_kind_is_unavailable(monkeypatch):
-    monkeypatch.setitem(jobs_module.JOB_FUNCTIONS, "needle", ("analysis.no_such_module", "run"))
+    needle = kinds()["needle"]
+    monkeypatch.setitem(kinds(), "needle", dataclasses.replace(needle, run="analysis.no_such_module:run"))
     with pytest.raises(jobs_module.JobUnavailable, match="analysis.no_such_module cannot be imported"):
         jobs_module.job_function("needle")
     assert jobs_module.availability()["needle"] is not None
-    monkeypatch.setitem(jobs_module.JOB_FUNCTIONS, "needle", ("analysis.params", "run_nothing"))
+    monkeypatch.setitem(kinds(), "needle", dataclasses.replace(needle, run="analysis.params:run_nothing"))
     with pytest.raises(jobs_module.JobUnavailable, match="has no function run_nothing"):
         jobs_module.job_function("needle")
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from analysis import haystack
 from analysis.params import MethodSpec, NeedleParams
-from analysis.tasks import run_grid, stable_seed, unique_labels, with_full
+from analysis.tasks import JobKind, run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import exact_match, partial_match, recall, rouge_l, wilson_interval
 
 SENTENCE_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -372,4 +372,18 @@ def _cli_main(args) -> int:
     params = cli.build_params(NeedleParams, args, lengths=args.lengths, depths=args.depths,
                               depth_spacing=args.depth_spacing, num_depths=args.num_depths,
                               needle=args.needle, num_needles=args.num_needles)
-    return cli.run_task(args, run_needle, params, lambda run: needle_markdown(run, detail=True))
+    run, _ = cli.run_job(args, run_needle, params, "needle")
+    return cli.print_run(run, needle_markdown(run, detail=True))
+
+
+def _context(params: NeedleParams, tokenizer) -> tuple[int, str]:
+    n = max(params.lengths)
+    return n + params.max_new_tokens, (f"the longest of lengths ({n}) + max_new_tokens "
+                                       f"({params.max_new_tokens})")
+
+
+KIND = JobKind(
+    name="needle", params=NeedleParams, run="analysis.tasks.needle:run_needle",
+    context=_context,
+    shortest=lambda p, tokenizer: (min(p.lengths), f"the shortest of lengths ({min(p.lengths)})"),
+    adds_full=True, cli=add_cli, interleave=True)

@@ -31,7 +31,7 @@ import time
 
 from analysis import haystack
 from analysis.params import MethodSpec, PplParams
-from analysis.tasks import run_grid, unique_labels, with_full
+from analysis.tasks import JobKind, run_grid, unique_labels, with_full
 
 
 def _as_ids(ids, device):
@@ -216,4 +216,21 @@ def _cli_main(args) -> int:
     params = cli.build_params(PplParams, args, prefix_tokens=args.prefix_tokens,
                               continuation_tokens=args.continuation_tokens,
                               num_texts=args.num_texts)
-    return cli.run_task(args, run_ppl, params, ppl_markdown)
+    run, _ = cli.run_job(args, run_ppl, params, "ppl")
+    return cli.print_run(run, ppl_markdown(run))
+
+
+def prefix_and_continuation(params, tokenizer=None) -> tuple[int, str]:
+    """(prefix + continuation tokens, what they are): the context of a ppl or ablate job."""
+    return (params.prefix_tokens + params.continuation_tokens,
+            f"prefix_tokens ({params.prefix_tokens}) + continuation_tokens "
+            f"({params.continuation_tokens})")
+
+
+KIND = JobKind(
+    name="ppl", params=PplParams, run="analysis.tasks.ppl:run_ppl",
+    context=prefix_and_continuation,
+    # the prefix's last token is read with the continuation (prefix[:-1] is compressed)
+    shortest=lambda p, tokenizer: (p.prefix_tokens - 1,
+                                   f"prefix_tokens - 1 ({p.prefix_tokens - 1})"),
+    adds_full=True, cli=add_cli, interleave=True)

@@ -39,7 +39,7 @@ import string
 
 from analysis import haystack
 from analysis.params import SUITE_TASKS, MethodSpec, SuiteParams
-from analysis.tasks import run_grid, stable_seed, unique_labels, with_full
+from analysis.tasks import JobKind, run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import mean_interval, recall, rouge_l
 
 NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -345,4 +345,14 @@ def _cli_main(args) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     params = cli.build_params(SuiteParams, args, tasks=tasks, context_length=args.context_length)
-    return cli.run_task(args, run_suite, params, suite_markdown)
+    run, _ = cli.run_job(args, run_suite, params, "suite")
+    return cli.print_run(run, suite_markdown(run))
+
+
+KIND = JobKind(
+    name="suite", params=SuiteParams, run="analysis.tasks.suite:run_suite",
+    context=lambda p, tokenizer: (
+        p.context_length + p.max_new_tokens,
+        f"context_length ({p.context_length}) + max_new_tokens ({p.max_new_tokens})"),
+    shortest=lambda p, tokenizer: (p.context_length, f"context_length ({p.context_length})"),
+    adds_full=True, cli=add_cli, interleave=True)

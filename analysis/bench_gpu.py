@@ -127,7 +127,7 @@ def filled_cache(kind: str, model, tokens: int, ratio: float):
     config = model.config
     shape = (1, config.num_key_value_heads, tokens, config.head_dim)
     if kind.startswith("faedkv"):
-        # faedkv: one kernel writes the slots (fused_decode.decode_step_into); faedkv-attn: the
+        # faedkv: one kernel writes the slots (kernels.decode_step_into); faedkv-attn: the
         # model runs faedkv's attention, which scales the stored means (FoldStep +
         # SlotAttention); faedkv-torch: the torch path; *-plan: with a low-pass plan (half the
         # chunks in every layer): faedkv-plan materialises band-limited slots (an FFT over the
@@ -245,15 +245,15 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
     """Share of a step's GPU kernel time spent in kernels launched by cache.update (torch
     profiler, CUPTI): what the update would cost if the host did not bound the step (CUDA graphs,
     a compiled decoder). Also the GPU time of faedkv's attention kernels and of the plan's
-    band-limiting in attention (faedkv.attention.band_limit, labelled while profiling)."""
+    band-limiting in attention (faedkv.decode.slots.band_limit, labelled while profiling)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from faedkv import attention
-    from faedkv.fused_decode import ATTENTION_KERNELS, UPDATE_KERNELS
+    from faedkv.decode import slots
+    from faedkv.decode.kernels import ATTENTION_KERNELS, UPDATE_KERNELS
 
-    original, band_limit = cache.update, attention.band_limit
+    original, band_limit = cache.update, slots.band_limit
 
     def labelled_update(*args, **kwargs):
         with record_function("faedkv.cache.update"):
@@ -263,7 +263,7 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
         with record_function("faedkv.band_limit"):
             return band_limit(*args, **kwargs)
 
-    cache.update, attention.band_limit = labelled_update, labelled_band_limit
+    cache.update, slots.band_limit = labelled_update, labelled_band_limit
     try:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -272,7 +272,7 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
             torch.cuda.synchronize()
     finally:
         del cache.update
-        attention.band_limit = band_limit
+        slots.band_limit = band_limit
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
 
@@ -299,14 +299,14 @@ def profiled_update_share(cache, step, repeats: int) -> dict:
 
 
 def slot_attention_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[dict]:
-    """fused_decode.SlotAttention against torch's sdpa (GQA, the same rows, no scales) for one decode
+    """kernels.SlotAttention against torch's sdpa (GQA, the same rows, no scales) for one decode
     token of Llama-3-8B's 32 query heads over the 8 KV heads' S + M + W stored rows (bf16),
     for a few launch shapes; CUDA events, median of 100 calls. Floor = reading K and V once."""
     import torch
     import torch.nn.functional as F
 
     from faedkv.budget import layout
-    from faedkv.fused_decode import SlotAttention
+    from faedkv.decode.kernels import SlotAttention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
     rows = []
@@ -341,7 +341,7 @@ def host_overhead_rows(tokens: int, ratio: float = 0.75, calls: int = 300) -> li
     import torch
     import torch.nn.functional as F
 
-    from faedkv.attention import MASS_ATTR, SLOT_SCALES_ATTR, slot_attention
+    from faedkv.decode.slots import slot_attention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
     new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -349,7 +349,7 @@ def host_overhead_rows(tokens: int, ratio: float = 0.75, calls: int = 300) -> li
     materialised, scaled = materialised_and_scaled_layers(tokens, ratio)
     stored = materialised.kv[0]
     keys, values = scaled.update(*new)
-    scales = getattr(keys, SLOT_SCALES_ATTR)
+    scales = scaled.slot_state
     small = [torch.randn(1, kv_heads, 1024, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
 
     def timed(name, fn):
@@ -366,7 +366,7 @@ def host_overhead_rows(tokens: int, ratio: float = 0.75, calls: int = 300) -> li
     return [
         timed("FAEDKVLayer.update, one kernel writes the slots", lambda: materialised.update(*new)),
         timed("FAEDKVLayer.update, fold only (faedkv attention)", lambda: scaled.update(*new)),
-        timed("slot_attention (2 kernels)", lambda: slot_attention(None, query, keys, values, None, scales,
+        timed("slot_attention (2 kernels)", lambda: slot_attention(query, keys, values, scales,
                                                                   scaling=dim ** -0.5)),
         timed("sdpa over the same rows", lambda: F.scaled_dot_product_attention(
             query, stored, materialised.kv[1], enable_gqa=True)),
@@ -381,8 +381,8 @@ def decode_kernel_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[d
     sink + means + window + the new token, write the attended rows and the ring row)."""
     import torch
 
-    from faedkv import fused_decode
-    from faedkv.cache import FAEDKVLayer
+    from faedkv.decode import kernels
+    from faedkv.decode.cache import FAEDKVLayer
 
     heads, dim = LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
     rows = []
@@ -396,7 +396,7 @@ def decode_kernel_rows(lengths, bandwidth: float, ratio: float = 0.75) -> list[d
         for block in (16, 32, 64):
             for warps in (2, 4, 8):
                 def call():
-                    fused_decode.decode_step_into(out, layer.sink, layer.means, layer.recent, *new,
+                    kernels.decode_step_into(out, layer.sink, layer.means, layer.ring, *new,
                                            layer.head, layer.folded, block=block, num_warps=warps)
                 ms = statistics.median(cuda_ms(call, repeats=100, warmup=5))
                 rows.append({"tokens": tokens, "attended_rows": attended, "block": block,
@@ -417,7 +417,7 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
     import torch
 
     from faedkv import FrequencyPlan
-    from faedkv.cache import FAEDKVLayer
+    from faedkv.decode.cache import FAEDKVLayer
 
     shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
     keys = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -425,7 +425,7 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
     layers = [FAEDKVLayer(0, ratio, 4, 64, fused=fused) for fused in (None, False)]
     for layer in layers:
         layer.update(keys, values)
-        layer.attention_config = MATERIALISING   # both materialise: kernel step vs torch path
+        layer.slot_state.served_by(MATERIALISING)   # both materialise: kernel step vs torch path
     worst_out = worst_means = 0.0
     for size in [1] * steps + [8, 1]:
         new = [torch.randn(shape[:2] + (size, shape[-1]), device="cuda", dtype=torch.bfloat16)
@@ -448,15 +448,15 @@ def materialised_and_scaled_layers(tokens: int, ratio: float, plan=None):
     import torch
 
     from faedkv.attention import FAEDKV_SDPA
-    from faedkv.cache import FAEDKVLayer
+    from faedkv.decode.cache import FAEDKVLayer
 
     shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
     context = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     materialised, scaled = (FAEDKVLayer(0, ratio, 4, 64, plan=plan) for _ in range(2))
     for layer in (materialised, scaled):
         layer.update(*context)
-    materialised.attention_config = MATERIALISING
-    scaled.attention_config = types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA)
+    materialised.slot_state.served_by(MATERIALISING)
+    scaled.slot_state.served_by(types.SimpleNamespace(_attn_implementation=FAEDKV_SDPA))
     return materialised, scaled
 
 
@@ -468,24 +468,25 @@ def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16, plan=No
     import torch
     import torch.nn.functional as F
 
-    from faedkv.attention import MASS_ATTR, SLOT_SCALES_ATTR, slot_attention
+    from faedkv.decode.slots import posted, slot_attention
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
+    module = types.SimpleNamespace(layer_idx=0)   # what faedkv_sdpa reads the layers' handoffs with
     materialised, scaled = materialised_and_scaled_layers(tokens, ratio, plan)
     worst, used = 0.0, True
     for _ in range(steps):
         new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
         query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         keys, values = materialised.update(*new)
-        start, log_counts = getattr(keys, MASS_ATTR)        # the slots' mass, as faedkv_sdpa adds it
+        start, log_counts = posted(module, keys).mass        # the slots' mass, as faedkv_sdpa adds it
         bias = torch.zeros(keys.shape[-2], device="cuda", dtype=keys.dtype)
         bias[start:start + log_counts.shape[-1]] = log_counts.to(bias.device, bias.dtype)
         expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias,
                                                   enable_gqa=True).transpose(1, 2)
         keys, values = scaled.update(*new)
-        used &= hasattr(keys, SLOT_SCALES_ATTR)
-        got, _ = slot_attention(None, query, keys, values, None, getattr(keys, SLOT_SCALES_ATTR),
-                                scaling=dim ** -0.5)
+        handoff = posted(module, keys)
+        used &= handoff.in_place
+        got, _ = slot_attention(query, keys, values, handoff.slots(), scaling=dim ** -0.5)
         worst = max(worst, ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item())
     suffix = "" if plan is None else "_plan"
     return {f"slot_attention_used{suffix}": bool(used), f"max_rel_diff_slot_attention{suffix}": worst}
@@ -627,7 +628,7 @@ def tables(result: dict) -> str:
                              f"({100 * r['band_limit_gpu_ms'] / r['step_gpu_ms']:.1f}%).")
         check = result.get("decode_check")
         if check:
-            lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.fused_decode.decode_step_into), faedkv-torch "
+            lines.append(f"\nfaedkv = the one-kernel decode step (faedkv.decode.kernels.decode_step_into), faedkv-torch "
                          f"= the same cache on the torch path. Kernel vs torch path over {check['steps']} calls "
                          f"after a {check['tokens']}-token prefill: kernel used: {check['kernel_used']}, max "
                          f"relative difference {check['max_rel_diff_attended']:.1e} in what attention gets, "

@@ -15,7 +15,7 @@ from faedkv.variants import VARIANTS, compression_matrix, slot_mass
 _LAZY = {
     "FAEDKVPress": "faedkv.press", "FAEDKVScorerPress": "faedkv.press",
     "FrequencyFilterPress": "faedkv.filter_press",
-    "FAEDKVCache": "faedkv.cache",
+    "FAEDKVCache": "faedkv.decode.cache",
     "FAEDKV_SDPA": "faedkv.attention", "use_faedkv_attention": "faedkv.attention",
 }
 

@@ -8,9 +8,10 @@ from transformers import DynamicCache
 
 from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
 from faedkv import FAEDKVCache, FrequencyPlan, iwdft
-from faedkv.attention import mark_mass
+from faedkv.attention import log_mass
 from faedkv.budget import kept_rows
-from faedkv.cache import FAEDKVLayer, half_spectrum_mask
+from faedkv.decode.cache import FAEDKVLayer, half_spectrum_mask
+from faedkv.decode.slots import Handoff, post
 from faedkv.iwdft import band_limit
 from faedkv.plans import bin_frequencies
 from faedkv.variants import compress, plan_keep
@@ -154,7 +155,8 @@ class DistanceOrderCache(FAEDKVCache):
                     keep = self.plan.keep_some_frequencies(layer_idx, bin_frequencies(layer.num_slots), kind, 2)
                     means = band_limit(means, half_spectrum_mask(keep, layer.num_slots), dim=-2)
                 out[:, :, start:stop] = means.to(out.dtype)
-            mark_mass(keys, start, layer.counts.index_select(0, rows))
+            mass = (start, log_mass(layer.counts.index_select(0, rows)))
+            post(layer_idx, Handoff.of(keys, layer.slot_state, mass=mass))   # replaces the ring-order mass
         return keys, values
 
 
@@ -182,17 +184,17 @@ def test_ring_order_gives_the_logits_of_distance_order_slots(plan):
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_fused_decode_step_matches_the_torch_path(monkeypatch, dtype, atol):
-    """The one-kernel decode step (faedkv.fused_decode.decode_step_into, run by Triton's CPU
+    """The one-kernel decode step (faedkv.decode.kernels.decode_step_into, run by Triton's CPU
     interpreter here, on CUDA in real use) against the torch path: same logits, same ring means
     and window, with single-token steps, multi-token calls, calls longer than the window (torch
     path) and back, and a small M (calls of q > M take the torch path)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
-    from faedkv import fused_decode
+    from faedkv.decode import kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    kernel_step = fused_decode.decode_step_into
-    monkeypatch.setattr(fused_decode, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
+    kernel_step = kernels.decode_step_into
+    monkeypatch.setattr(kernels, "decode_step_into", lambda *a: calls.append(a[4].shape[-2]) or kernel_step(*a))
     # one-token calls would take the fold-only step under faedkv's attention: test the one-kernel step
     monkeypatch.setattr(FAEDKVLayer, "slot_attention_ready", lambda self: False)
     model = make_tiny_llama(dtype=dtype)
@@ -239,14 +241,14 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     slot_attention_torch: GQA, several splits (the last one short for most row counts),
     slot rows with two log counts. float32 only: the interpreter's bf16 tl.dot is broken (bench gpu checks bf16)."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
-    from faedkv.attention import SlotScales, slot_attention_torch
-    from faedkv.fused_decode import SlotAttention
+    from faedkv.decode.kernels import SlotAttention
+    from faedkv.decode.slots import SlotState, slot_attention_torch
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     batch, heads, kv_heads, rows, dim = 2, 4, 2, random.randint(50, 90), 16
     query = torch.randn(batch, 1, heads, dim).transpose(1, 2)   # the layout q_proj + RoPE give
     keys, values = torch.randn(2, batch, kv_heads, rows, dim).unbind(0)
-    scales = SlotScales(start=4, count=rows - 20, filled=random.randint(0, rows - 20),
+    scales = SlotState(start=4, count=rows - 20, filled=random.randint(0, rows - 20),
                         more=math.log(3), less=math.log(2))
     expected = slot_attention_torch(query, keys, values, scales, scaling=0.25)
     out = torch.empty(batch, 1, heads, dim)
@@ -255,7 +257,7 @@ def test_slot_attention_kernel_matches_the_float32_definition(monkeypatch):
     attention(out, query, scales.filled, scales.more, scales.less, scaling=0.25)
     assert torch.allclose(out, expected, atol=1e-5)
     # the mass matters: plain attention over the means differs
-    plain = slot_attention_torch(query, keys, values, SlotScales(4, rows - 20, 0, 0.0, 0.0), 0.25)
+    plain = slot_attention_torch(query, keys, values, SlotState(4, rows - 20, 0, 0.0, 0.0), 0.25)
     assert (plain - expected).abs().max() > 1e-3
 
 
@@ -263,7 +265,7 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
     """With plan masks (per KV head for values) slot_attention_torch filters the ring rows'
     logits and probabilities; that must equal attention over the materialised band-limited
     slots C means (the torch path's slot rows) with their log-count mass."""
-    from faedkv.attention import SlotScales, slot_attention_torch
+    from faedkv.decode.slots import SlotState, slot_attention_torch
     from faedkv.iwdft import ring_log_counts
 
     batch, heads, kv_heads, dim, sink, window = 2, 4, 2, 16, 4, 8
@@ -277,7 +279,7 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
         half_spectrum_mask(plan.keep_some_frequencies(0, freqs, kind, kv_heads), slots)
         for kind in ("key", "value")])).unsqueeze(1)
     filled, more, less = ring_log_counts(folded, slots)
-    scales = SlotScales(sink, slots, filled, more, less, masks=masks)
+    scales = SlotState(sink, slots, filled, more, less, masks=masks)
     got = slot_attention_torch(query, keys, values, scales, scaling=0.3)
 
     ring = slice(sink, sink + slots)
@@ -291,7 +293,7 @@ def test_band_limited_slot_attention_is_attention_over_the_filtered_slots():
     expected = (weights @ materialised[1]).transpose(1, 2)
     assert torch.allclose(got, expected, atol=1e-5)
     # the masks matter: without them the answer differs
-    unfiltered = slot_attention_torch(query, keys, values, SlotScales(sink, slots, filled, more, less), 0.3)
+    unfiltered = slot_attention_torch(query, keys, values, SlotState(sink, slots, filled, more, less), 0.3)
     assert (unfiltered - expected).abs().max() > 1e-3
 
 
@@ -303,13 +305,13 @@ def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch, 
     multi-token call in between materialises; switching the model back to sdpa makes the cache
     materialise once (and switch it back). With a plan the attention band-limits the ring rows."""
     pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
-    from faedkv import fused_decode
     from faedkv.attention import restore_sdpa, use_faedkv_attention
+    from faedkv.decode import kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     folds = []
-    fold_step = fused_decode.FoldStep.__call__
-    monkeypatch.setattr(fused_decode.FoldStep, "__call__", lambda *a: folds.append(1) or fold_step(*a))
+    fold_step = kernels.FoldStep.__call__
+    monkeypatch.setattr(kernels.FoldStep, "__call__", lambda *a: folds.append(1) or fold_step(*a))
     model = make_tiny_llama()
     use_faedkv_attention(model.config)
     tokens = random.randint(100, 140)

@@ -13,7 +13,7 @@ serve it, each a couple of launches per layer:
 
 Layouts: sink, means and ring are (2, batch, kv_heads, rows, head_dim) (index 0 keys, 1 values)
 with contiguous rows whose (2, batch, kv_heads) planes flatten (`plane_stride`); they may be views
-of one buffer. The torch paths in faedkv.cache and faedkv.attention define every result.
+of one buffer. The torch paths in faedkv.decode.cache and faedkv.decode.slots define every result.
 """
 from __future__ import annotations
 

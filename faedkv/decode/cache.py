@@ -20,27 +20,30 @@ one row (O(head_dim) per head, one lerp kernel): no FFT, nothing done to the oth
 
 Attention over cached post-RoPE keys does not depend on their order, so the slots are handed in
 ring order: slot_r is mean_r, the spec's class mean at distance (folded - r) mod M, and its
-logit gets + log count_r (the mass; the keys carry it as `MASS_ATTR`, which faedkv's attention
-reads). A plan band-limits the ring means (masks are conjugate-symmetric, so masking commutes
-with the reversal and shift from ring to distance order). [sink | slots | window] is written into
-a fresh tensor on every call and not kept, so only one layer's copy is alive.
+logit gets + log count_r (the mass, which the layer hands faedkv's attention with the keys: a
+`faedkv.decode.slots.Handoff`). A plan band-limits the ring means (masks are
+conjugate-symmetric, so masking commutes with the reversal and shift from ring to distance
+order). [sink | slots | window] is written into a fresh tensor on every call and not kept, so
+only one layer's copy is alive.
 
 Per layer the three parts live in ONE buffer `kv (2, batch, kv_heads, S + M + W, head_dim)`
-(`sink`, `means` and the window are views of it), so memory is S + M + W rows. A decode step is
-launch-bound, so on CUDA (with Triton) a call of q <= min(W, M) tokens without a plan is one
-kernel per layer (faedkv.fused_decode.decode_step_into): fold, slots, window and new tokens
-written in one pass, the window kept as a ring (`head` = its oldest row) whose folded rows take
-the new tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a
-one-token call does not even write the slots: it folds (FoldStep, O(head_dim) per head)
-and hands attention the buffer itself, ring means and their `SlotScales`; the attention adds
+(`sink`, `means` and the window `ring` are views of it), so memory is S + M + W rows. How a
+layer serves its decode calls is chosen once, at its prefill (`TorchSteps`, `KernelSteps`,
+`InPlaceSteps`). A decode step is launch-bound, so on CUDA (with Triton) a call of
+q <= min(W, M) tokens without a plan is one kernel per layer
+(faedkv.decode.kernels.decode_step_into): fold, slots, window and new tokens written in one
+pass, the window kept as a ring (`head` = its oldest row) whose folded rows take the new
+tokens. When the model runs faedkv's attention (faedkv.attention, FAEDKV_SDPA), a one-token call
+does not even write the slots: it folds (FoldStep, O(head_dim) per head) and hands attention
+the buffer itself with the layer's `SlotState` (the ring means' log counts); the attention adds
 each mean's log count to its logit. With a plan it also band-limits: the slots are C means for
 a symmetric circulant C, so the attention applies C to the ring rows' logits and, after the
 softmax, to their probabilities (an FFT over M numbers per query head, not over the M rows of
 every head_dim). The torch path below defines the result; both kernels match it.
 
-The mass needs faedkv's attention: every tensor of keys this cache returns is marked, and on an
-sdpa model the marked keys switch the config to faedkv_sdpa themselves (faedkv.attention).
-Eager attention does not read the marks: use sdpa (the default of analysis.models.load_model).
+The mass needs faedkv's attention: every tensor of keys this cache returns is handed over, and
+on an sdpa model those keys switch the config to faedkv_sdpa themselves (faedkv.attention).
+Eager attention does not read the handoff: use sdpa (the default of analysis.models.load_model).
 
 `get_seq_length()` is the number of tokens seen (true positions for RoPE and cache_position);
 `get_mask_sizes` reports the rows actually returned, offset so the causal mask lines up.
@@ -55,10 +58,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from faedkv import fused as fused_kernels
-from faedkv import fused_decode
-from faedkv.attention import FAEDKV_SDPA, PROBE_ATTR, SLOT_SCALES_ATTR, SlotScales, mark_mass
+from faedkv.attention import FAEDKV_SDPA, log_mass
 from faedkv.budget import layout
-from faedkv.iwdft import band_limit, compute_dtype, ring_log_counts, symmetric_keep
+from faedkv.decode import kernels
+from faedkv.decode.slots import Handoff, SlotState, post
+from faedkv.iwdft import band_limit, compute_dtype, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 
 
@@ -94,16 +98,136 @@ def half_spectrum_mask(keep: torch.Tensor, num_rows: int) -> torch.Tensor:
     return half.reshape(-1, half.shape[-1], 1)
 
 
-class FAEDKVLayer(CacheLayerMixin):
+class TorchSteps:
+    """Every decode call in torch: the layer materialises [sink | slots | window | new] (the
+    definition; fused=False, or tensors no kernel runs on)."""
+
+    def __call__(self, layer: FAEDKVLayer, keys: torch.Tensor, values: torch.Tensor):
+        return layer.torch_step(keys, values)
+
+
+class KernelSteps:
+    """No plan, on a device Triton runs on: a call of q <= min(W, M) tokens while the window is
+    its W-row ring runs as kernels, one token under faedkv's attention as the in-place handoff
+    (fold only), any other as the one-kernel step; longer calls take the torch path."""
+
+    def __call__(self, layer: FAEDKVLayer, keys: torch.Tensor, values: torch.Tensor):
+        query = keys.shape[-2]
+        if layer.long_window is None and query <= layer.kernel_tokens:
+            if query == 1 and layer.slot_attention_ready():
+                return layer.in_place_step(keys, values)
+            return layer.one_kernel_step(keys, values)
+        return layer.torch_step(keys, values)
+
+
+class InPlaceSteps:
+    """With a plan, on a device Triton runs on: only the in-place handoff runs as a kernel (the
+    attention band-limits the ring rows; the one-kernel step would write unfiltered slots)."""
+
+    def __call__(self, layer: FAEDKVLayer, keys: torch.Tensor, values: torch.Tensor):
+        if (keys.shape[-2] == 1 and layer.kernel_tokens >= 1 and layer.long_window is None
+                and layer.slot_attention_ready()):
+            return layer.in_place_step(keys, values)
+        return layer.torch_step(keys, values)
+
+
+class FAEDKVLayerBase(CacheLayerMixin):
+    """What FAEDKVCache's layers share: tokens seen (true positions), the mask sizes of the rows
+    returned, the bytes held, no beam search or cropping."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def stored_length(self) -> int:
+        """Rows stored between calls."""
+        raise NotImplementedError
+
+    def fold_count(self, query: int) -> int:
+        """Stored rows a call of `query` tokens folds before it attends."""
+        return 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of the storages behind the persistent tensors (a view that pinned a larger
+        tensor would count that tensor in full), each storage once."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self.persistent_tensors()}
+        return sum(storages.values())
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
+        # transformers 5.2 passes cache_position; later versions (5.17 on the GPU image) pass
+        # the query length
+        query = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
+        if self.seen == 0:
+            return query, 0
+        past = self.stored_length() - self.fold_count(query)
+        # Column j stands for position kv_offset + j: the last `query` columns are the new tokens
+        # at their true positions (cache_position[0] == seen; read from the host, reading the
+        # tensor would sync the device every step) and every cached row lies in their past.
+        return past + query, self.seen - past
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        """No maximum (abstract in later transformers, 5.17 on the GPU image)."""
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("FAEDKVCache does not support beam search (its state mixes tokens); "
+                         "use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("FAEDKVCache cannot be cropped: folded tokens cannot be taken back out "
+                         "of the IWDFT state (assisted / speculative decoding is not supported)")
+
+
+class ExactLayer(FAEDKVLayerBase):
+    """compression_ratio=0: every token kept (a plain growing cache), keys handed over unmarked."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.seen = 0
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if self.seen == 0:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        return self.keys, self.values
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+    def stored_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx)
+
+
+class FAEDKVLayer(FAEDKVLayerBase):
     """One layer's sink + ring means of the middle + window.
 
     Keys and values live stacked in one tensor per part, (2, batch, kv_heads, rows, head_dim)
     (index 0 keys, 1 values), so each step is a handful of kernels whatever the model: a decode
-    step is launch-bound long before it is bandwidth-bound on the slot part.
+    step is launch-bound long before it is bandwidth-bound on the slot part. The window is the
+    W-row `ring` of the buffer (oldest row `head`), except after a call of q > W tokens: then
+    `long_window` holds those q rows oldest first until the next call folds the excess.
     """
-
-    is_sliding = False
-    is_compileable = False
 
     def __init__(self, layer_idx: int, compression_ratio: float, sink_tokens: int, window: int,
                  plan: FrequencyPlan | None = None, fused: bool | None = None,
@@ -121,17 +245,16 @@ class FAEDKVLayer(CacheLayerMixin):
         self.folded = 0          # middle tokens inside the ring means
         self.num_slots = 0
         self.kv = None           # (2, batch, kv_heads, S + M + W, head_dim): sink | means | window
-        self.sink = self.means = self.recent = None   # (2, batch, kv_heads, rows, head_dim)
-        self.window_buffer = None                     # kv's window rows; `recent` between calls
-        self.head = 0            # oldest row of `recent`, a ring once a kernel step has run
-        self.attention_config = None  # config of the faedkv attention that answered the probe
-        self.fold_step = None    # fused_decode.FoldStep over means and window, once used
-        self.key_view = self.value_view = self.slot_scales = None   # the slot-scaled handoff
+        self.sink = self.means = self.ring = None     # (2, batch, kv_heads, rows, head_dim) views of kv
+        self.head = 0            # oldest row of `ring` (a ring once a kernel step has run)
+        self.long_window = None  # (2, batch, kv_heads, q > W, head_dim) oldest first, or None
         self.masks = None        # (2, 1, kv_heads or 1, M//2 + 1, 1) rfft-half plan masks; None: all
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
+        self.steps = None        # TorchSteps | KernelSteps | InPlaceSteps, chosen at the prefill
+        self.kernel_tokens = 0   # calls of up to this many tokens may run as kernels: min(W, M)
+        self.fold_step = None    # kernels.FoldStep over means and ring, once used
+        self.slot_state = None   # SlotState: the ring means as faedkv's attention reads them
+        self.stored_keys = self.stored_values = None   # kv[0], kv[1]: what the in-place handoff returns
+        self.in_place = None     # the Handoff of those, posted on every in-place step
 
     # --- views for readers (tests, analyses) -----------------------------------------------
     sink_keys = property(lambda self: self.sink[0])
@@ -142,8 +265,10 @@ class FAEDKVLayer(CacheLayerMixin):
     window_values = property(lambda self: self.chronological_window()[1])
 
     def chronological_window(self) -> torch.Tensor:
-        """The window (2, batch, kv_heads, W, head_dim) oldest first."""
-        return self.recent if self.head == 0 else self.recent.roll(-self.head, dims=-2)
+        """The window (2, batch, kv_heads, rows, head_dim) oldest first."""
+        if self.long_window is not None:
+            return self.long_window
+        return self.ring if self.head == 0 else self.ring.roll(-self.head, dims=-2)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -163,7 +288,8 @@ class FAEDKVLayer(CacheLayerMixin):
 
     def prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values (batch, kv_heads, T, head_dim): copies of sink and window (a view would
-        keep the whole prefill alive) and the ring means of the middle, into one buffer."""
+        keep the whole prefill alive) and the ring means of the middle, into one buffer; the
+        decode steps chosen for them."""
         if keys.shape != values.shape:
             raise ValueError(f"FAEDKVCache stores keys and values together and needs them of one "
                              f"shape, got keys {tuple(keys.shape)} and values {tuple(values.shape)}; "
@@ -177,29 +303,42 @@ class FAEDKVLayer(CacheLayerMixin):
         s, w, m = kept.sink, kept.window, kept.slots
         self.sink_tokens, self.window, self.num_slots = s, w, m
         self.kv = keys.new_empty((2,) + keys.shape[:2] + (s + m + w, keys.shape[-1]))
-        self.sink, self.means = self.kv[..., :s, :], self.kv[..., s:s + m, :]
-        self.window_buffer = self.recent = self.kv[..., s + m:, :]
-        self.key_view, self.value_view = self.kv[0], self.kv[1]
-        self.masks = self.plan_masks(heads)
-        self.slot_scales = SlotScales(s, m, 0, 1.0, 1.0, workspace=self.workspace, masks=self.masks)
-        setattr(self.key_view, SLOT_SCALES_ATTR, self.slot_scales)
+        self.sink, self.means, self.ring = self.kv[..., :s, :], self.kv[..., s:s + m, :], self.kv[..., s + m:, :]
         for index, x in enumerate((keys, values)):
             self.sink[index] = x[:, :, :s]
             self.means[index] = ring_means(x[:, :, s:tokens - w], m)
-            self.recent[index] = x[:, :, tokens - w:]
+            self.ring[index] = x[:, :, tokens - w:]
         self.folded = tokens - s - w
+        self.masks = self.plan_masks(heads)
+        self.slot_state = SlotState(s, m, masks=self.masks, workspace=self.workspace)
+        self.slot_state.advance(self.folded)
+        self.stored_keys, self.stored_values = self.kv[0], self.kv[1]
+        self.in_place = Handoff.of(self.stored_keys, self.slot_state, in_place=True)
+        self.kernel_tokens = min(w, m)
+        if not self.kernels_run_on(keys, values):
+            self.steps = TorchSteps()
+        else:
+            self.steps = KernelSteps() if self.masks is None else InPlaceSteps()
+
+    def kernels_run_on(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """The decode kernels run on the prefill's tensors (a model's decode calls have their
+        dtype and layout): fused=None: CUDA with Triton; True: also Triton's CPU interpreter;
+        False: never."""
+        if self.fused is False or (self.fused is None and not keys.is_cuda):
+            return False
+        return (keys.dtype == values.dtype and fused_kernels.can_fuse_decode(keys)
+                and fused_kernels.can_fuse_decode(values))
 
     def fold_count(self, query: int) -> int:
         """Old window tokens to fold so that `query` new tokens fit in the window."""
-        held = self.recent.shape[-2]
+        held = self.window_rows()
         return min(held, max(0, held + query - self.window))
 
-    def fold(self, overflow: int) -> None:
-        """Move the `overflow` oldest window tokens into the ring means, at most M at a time
-        (tokens M apart share a row)."""
-        for start in range(0, overflow, self.num_slots):
-            self.fold_run(self.recent[..., start:min(overflow, start + self.num_slots), :])
-        self.recent = self.recent[..., overflow:, :]
+    def fold(self, tokens: torch.Tensor) -> None:
+        """Move the oldest window tokens (2, batch, kv_heads, k, head_dim) into the ring means, at
+        most M at a time (tokens M apart share a row)."""
+        for start in range(0, tokens.shape[-2], self.num_slots):
+            self.fold_run(tokens[..., start:start + self.num_slots, :])
 
     def fold_run(self, x: torch.Tensor) -> None:
         """Fold k <= M consecutive middle tokens x (2, batch, kv_heads, k, head_dim).
@@ -225,11 +364,6 @@ class FAEDKVLayer(CacheLayerMixin):
         means = self.means.to(compute_dtype(self.means.dtype))
         out.copy_(band_limit(means, self.masks, dim=-2))
 
-    def marked(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys [sink | ring means | ...] marked with the ring rows' counts (the mass) and the probe."""
-        mark_mass(keys, self.sink.shape[-2], self.counts)
-        return self.probed(keys)
-
     def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(key slots, value slots) (batch, kv_heads, M, head_dim) in ring order: slot r stands
         for the tokens at distance (folded - r) mod M from the newest middle token."""
@@ -237,160 +371,95 @@ class FAEDKVLayer(CacheLayerMixin):
         self.slot_rows(out)
         return out[0], out[1]
 
-    def attended(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+    def attended(self, window: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
         """[sink | slots | window | new] written once into a fresh (2, batch, kv_heads, rows, dim)."""
-        s, m, w = self.sink.shape[-2], self.num_slots, self.recent.shape[-2]
+        s, m, w = self.sink.shape[-2], self.num_slots, window.shape[-2]
         shape = self.means.shape
         out = self.means.new_empty(shape[:3] + (s + m + w + key_states.shape[-2], shape[-1]))
         out[..., :s, :].copy_(self.sink)
         self.slot_rows(out[..., s:s + m, :])
-        out[..., s + m:s + m + w, :].copy_(self.recent)
+        out[..., s + m:s + m + w, :].copy_(window)
         out[0, ..., s + m + w:, :].copy_(key_states)
         out[1, ..., s + m + w:, :].copy_(value_states)
         return out
 
-    # --- CacheLayerMixin ------------------------------------------------------------------
-    def update(self, key_states, value_states, cache_kwargs=None):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.seen == 0:
-            self.seen = key_states.shape[-2]
-            if self.compression_ratio == 0:
-                self.keys, self.values = key_states, value_states
-                return key_states, value_states
-            self.prefill(key_states, value_states)
-            return self.probed(key_states), value_states  # the prefill itself attends exactly
-        self.seen += key_states.shape[-2]
-        if self.compression_ratio == 0:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            return self.keys, self.values
-        if (self.fold_step is not None and key_states.shape[-2] == 1 and self.recent is self.window_buffer
-                and self.slot_attention_ready()):
-            return self.scaled_step(key_states, value_states)   # the steady state, checked once
-        if self.fusable(key_states, value_states):
-            if key_states.shape[-2] == 1 and self.slot_attention_ready():
-                return self.scaled_step(key_states, value_states)
-            if self.masks is None:
-                return self.fused_step(key_states, value_states)
-        if self.head:
-            self.recent, self.head = self.chronological_window(), 0
-        self.fold(self.fold_count(key_states.shape[-2]))
-        out = self.attended(key_states, value_states)
-        # The new window is a copy of the returned rows' tail (a view would keep `out` alive),
-        # into the buffer when it is W rows
-        tail = out[..., out.shape[-2] - self.recent.shape[-2] - key_states.shape[-2]:, :]
-        if tail.shape[-2] == self.window:
-            self.recent = self.window_buffer
-            self.recent.copy_(tail)
-        else:
-            self.recent = tail.clone()
-        return self.marked(out[0]), out[1]
-
-    def fusable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """A kernel step applies: the window is the buffer's W rows and folds exactly the call's
-        q <= min(W, M) tokens, and a device Triton runs on (fused=None: CUDA with Triton; True:
-        also Triton's CPU interpreter; False: never). With a plan only the slot-scaled step
-        (fold only; the attention band-limits) runs as a kernel: the one-kernel step writes
-        unfiltered slots."""
-        if self.fused is False:
-            return False
-        query = key_states.shape[-2]
-        if not (1 <= query <= min(self.window, self.num_slots) and self.recent.shape[-2] == self.window):
-            return False
-        if key_states.dtype != self.kv.dtype or value_states.dtype != self.kv.dtype:
-            return False
-        if self.fused is None and not key_states.is_cuda:
-            return False
-        return fused_kernels.can_fuse_decode(key_states) and fused_kernels.can_fuse_decode(value_states)
-
-    def slot_attention_ready(self) -> bool:
-        """faedkv's attention answered this layer's probe and the model still runs it."""
-        config = self.attention_config
-        return config is not None and getattr(config, "_attn_implementation", None) == FAEDKV_SDPA
-
-    def probed(self, keys: torch.Tensor) -> torch.Tensor:
-        """Mark materialised keys: faedkv's attention, if it reads them, records its config."""
-        setattr(keys, PROBE_ATTR, self)
+    def materialised(self, keys: torch.Tensor) -> torch.Tensor:
+        """Hand faedkv's attention keys [sink | slots | ...] with the slot rows' log counts (the mass)."""
+        post(self.layer_idx, Handoff.of(keys, self.slot_state, mass=(self.sink_tokens, log_mass(self.counts))))
         return keys
 
-    def fused_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fold + [sink | slots | window | new] + window ring update in one kernel."""
-        out = self.kv.new_empty(self.kv.shape)
-        fused_decode.decode_step_into(out, self.sink, self.means, self.recent, key_states, value_states,
-                                      self.head, self.folded)
-        self.folded += key_states.shape[-2]
-        self.head = (self.head + key_states.shape[-2]) % self.window
-        return self.marked(out[0]), out[1]
+    def slot_attention_ready(self) -> bool:
+        """faedkv's attention served this layer and the model still runs it."""
+        config = self.slot_state.config
+        return config is not None and getattr(config, "_attn_implementation", None) == FAEDKV_SDPA
 
-    def scaled_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold one token and hand attention the buffer [sink | ring means | window ring] with
-        the rows' log counts (faedkv.attention.slot_attention adds them): nothing is written but
-        the folded mean row and the new token's ring row."""
-        if self.fold_step is None:
-            self.fold_step = fused_decode.FoldStep(self.means, self.window_buffer)
-        self.fold_step(key_states, value_states, self.head, self.folded)
-        self.folded += 1
-        self.head = (self.head + 1) % self.window
-        scales = self.slot_scales
-        scales.filled, scales.more, scales.less = ring_log_counts(self.folded, self.num_slots)
-        return self.key_view, self.value_view
-
-    def persistent_tensors(self) -> list[torch.Tensor]:
-        if self.compression_ratio == 0:
-            return [t for t in (self.keys, self.values) if t is not None]
-        return [t for t in (self.kv, self.recent, self.masks) if t is not None]
-
-    def memory_bytes(self) -> int:
-        """Bytes of the storages behind the persistent tensors (a view that pinned a larger
-        tensor would count that tensor in full), each storage once."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in self.persistent_tensors()}
-        return sum(storages.values())
-
-    def stored_length(self) -> int:
-        """Rows stored between calls: S + M + W once compressed."""
-        if self.seen == 0:
-            return 0
-        if self.compression_ratio == 0:
-            return self.keys.shape[-2]
-        return self.sink_tokens + self.num_slots + self.recent.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
-        # transformers 5.2 passes cache_position; later versions (5.17 on the GPU image) pass
-        # the query length
-        query = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
-        if self.seen == 0:
-            return query, 0
-        past = self.stored_length()
-        if self.compression_ratio > 0:
-            past -= self.fold_count(query)
-        # Column j stands for position kv_offset + j: the last `query` columns are the new tokens
-        # at their true positions (cache_position[0] == seen; read from the host, reading the
-        # tensor would sync the device every step) and every cached row lies in their past.
-        return past + query, self.seen - past
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def get_max_length(self) -> int:
-        """No maximum (abstract in later transformers, 5.17 on the GPU image)."""
-        return -1
+    # --- CacheLayerMixin ------------------------------------------------------------------
+    def update(self, key_states, value_states, cache_kwargs=None):
+        self.seen += key_states.shape[-2]
+        if self.steps is not None:
+            return self.steps(self, key_states, value_states)
+        self.lazy_initialization(key_states, value_states)
+        self.prefill(key_states, value_states)
+        # the prefill itself attends exactly; faedkv's attention, if it reads these keys, answers
+        post(self.layer_idx, Handoff.of(key_states, self.slot_state))
+        return key_states, value_states
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.compression_ratio, self.asked[0], self.asked[1], self.plan,
                       self.fused, self.workspace)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise ValueError("FAEDKVCache does not support beam search (its state mixes tokens); "
-                         "use greedy or sampling")
+    # --- the decode steps (chosen by `steps`) ----------------------------------------------
+    def torch_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold, then [sink | slots | window | new] written in torch; the window oldest first after it."""
+        window = self.chronological_window()
+        overflow = self.fold_count(key_states.shape[-2])
+        self.fold(window[..., :overflow, :])
+        out = self.attended(window[..., overflow:, :], key_states, value_states)
+        # The new window is a copy of the returned rows' tail (a view would keep `out` alive),
+        # into the ring when it is W rows
+        tail = out[..., out.shape[-2] - (window.shape[-2] - overflow) - key_states.shape[-2]:, :]
+        if tail.shape[-2] == self.window:
+            self.ring.copy_(tail)
+            self.head, self.long_window = 0, None
+        else:
+            self.long_window = tail.clone()
+        return self.materialised(out[0]), out[1]
 
-    def crop(self, max_length: int) -> None:
-        raise ValueError("FAEDKVCache cannot be cropped: folded tokens cannot be taken back out "
-                         "of the IWDFT state (assisted / speculative decoding is not supported)")
+    def one_kernel_step(self, key_states: torch.Tensor,
+                        value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fold + [sink | slots | window | new] + window ring update in one kernel."""
+        out = self.kv.new_empty(self.kv.shape)
+        kernels.decode_step_into(out, self.sink, self.means, self.ring, key_states, value_states,
+                                 self.head, self.folded)
+        self.folded += key_states.shape[-2]
+        self.head = (self.head + key_states.shape[-2]) % self.window
+        return self.materialised(out[0]), out[1]
+
+    def in_place_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold one token and hand attention the buffer [sink | ring means | window ring] with
+        the rows' log counts (faedkv.decode.slots.slot_attention adds them): nothing is written
+        but the folded mean row and the new token's ring row."""
+        if self.fold_step is None:
+            self.fold_step = kernels.FoldStep(self.means, self.ring)
+        self.fold_step(key_states, value_states, self.head, self.folded)
+        self.folded += 1
+        self.head = (self.head + 1) % self.window
+        self.slot_state.advance(self.folded)
+        post(self.layer_idx, self.in_place)
+        return self.stored_keys, self.stored_values
+
+    def persistent_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.kv, self.long_window, self.masks) if t is not None]
+
+    def stored_length(self) -> int:
+        """Rows stored between calls: S + M + W once compressed (more after a call of q > W)."""
+        if self.kv is None:
+            return 0
+        return self.sink_tokens + self.num_slots + self.window_rows()
+
+    def window_rows(self) -> int:
+        """Rows the window holds: W, or q > W after a call of q tokens."""
+        return self.window if self.long_window is None else self.long_window.shape[-2]
 
 
 class FAEDKVCache(Cache):
@@ -402,7 +471,7 @@ class FAEDKVCache(Cache):
     compression_ratio: fraction of the prefill removed (M from the press's budget rule); 0 keeps
     everything (a plain growing cache). plan: FrequencyPlan of the kept bins per layer (None: all).
     fused: decode calls of q <= min(W, M) tokens without a plan run as one Triton kernel per layer
-    (faedkv.fused_decode): None on CUDA with Triton, True also under Triton's CPU interpreter
+    (faedkv.decode.kernels): None on CUDA with Triton, True also under Triton's CPU interpreter
     (TRITON_INTERPRET=1, for tests), False never. With `use_faedkv_attention(model.config)`, a
     one-token call writes no slot: the attention scales (and, with a plan, band-limits) the
     stored ring means itself.
@@ -427,8 +496,10 @@ class FAEDKVCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         while len(self.layers) <= layer_idx:
-            self.layers.append(FAEDKVLayer(len(self.layers), self.compression_ratio, self.sink_tokens,
-                                           self.window, self.plan, self.fused, self.workspace))
+            index = len(self.layers)
+            self.layers.append(ExactLayer(index) if self.compression_ratio == 0 else
+                               FAEDKVLayer(index, self.compression_ratio, self.sink_tokens, self.window,
+                                           self.plan, self.fused, self.workspace))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
     def stored_lengths(self) -> list[int]:

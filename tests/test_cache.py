@@ -1,6 +1,8 @@
 """FAEDKVCache: fixed budget during generation, state = batch IWDFT, true positions, memory."""
+import gc
 import math
 import random
+import weakref
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
 from faedkv import FAEDKVCache, FrequencyPlan, iwdft
 from faedkv.attention import log_mass
 from faedkv.budget import kept_rows
-from faedkv.decode.cache import FAEDKVLayer, half_spectrum_mask
-from faedkv.decode.slots import Handoff, post
+from faedkv.decode.cache import FAEDKVLayer, InPlaceSteps, KernelSteps, TorchSteps, half_spectrum_mask
+from faedkv.decode.slots import Handoff, post, posted
 from faedkv.iwdft import band_limit
 from faedkv.plans import bin_frequencies
 from faedkv.variants import compress, plan_keep
@@ -345,6 +347,35 @@ def test_slot_scaled_attention_decodes_like_the_materialised_slots(monkeypatch, 
         assert torch.allclose(mine.means, theirs.means, atol=1e-6)
         assert torch.allclose(mine.window_keys, theirs.window_keys, atol=1e-5)
     assert kernel_cache.memory_bytes() == torch_cache.memory_bytes()
+
+
+def test_decode_steps_are_chosen_at_the_prefill_and_handoffs_keep_nothing_alive(monkeypatch):
+    """fused=False, no kernel device, or a plan pick TorchSteps / InPlaceSteps / KernelSteps once;
+    the handoffs a cache posted neither keep it alive nor match another cache's keys."""
+    pytest.importorskip("triton", reason="triton is in requirements.txt; its interpreter runs the kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = make_tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, random.randint(60, 90)))
+    plan = FrequencyPlan(layers=[[0, 1, 2]] * 3)
+    for kwargs, steps in (({"fused": False}, TorchSteps), ({"fused": None}, TorchSteps),   # None: CUDA only
+                          ({"fused": True}, KernelSteps), ({"fused": True, "plan": plan}, InPlaceSteps)):
+        cache = FAEDKVCache(compression_ratio=0.5, window=8, **kwargs)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+        assert all(type(layer.steps) is steps for layer in cache.layers), kwargs
+    module = model.model.layers[0].self_attn
+    stored_keys = cache.layers[0].stored_keys
+    full = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=full)
+    assert posted(module, full.layers[0].keys) is None and posted(module, stored_keys) is None
+    gc.disable()   # freed by reference counts alone, not by a collection
+    try:
+        alive = weakref.ref(cache), weakref.ref(cache.layers[0].kv)
+        del cache, stored_keys
+        assert all(ref() is None for ref in alive)
+    finally:
+        gc.enable()
 
 
 def test_memory_at_ratio_075_is_under_030_of_a_dynamic_cache():

@@ -68,7 +68,10 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> tu
     return seconds, peak
 
 
-def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=ROWS) -> list[dict]:
+def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=ROWS,
+             on_row=None) -> list[dict]:
+    """One dict per (length, row); `on_row(rows so far)` after each, so a run cut short by a
+    time limit keeps what it measured."""
     import torch
 
     from analysis.haystack import text_tokens
@@ -85,6 +88,8 @@ def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=
             out.append({"tokens": tokens, "row": row, "ratio": 0.0 if row == "full" else ratio,
                         "ttft_s": ttft, "ms_per_token": 1e3 * (total - ttft) / max(1, new_tokens - 1),
                         "total_s": total, "peak_gb": max(peaks) / 1e9 if peaks else None})
+            if on_row is not None:
+                on_row(out)
     return out
 
 
@@ -108,9 +113,8 @@ def run_e2e(args) -> int:
     import sys
 
     from analysis.bench import machine_description, write_fragment
-    from analysis.models import load_model
-
     from analysis.cli import one_line, parse_methods
+    from analysis.models import load_model
 
     for row in args.rows:
         try:
@@ -122,12 +126,17 @@ def run_e2e(args) -> int:
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token needs two calls to differ)")
     loaded = load_model(args.model, device=args.device)
-    rows = e2e_rows(loaded, args.lengths, args.new_tokens, args.ratio, args.repeats, args.rows)
-    text = e2e_markdown(rows, machine_description(str(loaded.model.device)),
-                        "python -m analysis.bench e2e " + " ".join(sys.argv[2:]), loaded.info.name)
-    if args.fragment:
-        write_fragment(args.fragment, text)
-    print(text)
+    machine = machine_description(str(loaded.model.device))
+    command = "python -m analysis.bench e2e " + " ".join(sys.argv[2:])
+
+    def report(rows: list[dict]) -> str:
+        text = e2e_markdown(rows, machine, command, loaded.info.name)
+        if args.fragment:
+            write_fragment(args.fragment, text)
+        return text
+
+    print(report(e2e_rows(loaded, args.lengths, args.new_tokens, args.ratio, args.repeats, args.rows,
+                          on_row=report)))
     return 0
 
 

@@ -23,8 +23,11 @@ def test_a_method_spec_is_a_row():
 
     loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
     row = "faedkv:exact_share=0.5:exact_scorer=knorm"
-    (result,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=[row])
-    assert result["row"] == row and result["ratio"] == 0.5 and result["total_s"] > result["ttft_s"] > 0
+    seen = []
+    (result,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=[row],
+                         on_row=lambda rows: seen.append(len(rows)))
+    assert result["row"] == row and result["ratio"] == 0.5 and result["total_s"] > 0 and result["ttft_s"] > 0
+    assert seen == [1]
 
 
 def test_bad_rows_and_token_counts_are_refused():

@@ -159,8 +159,8 @@ def fragment(store_root: str, model: str | None, machine: str, path: str) -> Non
     ppls = [run_metrics(run, "ppl") for run in model_runs(store, "ppl", model)]
     write_fragment(path, "\n\n".join([
         f"### Quality on a real model: {model or 'every model'} ({datetime.date.today()})",
-        f"Machine: {machine}. Commands: `bash benchmarks/gpu_quality.sh ppl|needle-main|needle-rest` "
-        "(see the script), tables by `python -m analysis.results_report` (docs/RESULTS.md has every grid).",
+        f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
+        "lists each run with its command), tables by `python -m analysis.results_report`.",
         SUMMARY_NOTE, summary_table(needles, ppls)]) + "\n")
 
 

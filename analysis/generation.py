@@ -156,8 +156,8 @@ def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
     stats = getattr(press, "last_stats", None)
     if not stats:
         return None
-    return [None if i not in stats else float(stats[i]["reconstruction_error"])
-            for i in range(num_layers)]
+    errors = [stats.get(i, {}).get("reconstruction_error") for i in range(num_layers)]
+    return [None if e is None else float(e) for e in errors]
 
 
 def cache_report(press, compression_ratio: float, prompt_tokens: int,

@@ -32,6 +32,8 @@ from faedkv.variants import (SLOT_NORMALIZATIONS, VARIANTS, check_normalization,
 
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_FITS = ("mean", "probes")
+ERROR_KEYS = ("key_error", "value_error", "reconstruction_error")
+STAT_KEYS = ("tokens", "cache_len", "sink_tokens", "window", "slots", "exact", "middle", *ERROR_KEYS)
 # kvpress scorers a hybrid may use to pick its exact middle tokens (query-agnostic ones first)
 SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
                   "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
@@ -90,11 +92,12 @@ class FAEDKVPress(BasePress):
         each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
         the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
 
-    After each prefill, `last_stats[layer]` holds {"tokens", "cache_len", "sink_tokens",
-    "window", "slots", "exact", "middle"} (the layout actually used) and, with record_errors,
+    After each prefill, `last_stats[layer]` holds the keys of STAT_KEYS: "tokens", "cache_len",
+    "sink_tokens", "window", "slots", "exact", "middle" (the layout actually used) and
     "key_error", "value_error", "reconstruction_error": relative Frobenius errors of the
     summarised middle against the closed-form way back from slots to tokens (each token takes
-    its class mean for iwdft; band-limited interpolation for resample / dct-iterative).
+    its class mean for iwdft; band-limited interpolation for resample / dct-iterative), None
+    unless record_errors (and a middle was compressed).
     fused: on CUDA with Triton, compute the commonest case (iwdft, no plan, post-RoPE, no hybrid,
     no errors recorded) with one kernel per tensor (faedkv.fused); False takes the torch path.
     """
@@ -213,16 +216,23 @@ class FAEDKVPress(BasePress):
     def step(self) -> int:
         return max(1, self.window)
 
-    def layout(self, num_tokens: int) -> Layout:
-        """How a prefill of num_tokens is kept (kvpress's budget; faedkv.budget.layout)."""
-        return layout(num_tokens, self.compression_ratio, self.sink_tokens, self.window, self.exact_share)
+    def layout(self, num_tokens: int, compression_ratio: float | None = None) -> Layout:
+        """How a prefill of num_tokens is kept at compression_ratio (default: the press's);
+        kvpress's budget, faedkv.budget.layout."""
+        ratio = self.compression_ratio if compression_ratio is None else compression_ratio
+        return layout(num_tokens, ratio, self.sink_tokens, self.window, self.exact_share)
 
     def compress(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, attentions: torch.Tensor, kwargs: dict):
         """keys, values (batch, kv_heads, T, head_dim) -> (batch, kv_heads, S + E + M + W, head_dim)."""
+        return self.compress_at(self.compression_ratio, module, hidden_states, keys, values, attentions, kwargs)
+
+    def compress_at(self, compression_ratio: float, module: nn.Module, hidden_states: torch.Tensor,
+                    keys: torch.Tensor, values: torch.Tensor, attentions: torch.Tensor, kwargs: dict):
+        """`compress` at a given ratio (a per-layer ratio of PerLayerCompressionPress)."""
         layer, num_tokens = module.layer_idx, keys.shape[2]
-        kept = self.layout(num_tokens)
-        stats = kept.as_stats()
+        kept = self.layout(num_tokens, compression_ratio)
+        stats = {**kept.as_stats(), **dict.fromkeys(ERROR_KEYS)}
         self.last_stats[layer] = stats
         if kept.slots == 0:
             return keys, values
@@ -343,9 +353,5 @@ class FAEDKVScorerPress(ScorerPress):
         use_faedkv_attention(module.config)
         if module.layer_idx == 0:
             self.press.last_stats = {}
-        saved = self.press.compression_ratio
-        self.press.compression_ratio = self.compression_ratio
-        try:
-            return self.press.compress(module, hidden_states, keys, values, attentions, kwargs)
-        finally:
-            self.press.compression_ratio = saved
+        return self.press.compress_at(self.compression_ratio, module, hidden_states, keys, values,
+                                      attentions, kwargs)

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from faedkv.budget import kept_rows
 from faedkv.iwdft import compute_dtype, fold_by_distance, fold_counts, symmetric_keep
 from faedkv.plans import FrequencyPlan, bin_frequencies
 
@@ -263,28 +264,22 @@ def plan_keep(plan: FrequencyPlan | None, layer: int, kind: str, num_heads: int 
     return keep
 
 
-def num_slots_for(num_tokens: int, compression_ratio: float) -> int:
-    """Slots of a middle segment alone: round((1 - ratio) * N), at least 1."""
-    if not 0 <= compression_ratio < 1:
-        raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
-    return max(1, round((1 - compression_ratio) * num_tokens))
-
-
 def compression_matrix(variant: str, num_tokens: int, compression_ratio: float | None = None,
                        plan: FrequencyPlan | None = None, layer: int = 0, kind: str = "key",
                        head: int | None = None, step: int = 64, normalization: str = "mean",
                        num_slots: int | None = None) -> torch.Tensor:
     """The linear map (slots x tokens, float64) a variant applies to a middle of num_tokens
-    tokens, M = num_slots or round((1 - ratio) * num_tokens); for dct-iterative it is the
-    composition over all re-compressions. Obtained by compressing the identity. Attention sees
-    each slot with its mass (`slot_mass`): `faedkv.contribution.attention_equivalent` gives the
-    map to the attention-equivalent expanded cache."""
+    tokens, M = num_slots or kvpress's budget for the middle alone (faedkv.budget.kept_rows);
+    for dct-iterative it is the composition over all re-compressions. Obtained by compressing
+    the identity. Attention sees each slot with its mass (`slot_mass`):
+    `faedkv.contribution.attention_equivalent` gives the map to the attention-equivalent
+    expanded cache."""
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if num_slots is None:
         if compression_ratio is None:
             raise ValueError("compression_matrix needs compression_ratio or num_slots")
-        num_slots = num_slots_for(num_tokens, compression_ratio)
+        num_slots = kept_rows(num_tokens, compression_ratio)
     identity = torch.eye(num_tokens, dtype=torch.float64)  # token n = unit vector e_n
     keep = plan_keep(plan, layer, kind, head=head)
     if plan is not None and plan.is_per_head(layer, kind) and head is None:

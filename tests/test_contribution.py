@@ -6,7 +6,8 @@ import torch
 
 from faedkv import FrequencyPlan, compression_matrix, contribution_profile, equality_summary
 from faedkv.contribution import gini
-from faedkv.variants import num_slots_for, slot_mass
+from faedkv.budget import kept_rows
+from faedkv.variants import slot_mass
 
 
 def test_profile_is_the_normalised_column_weight_of_the_attention_equivalent_map():
@@ -35,10 +36,10 @@ def test_iwdft_with_its_mass_is_flat_and_without_it_is_not():
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     tokens, ratio = rng.randint(40, 200), rng.choice([0.5, 0.75, 0.9])
-    slots = num_slots_for(tokens, ratio)
+    slots = kept_rows(tokens, ratio)
     if tokens % slots == 0:
         tokens += 1                   # unequal classes: some hold one token more
-        slots = num_slots_for(tokens, ratio)
+        slots = kept_rows(tokens, ratio)
     matrix = compression_matrix("iwdft", tokens, num_slots=slots)
     flat = equality_summary(contribution_profile(matrix, slot_mass("iwdft", tokens, slots)))
     assert flat["one_minus_gini"] == pytest.approx(1.0, abs=1e-12), seed
@@ -58,9 +59,9 @@ def test_a_plan_keeps_iwdft_nearly_flat():
     tokens, ratio = rng.randint(40, 200), rng.choice([0.5, 0.75, 0.9])
     while True:
         plan = FrequencyPlan(layers=[sorted(rng.sample(range(chunks), rng.randint(1, chunks)))])
-        if plan.mask(0, num_slots_for(tokens, ratio)).any():
+        if plan.mask(0, kept_rows(tokens, ratio)).any():
             break
-    slots = num_slots_for(tokens, ratio)
+    slots = kept_rows(tokens, ratio)
     summary = equality_summary(contribution_profile(
         compression_matrix("iwdft", tokens, ratio, plan=plan), slot_mass("iwdft", tokens, slots)))
     if tokens % slots == 0:

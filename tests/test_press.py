@@ -259,6 +259,7 @@ def test_per_layer_compression_press_composes():
     assert lengths(cache) == [kept_rows(tokens, r) for r in ratios]
     assert model.config._attn_implementation == FAEDKV_SDPA
     assert press.press.last_stats[1]["slots"] == int(0.4 * tokens) - 20
+    assert press.press.compression_ratio == 0.0      # the per-layer ratio is passed, never swapped in
     # a multi-token pass (one causal mask built from layer 0, re-aligned per layer) equals
     # feeding the same tokens one at a time (no mask needed)
     together = next_logits(model, copy.deepcopy(cache), question, tokens)[:, -1]
@@ -378,3 +379,19 @@ def test_the_torch_free_option_lists_match_the_press():
     assert params.SLOT_FITS == press.SLOT_FITS
     assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
     assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == VARIANTS
+
+
+def test_last_stats_have_one_shape_on_every_path():
+    """The same keys whether errors were recorded, a hybrid ran, or a layer kept everything."""
+    from faedkv.press import ERROR_KEYS, STAT_KEYS
+
+    module = SimpleNamespace(layer_idx=0)
+    x = torch.randn(1, 2, 300, 8)
+    for kwargs, tokens in (({}, 300), ({"record_errors": False}, 300), ({"window": 16}, 300),
+                           ({}, 1)):
+        press = FAEDKVPress(compression_ratio=0.5, **kwargs)
+        press.compress(module, None, x[:, :, :tokens], x[:, :, :tokens], None, {})
+        stats = press.last_stats[0]
+        assert tuple(stats) == STAT_KEYS, (kwargs, tokens)
+        recorded = press.record_errors and stats["slots"] > 0
+        assert all((stats[k] is not None) == recorded for k in ERROR_KEYS), (kwargs, tokens, stats)

@@ -6,7 +6,8 @@ import torch
 
 from faedkv import FrequencyPlan, compression_matrix
 from faedkv.iwdft import fold_by_distance, fold_counts
-from faedkv.variants import (VARIANTS, compress, dct_iterative_expand, expand, idct, dct2, num_slots_for,
+from faedkv.budget import kept_rows
+from faedkv.variants import (VARIANTS, compress, dct_iterative_expand, expand, idct, dct2,
                              slot_positions)
 
 
@@ -16,7 +17,7 @@ def random_plan(tokens, ratio, chunks=22):
     With few slots a chunk can hold no bin, and a plan keeping none is refused (test_plans)."""
     while True:
         plan = FrequencyPlan(layers=[sorted(random.sample(range(chunks), random.randint(1, chunks - 1)))])
-        if plan.mask(0, num_slots_for(tokens, ratio)).any():
+        if plan.mask(0, kept_rows(tokens, ratio)).any():
             return plan
 
 
@@ -31,7 +32,7 @@ def test_old_sum_slots_have_equal_column_norms_for_any_keep_mask(ratio):
 
 def test_mean_slots_are_class_means():
     tokens = random.randint(30, 300)
-    slots = num_slots_for(tokens, random.choice([0.5, 0.8]))
+    slots = kept_rows(tokens, random.choice([0.5, 0.8]))
     matrix = compression_matrix("iwdft", tokens, num_slots=slots)
     counts = fold_counts(tokens, slots).double()
     member = (tokens - torch.arange(tokens)) % slots           # token i's class (distance mod M)

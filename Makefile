@@ -31,7 +31,7 @@ run: setup chromium
 	  --browser.gatherUsageStats false
 
 backend: setup
-	$(PY) -m analysis.server $(if $(MODEL),--model "$(MODEL)")
+	$(PY) -m analysis.service.server $(if $(MODEL),--model "$(MODEL)")
 
 test: setup chromium
 	$(PY) -m pytest

@@ -10,7 +10,7 @@ The commands are those of the job kinds (`analysis.tasks.kinds()`): a kind's dec
 names its `add_cli(subparsers)`, which creates the parser (`analysis.cli.add_task_parser(
 subparsers, name, help)` or `subparsers.add_parser(...)`), adds its flags and sets
 `func=<args -> exit code>` (running the job through `analysis.cli.run_job`); the store commands
-come from analysis.cli_store. Raise ValueError (or a subclass: ModelLoadError, StoreError,
+come from analysis.cli.store. Raise ValueError (or a subclass: ModelLoadError, StoreError,
 pydantic's ValidationError) for user errors: they print as one line and exit 2, without a
 traceback.
 """
@@ -22,7 +22,7 @@ from analysis import cli
 
 
 def build_parser() -> cli.ArgParser:
-    from analysis.cli_store import add_store_commands
+    from analysis.cli.store import add_store_commands
     from analysis.tasks import kinds
 
     parser = cli.ArgParser(prog="python -m analysis",
@@ -38,8 +38,8 @@ def build_parser() -> cli.ArgParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from analysis.methods import CompressionError
-    from analysis.runner import Cancelled
+    from analysis.harness.methods import CompressionError
+    from analysis.results.runner import Cancelled
 
     try:
         return args.func(args)

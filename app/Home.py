@@ -1,7 +1,7 @@
 """FAEDKV Lab: `streamlit run app/Home.py`. Navigation and the Overview page.
 
-The app is presentation only: it talks to the backend (analysis.server) through
-analysis.client. With FAEDKV_BACKEND_URL unset it starts a local backend on the embedded model.
+The app is presentation only: it talks to the backend (analysis.service.server) through
+analysis.api.client. With FAEDKV_BACKEND_URL unset it starts a local backend on the embedded model.
 """
 import sys
 from pathlib import Path
@@ -31,7 +31,7 @@ ABOUT = (
 
 EVERY_MODEL = "every model"
 RESULTS_SENTENCE = (
-    "`docs/RESULTS.md` (in the repository, written by `python -m analysis.results_report` from "
+    "`docs/RESULTS.md` (in the repository, written by `python -m analysis.bench.results_report` from "
     "the shipped runs in `assets/results`) asks whether a frequency-domain cache beats eviction at "
     "equal budget on a real model, with its needle grids, continuation NLL, the configurations "
     "tried and the commands that made them. Its answer:")
@@ -42,7 +42,7 @@ def results_summary() -> None:
     st.subheader("Results")
     if not results_doc.RESULTS.exists():
         st.caption("`docs/RESULTS.md` is not in this checkout yet: "
-                   "`python -m analysis.results_report --store assets/results --out docs/RESULTS.md` "
+                   "`python -m analysis.bench.results_report --store assets/results --out docs/RESULTS.md` "
                    "writes it from the shipped runs.")
         return
     text = results_doc.without_comments(results_doc.RESULTS.read_text(encoding="utf-8"))

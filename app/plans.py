@@ -43,7 +43,7 @@ def from_scores(scores, ratio: float) -> np.ndarray:
 
 def fill_layers(scores, layers, num_layers: int) -> np.ndarray:
     """(len(layers), C) scores of the ablated layers -> (num_layers, C): every layer takes the
-    row of its nearest ablated layer, the lower one on a tie (as analysis.ablation does)."""
+    row of its nearest ablated layer, the lower one on a tie (as analysis.tasks.spectral.ablation does)."""
     scores = np.asarray(scores, dtype=float)
     layers = [int(l) for l in layers]
     if len(layers) != scores.shape[0]:

@@ -1,4 +1,4 @@
-"""The repository's results document (docs/RESULTS.md, written by analysis.results_report):
+"""The repository's results document (docs/RESULTS.md, written by analysis.bench.results_report):
 the pieces the Overview shows. Pure text functions, no Streamlit."""
 from __future__ import annotations
 

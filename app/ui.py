@@ -15,7 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.client import TERMINAL, BackendClient, BackendError, LocalBackend
+from analysis.api.client import TERMINAL, BackendClient, BackendError, LocalBackend
 from app import export
 from app.views import run_params  # noqa: F401 - pages read it from here
 

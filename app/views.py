@@ -115,9 +115,9 @@ def spectra_entries(summary: dict, data: dict, view: SpectraView = SpectraView()
 # ----------------------------------------------------------------------------- needle
 
 def needle_method_label(spec: dict) -> str:
-    """The label the needle task files a method's cells under (analysis.methods.method_label
+    """The label the needle task files a method's cells under (analysis.harness.methods.method_label
     for the default params the app sends)."""
-    from analysis.params import MethodSpec
+    from analysis.api.params import MethodSpec
 
     m = MethodSpec(**spec)
     return "full" if m.name == "full" else m.label

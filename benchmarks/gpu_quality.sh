@@ -4,7 +4,7 @@
 # PART: ppl | needle-main | needle-rest | speed | e2e | ablate | needle-next | search-a | search-b | search-ppl.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
-# `python -m analysis.results_report` turns the store into docs/RESULTS.md here.
+# `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
 part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|needle-next|search-a|search-b|search-ppl [seconds]}
 limit=${2:-540}

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from analysis.models import build_tiny_llama, build_tiny_qwen2
+from analysis.harness.models import build_tiny_llama, build_tiny_qwen2
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -108,6 +108,6 @@ def tiny_lm(request):
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded SmolLM2-135M-Instruct (bf16, CPU); loaded once per test session."""
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model()

@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 
-from analysis import ablation
-from analysis.params import AblateParams
+from analysis.api.params import AblateParams
 from analysis.tasks.ablate import parse_layers
 from analysis.tasks.ppl import continuation_nll
+from analysis.tasks.spectral import ablation
 from faedkv.filter_press import FrequencyFilterPress
 from faedkv.plans import FrequencyPlan
 
@@ -17,7 +17,7 @@ from faedkv.plans import FrequencyPlan
 @pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
 def tiny_loaded(request):
     """The tiny random Llama, then the tiny random Qwen2 (q/k/v biases)."""
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model(request.param, dtype="float32")
 
@@ -73,7 +73,7 @@ def test_kept_chunks_are_no_ops_and_removed_ones_are_not(tiny_loaded):
 
 
 def test_run_ablation_layout_exact_baseline_plans_and_resume(tiny_loaded, tmp_path, monkeypatch):
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
 
     store = ResultsStore(tmp_path)
     params = _params()
@@ -112,7 +112,7 @@ def test_run_ablation_layout_exact_baseline_plans_and_resume(tiny_loaded, tmp_pa
 
 
 def test_bad_layers_and_short_prefix_are_rejected(tiny_loaded, tmp_path):
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
 
     store = ResultsStore(tmp_path)
     with pytest.raises(ValueError, match="layers"):
@@ -123,9 +123,9 @@ def test_bad_layers_and_short_prefix_are_rejected(tiny_loaded, tmp_path):
 
 
 def test_plan_comparison_builds_three_plans_and_a_table(tiny_loaded, tmp_path):
-    from analysis import spectra
-    from analysis.params import SpectraParams
-    from analysis.store import ResultsStore
+    from analysis.api.params import SpectraParams
+    from analysis.results.store import ResultsStore
+    from analysis.tasks.spectral import spectra
 
     store = ResultsStore(tmp_path)
     spectra.run_spectra(tiny_loaded, store, SpectraParams(num_tokens=128, chunks=8, grid_points=17))

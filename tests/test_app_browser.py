@@ -33,7 +33,7 @@ PAGES = {"overview": "", "spectra": "spectra", "frequency_lab": "lab",
 
 
 def _free_port() -> int:
-    from analysis.client import free_port
+    from analysis.api.client import free_port
 
     return free_port()
 
@@ -64,14 +64,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serving(workdir: Path, backend_args: list[str], backend_timeout: float = 120):
-    """A backend (`python -m analysis.server <backend_args>`) and the app pointed at it; yields
+    """A backend (`python -m analysis.service.server <backend_args>`) and the app pointed at it; yields
     the app's URL and stops both. Logs go to workdir."""
     backend_port, app_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("FAEDKV_BACKEND_URL", "FAEDKV_TOKEN")}
     env["PYTHONPATH"] = str(ROOT)
     backend_log, app_log = workdir / "backend.log", workdir / "app.log"
     backend = subprocess.Popen(
-        [sys.executable, "-m", "analysis.server", *backend_args, "--port", str(backend_port)],
+        [sys.executable, "-m", "analysis.service.server", *backend_args, "--port", str(backend_port)],
         cwd=ROOT, env=env, stdout=open(backend_log, "wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
     app = subprocess.Popen(

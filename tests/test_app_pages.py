@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.client import BackendError
+from analysis.api.client import BackendError
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app"
@@ -50,7 +50,7 @@ def needle_records():
     return out
 
 
-# per layer x KV head (LAYERS x HEADS): what analysis.diagnostics returns
+# per layer x KV head (LAYERS x HEADS): what analysis.harness.diagnostics returns
 OUTPUT_ERROR = [[0.1, 0.2], [0.3, 0.4], [0.05, 0.15]]          # mean 0.2
 MASS_FULL = [[0.5, 0.25], [0.4, 0.2], [0.8, 0.1]]
 MASS_COMPRESSED = [[0.25, 0.25], [0.1, 0.2], [0.4, 0.1]]       # / full: 0.5 1 / 0.25 1 / 0.5 1
@@ -562,7 +562,7 @@ def test_lab_own_text_asks_for_a_text_instead_of_a_pydantic_error():
 def test_validation_messages_are_one_sentence_each():
     from pydantic import ValidationError
 
-    from analysis.params import TaskPrompt
+    from analysis.api.params import TaskPrompt
     from app.ui import validation_message
 
     with pytest.raises(ValidationError) as err:

@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
-from analysis.client import BackendError, free_port
-from analysis.store import ResultsStore
+from analysis.api.client import BackendError, free_port
+from analysis.results.store import ResultsStore
 from tests.test_server import GENERATE, REPO, TINY, needle, start_backend, wait_until
 
 
@@ -26,7 +26,7 @@ def run_python(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def server_args(store, *extra: str) -> list[str]:
-    return ["-m", "analysis.server", "--model", TINY, "--device", "cpu", "--port",
+    return ["-m", "analysis.service.server", "--model", TINY, "--device", "cpu", "--port",
             str(free_port()), "--store", str(store), "--import-assets", "", *extra]
 
 
@@ -177,8 +177,8 @@ def failing_after_open(model, store, params, progress=None, should_stop=None, **
 
 
 def test_a_failed_job_marks_its_run_failed(tmp_path, monkeypatch):
-    from analysis import jobs as jobs_module
-    from analysis.params import SpectraParams
+    from analysis.api.params import SpectraParams
+    from analysis.service import jobs as jobs_module
     from analysis.tasks import kinds
 
     monkeypatch.setitem(kinds(), "spectra", dataclasses.replace(
@@ -200,7 +200,7 @@ def test_tokens_weak_refused_scheme_case_insensitive(tmp_path):
     for token in ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "password1234"):
         proc = run_python(*server_args(tmp_path, "--host", "0.0.0.0", "--token", token))
         assert proc.returncode == 2 and "weak token" in proc.stderr, token
-    from analysis.server import token_bits
+    from analysis.service.server import token_bits
 
     assert token_bits("0123456789abcdef" * 2) >= 128          # openssl rand -hex 16
     token = "k" + os.urandom(16).hex()

@@ -1,4 +1,4 @@
-"""A battery of bad input against a real `python -m analysis.server` on loopback (tiny random
+"""A battery of bad input against a real `python -m analysis.service.server` on loopback (tiny random
 Llama: 3 layers, 2 KV heads, 8192-token context): every case must be answered 4xx up front with
 a one-sentence `detail` that names the problem and shows no server path; none may be a 5xx, and
 none may be accepted (a job accepted for input that can be checked up front and failing in the
@@ -11,8 +11,8 @@ import copy
 import httpx
 import pytest
 
-from analysis import params as P
-from analysis.methods import REGISTRY
+from analysis.api import params as P
+from analysis.harness.methods import REGISTRY
 from tests.test_server import AUTH, GENERATE, TOKEN, needle, start_backend
 
 TINY_LAYERS = 3

@@ -1,7 +1,9 @@
 """Benchmark scripts: rows are well-formed, fragments assemble into BENCHMARKS.md in order."""
 import json
 
-from analysis import bench, bench_gpu
+from analysis.bench import compress as bench
+from analysis.bench import gpu as bench_gpu
+from analysis.bench.__main__ import main as bench_main
 
 
 def test_compress_benchmark_rows_on_cpu():
@@ -22,7 +24,7 @@ def test_report_assembles_fragments_in_order(tmp_path):
     (frags / "compress-cpu.md").write_text("### cpu\n")
     (frags / "gpu-h200.md").write_text("### gpu\n")
     out = tmp_path / "BENCHMARKS.md"
-    assert bench.main(["report", "--fragments", str(frags), "--out", str(out)]) == 0
+    assert bench_main(["report", "--fragments", str(frags), "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Benchmarks")
     assert text.index("### gpu") < text.index("### cpu") < text.index("### extra")
@@ -44,7 +46,7 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     path = tmp_path / "gpu-bench.json"
     path.write_text(json.dumps(result))
     fragment = tmp_path / "gpu.md"
-    assert bench.main(["gpu-render", str(path), "--fragment", str(fragment)]) == 0
+    assert bench_main(["gpu-render", str(path), "--fragment", str(fragment)]) == 0
     text = fragment.read_text()
     assert "| 32768 | iwdft | 8192 | 0.080 | 2.56 | 0.040 | 2.00 | 0.04 |" in text
     assert "| 32768 | faedkv | 30.00 | 2.00 | 1.07 | 0.250 | 1.10 | 18.7% |" in text

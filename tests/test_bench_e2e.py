@@ -4,8 +4,8 @@ import pytest
 
 
 def test_every_row_generates_and_is_reported(tmp_path):
-    from analysis.bench_e2e import ROWS, e2e_markdown, e2e_rows
-    from analysis.models import load_model
+    from analysis.bench.e2e import ROWS, e2e_markdown, e2e_rows
+    from analysis.harness.models import load_model
 
     loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
     rows = e2e_rows(loaded, [300], new_tokens=4, ratio=0.75, repeats=1)
@@ -18,8 +18,8 @@ def test_every_row_generates_and_is_reported(tmp_path):
 
 
 def test_a_method_spec_is_a_row():
-    from analysis.bench_e2e import e2e_rows
-    from analysis.models import load_model
+    from analysis.bench.e2e import e2e_rows
+    from analysis.harness.models import load_model
 
     loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
     row = "faedkv:exact_share=0.5:exact_scorer=knorm"
@@ -31,7 +31,7 @@ def test_a_method_spec_is_a_row():
 
 
 def test_bad_rows_and_token_counts_are_refused():
-    from analysis.bench import main
+    from analysis.bench.__main__ import main
 
     with pytest.raises(SystemExit, match="row 'oracle': .*unknown method 'oracle'"):
         main(["e2e", "--model", "tiny-random-llama", "--rows", "oracle"])

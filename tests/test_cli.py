@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from analysis.api.params import MethodSpec
 from analysis.cli import parse_methods
-from analysis.params import MethodSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 

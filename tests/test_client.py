@@ -1,4 +1,4 @@
-"""analysis.client: errors carry the server's message, wait() reports progress, the module stays
+"""analysis.api.client: errors carry the server's message, wait() reports progress, the module stays
 torch-free, and LocalBackend starts and stops a real server process (tiny random Llama)."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from analysis.client import BackendClient, BackendError, LocalBackend, free_port
-from analysis.params import GenerateParams, MethodSpec
+from analysis.api.client import BackendClient, BackendError, LocalBackend, free_port
+from analysis.api.params import GenerateParams, MethodSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def mock_client(handler, **kwargs) -> BackendClient:
 
 
 def test_client_module_does_not_import_torch():
-    code = ("import sys, analysis.client; "
+    code = ("import sys, analysis.api.client; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -36,7 +36,7 @@ def test_connection_refused_says_how_to_start_the_backend():
         c.health()
     assert err.value.status is None
     assert "is not running" in err.value.message
-    assert "python -m analysis.server" in err.value.message
+    assert "python -m analysis.service.server" in err.value.message
 
 
 def test_errors_carry_the_servers_detail_and_status():
@@ -117,7 +117,7 @@ def test_local_backend_reports_a_server_that_cannot_start(tmp_path):
 def test_local_backend_serves_then_stops_with_its_parent(tmp_path):
     """A process that starts a LocalBackend and exits normally leaves no server behind."""
     script = textwrap.dedent(f"""
-        from analysis.client import LocalBackend
+        from analysis.api.client import LocalBackend
         local = LocalBackend(model="tiny-random-llama", store={str(tmp_path)!r}, device="cpu",
                              extra_args=("--import-assets", ""), startup_timeout=180)
         client = local.start()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import contrib
-from analysis.params import ContribParams, MethodSpec
+from analysis.api.params import ContribParams, MethodSpec
+from analysis.tasks.spectral import contrib
 
 
 def _faedkv(variant, ratio, **params):
@@ -69,7 +69,7 @@ def test_kept_positions_matches_rows_exactly():
 @pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
 def tiny_loaded(request):
     """The tiny random Llama, then the tiny random Qwen2 (q/k/v biases)."""
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model(request.param, dtype="float32")
 
@@ -78,7 +78,7 @@ def test_eviction_profiles_from_a_real_run(tiny_loaded, tmp_path):
     """streaming_llm and snapkv on the tiny model over real essay text: their kept sets recovered
     by matching rows have the press's cache length, and their profiles are biased to recent
     tokens; the iwdft profile in the same run is flat."""
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
 
     methods = [MethodSpec(name="streaming_llm", compression_ratio=0.75),
                MethodSpec(name="snapkv", compression_ratio=0.75),
@@ -109,7 +109,7 @@ def test_eviction_profiles_from_a_real_run(tiny_loaded, tmp_path):
 def test_the_newer_eviction_presses_keep_copies_of_rows_at_their_budget(tiny_loaded, tmp_path, name):
     """keydiff, lagkv and compactor keep exact rows: their kept sets are recovered by matching,
     one kvpress budget's worth per (layer, head)."""
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
 
     params = ContribParams(methods=[MethodSpec(name=name, compression_ratio=0.5)], context_length=256,
                            text_seed=random.randrange(40))

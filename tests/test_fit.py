@@ -1,4 +1,4 @@
-"""Attention-matched slots (faedkv.fit) and the per-layer diagnostics (analysis.diagnostics)."""
+"""Attention-matched slots (faedkv.fit) and the per-layer diagnostics (analysis.harness.diagnostics)."""
 import math
 import random
 
@@ -69,7 +69,7 @@ def test_fitted_press_restores_the_middle_mass_and_keeps_the_budget():
 
 
 def test_diagnostics_are_zero_for_the_full_cache_and_show_the_slots_mass(tiny_loaded):
-    from analysis.diagnostics import attention_diagnostics
+    from analysis.harness.diagnostics import attention_diagnostics
 
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
@@ -91,6 +91,6 @@ def test_diagnostics_are_zero_for_the_full_cache_and_show_the_slots_mass(tiny_lo
 
 @pytest.fixture(scope="module")
 def tiny_loaded():
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model("tiny-random-llama", dtype="float32")

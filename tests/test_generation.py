@@ -1,18 +1,18 @@
-"""analysis.generation's report of the cache actually kept (what the frequency lab shows)."""
+"""analysis.harness.generation's report of the cache actually kept (what the frequency lab shows)."""
 import pytest
 
-from analysis.params import GenerateParams, MethodSpec, TaskPrompt
+from analysis.api.params import GenerateParams, MethodSpec, TaskPrompt
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model("tiny-random-llama", device="cpu", dtype="float32")
 
 
 def _generate(tiny, prompt, ratio=0.5, **params):
-    from analysis.generation import generate
+    from analysis.tasks.generate import generate
 
     method = MethodSpec(name="faedkv", compression_ratio=ratio, params=params)
     return generate(tiny, GenerateParams(prompt=prompt, method=method, max_new_tokens=2,
@@ -61,7 +61,7 @@ def test_a_long_prompt_keeps_the_budget(tiny):
 
 
 def test_cache_report_of_a_press_without_stats():
-    from analysis.generation import cache_report
+    from analysis.harness.generation import cache_report
 
     report = cache_report(None, 0.75, 1000, [250, 250, 251])
     assert report["budget_tokens"] == 250 and report["compressed"] is True
@@ -69,8 +69,8 @@ def test_cache_report_of_a_press_without_stats():
 
 
 def test_a_needle_prompt_reports_the_expected_answers_nll(tiny):
-    from analysis.generation import answer_nll, generate
     from analysis.tasks import needle as needle_task
+    from analysis.tasks.generate import answer_nll, generate
 
     prompt = TaskPrompt(kind="needle", context_length=256, depth=50, seed=0)
     method = MethodSpec(name="faedkv", compression_ratio=0.5)
@@ -84,7 +84,7 @@ def test_a_needle_prompt_reports_the_expected_answers_nll(tiny):
 
 
 def test_diagnostics_come_with_the_generation_when_asked(tiny):
-    from analysis.generation import generate
+    from analysis.tasks.generate import generate
 
     method = MethodSpec(name="faedkv", compression_ratio=0.5)
     result = generate(tiny, GenerateParams(prompt=TaskPrompt(context_length=256, depth=50), method=method,

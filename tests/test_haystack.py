@@ -1,8 +1,8 @@
 """Essay haystack: essays, token windows, needles inserted on sentence boundaries at a depth."""
 import pytest
 
-from analysis import haystack
-from analysis.models import load_model
+from analysis.harness import haystack
+from analysis.harness.models import load_model
 
 
 @pytest.fixture(scope="module")

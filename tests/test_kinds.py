@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from analysis import jobs, server
-from analysis.params import Int, Strict
-from analysis.store import ResultsStore
+from analysis.api.params import Int, Strict
+from analysis.results.store import ResultsStore
+from analysis.service import jobs, server
 from analysis.tasks import JobKind, kinds
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,15 +6,15 @@ import pytest
 import torch
 from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress
 
-from analysis import methods
+from analysis.harness import methods
 from faedkv.kvzip import TemplateAwareKVzip, template_head_ids
-from analysis.generation import answer_details, prompt_ids
-from analysis.models import load_model
-from analysis.params import METHODS, MethodSpec
+from analysis.api.params import METHODS, MethodSpec
+from analysis.harness.generation import answer_details, prompt_ids
+from analysis.harness.models import load_model
 from analysis.tasks import needle
 
 COMPRESSING = [m for m in METHODS if m != "full"]
-# KVzip masks its evicted pairs instead of removing rows (analysis.methods docstring).
+# KVzip masks its evicted pairs instead of removing rows (analysis.harness.methods docstring).
 MASKING = {"kvzip"}
 
 
@@ -138,7 +138,7 @@ def test_question_fed_token_by_token_equals_one_pass(tiny, sample):
     """The path used for uneven (PyramidKV) caches computes what one causal pass computes."""
     from transformers import DynamicCache
 
-    from analysis.generation import feed_one_by_one
+    from analysis.harness.generation import feed_one_by_one
 
     ids = torch.tensor([needle.haystack.encode(tiny.tokenizer, sample.context)[:200]])
     q = torch.tensor([needle.haystack.encode(tiny.tokenizer, sample.question)])

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from analysis import models
-from analysis.models import (ModelLoadError, build_tiny_llama, build_tiny_qwen2, load_model,
-                             tiny_llama_config)
+from analysis.harness import models
+from analysis.harness.models import (ModelLoadError, build_tiny_llama, build_tiny_qwen2, load_model,
+                                     tiny_llama_config)
 
 
 def write_gguf(path, architecture: str, context_length: int | None = None):
@@ -60,7 +60,7 @@ def test_tiny_llama_has_gqa_and_is_deterministic():
 def test_random_llama3_8b_is_built_in_with_the_embedded_tokenizer(monkeypatch):
     """`--model random-llama3-8b`: the LLAMA3_8B shape (shrunk here: 16 GB on 2 cores is no
     unit test), random weights fixed by the seed, the embedded tokenizer's vocabulary."""
-    from analysis import models
+    from analysis.harness import models
 
     small = dict(models.LLAMA3_8B, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32, intermediate_size=256, num_hidden_layers=2)

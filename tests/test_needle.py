@@ -6,10 +6,10 @@ import math
 import pytest
 import yaml
 
-from analysis import haystack
-from analysis.models import load_model
-from analysis.params import MethodSpec, NeedleParams
-from analysis.store import ResultsStore
+from analysis.api.params import MethodSpec, NeedleParams
+from analysis.harness import haystack
+from analysis.harness.models import load_model
+from analysis.results.store import ResultsStore
 from analysis.tasks import needle
 from analysis.tasks.scoring import (exact_match, mean_interval, partial_match, recall, rouge_l,
                                     wilson_interval)
@@ -142,7 +142,7 @@ def test_small_grid_writes_files_and_resumes_without_recomputing(tiny, tmp_path,
 
 @pytest.mark.embedded
 def test_smollm2_full_cache_finds_the_sentence_needle_at_2k_depth_50(embedded):
-    from analysis.generation import answer_details
+    from analysis.harness.generation import answer_details
 
     seed = needle.sample_seed(NeedleParams(methods=[MethodSpec(name="full")]), 2048, 0)
     s = needle.make_sample(embedded.tokenizer, "sentence", 2048, 50, seed)

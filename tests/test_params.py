@@ -1,12 +1,12 @@
-"""Parameter models and the per-method rule table (analysis.params): every method and every
+"""Parameter models and the per-method rule table (analysis.api.params): every method and every
 registry parameter has a rule, values are checked and never coerced, plans are checked."""
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from analysis import params as P
-from analysis.methods import REGISTRY
+from analysis.api import params as P
+from analysis.harness.methods import REGISTRY
 
 
 def test_every_method_and_every_registry_parameter_has_a_rule():

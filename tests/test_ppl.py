@@ -5,10 +5,10 @@ import pytest
 import torch
 from kvpress import KnormPress, PyramidKVPress, SnapKVPress
 
-from analysis import haystack
-from analysis.models import load_model
-from analysis.params import MethodSpec, PplParams
-from analysis.store import ResultsStore
+from analysis.api.params import MethodSpec, PplParams
+from analysis.harness import haystack
+from analysis.harness.models import load_model
+from analysis.results.store import ResultsStore
 from analysis.tasks import ppl
 
 

@@ -271,7 +271,7 @@ def test_per_layer_compression_press_composes():
 
 @pytest.fixture(scope="module")
 def tiny_loaded():
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model("tiny-random-llama", dtype="float32")
 
@@ -371,8 +371,8 @@ def test_fused_kernel_is_not_used_on_cpu():
 
 
 def test_the_torch_free_option_lists_match_the_press():
-    """analysis.params (what the app and the CLI validate against) names the press's options."""
-    from analysis import params
+    """analysis.api.params (what the app and the CLI validate against) names the press's options."""
+    from analysis.api import params
     from faedkv import press, variants
 
     assert params.EXACT_SCORERS == press.EXACT_SCORERS

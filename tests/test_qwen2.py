@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from analysis.methods import faedkv_cache_length
+from analysis.harness.methods import faedkv_cache_length
 from conftest import make_tiny_qwen2, next_logits, prefill
 from faedkv import FAEDKVCache, FAEDKVPress
 

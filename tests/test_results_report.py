@@ -2,13 +2,13 @@
 recomputed from their cells."""
 import pytest
 
-from analysis.params import MethodSpec, NeedleParams, PplParams
-from analysis.store import ResultsStore
+from analysis.api.params import MethodSpec, NeedleParams, PplParams
+from analysis.results.store import ResultsStore
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
     from analysis.tasks.needle import run_needle
     from analysis.tasks.ppl import run_ppl
 
@@ -25,7 +25,7 @@ def store(tmp_path_factory):
 
 
 def test_report_has_a_summary_row_per_configuration_and_every_run(store, tmp_path):
-    from analysis.results_report import main
+    from analysis.bench.results_report import main
 
     root, model = store
     findings = tmp_path / "findings.md"
@@ -47,7 +47,7 @@ def test_report_has_a_summary_row_per_configuration_and_every_run(store, tmp_pat
 
 
 def test_unfinished_runs_are_reported_from_their_cells(store, tmp_path):
-    from analysis.results_report import report
+    from analysis.bench.results_report import report
 
     root, model = store
     run_dir = next((root / "runs").glob("needle-*"))
@@ -62,7 +62,7 @@ def test_unfinished_runs_are_reported_from_their_cells(store, tmp_path):
 
 
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):
-    from analysis.results_report import main
+    from analysis.bench.results_report import main
 
     with pytest.raises(SystemExit, match="has no runs/ folder"):
         main(["--store", str(tmp_path), "--out", str(tmp_path / "x.md")])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.runner import Cancelled, ModelHandle, ray_init, run_cells
-from analysis.store import ResultsStore
+from analysis.results.runner import Cancelled, ModelHandle, ray_init, run_cells
+from analysis.results.store import ResultsStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,8 +103,8 @@ KILLED = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[4])
-    from analysis.runner import run_cells
-    from analysis.store import ResultsStore
+    from analysis.results.runner import run_cells
+    from analysis.results.store import ResultsStore
     from test_runner import Square, grid
     root, log, delay = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     run = ResultsStore(root).open_run("grid", {"n": 30})

@@ -1,5 +1,5 @@
-"""The backend on loopback (a real `python -m analysis.server` on the tiny random Llama), driven
-through `analysis.client`: job lifecycle, progress, cancel, priority of `generate`, concurrent
+"""The backend on loopback (a real `python -m analysis.service.server` on the tiny random Llama), driven
+through `analysis.api.client`: job lifecycle, progress, cancel, priority of `generate`, concurrent
 clients, kill -9 and resume, token enforcement, bad requests, and a schemathesis fuzz."""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from analysis import jobs as jobs_module
-from analysis.client import BackendClient, BackendError, LocalBackend, free_port
-from analysis.store import ResultsStore
+from analysis.api.client import BackendClient, BackendError, LocalBackend, free_port
+from analysis.results.store import ResultsStore
+from analysis.service import jobs as jobs_module
 from analysis.tasks import kinds
 
 TOKEN = "test-" + secrets.token_hex(16)
@@ -271,7 +271,7 @@ def test_unimportable_job_kind_is_unavailable(monkeypatch):
     with pytest.raises(jobs_module.JobUnavailable, match="analysis.no_such_module cannot be imported"):
         jobs_module.job_function("needle")
     assert jobs_module.availability()["needle"] is not None
-    monkeypatch.setitem(kinds(), "needle", dataclasses.replace(needle, run="analysis.params:run_nothing"))
+    monkeypatch.setitem(kinds(), "needle", dataclasses.replace(needle, run="analysis.api.params:run_nothing"))
     with pytest.raises(jobs_module.JobUnavailable, match="has no function run_nothing"):
         jobs_module.job_function("needle")
 
@@ -295,7 +295,7 @@ def test_token_required(backend, headers):
 
 def test_public_bind_without_token_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FAEDKV_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "analysis.server", "--model", TINY, "--host",
+    proc = subprocess.run([sys.executable, "-m", "analysis.service.server", "--model", TINY, "--host",
                            "0.0.0.0", "--port", str(free_port()), "--store", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

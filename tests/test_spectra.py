@@ -8,9 +8,9 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from analysis import spectra
-from analysis.capture import stream_kv
-from analysis.params import SpectraParams
+from analysis.api.params import SpectraParams
+from analysis.harness.capture import stream_kv
+from analysis.tasks.spectral import spectra
 from faedkv.plans import FrequencyPlan
 
 
@@ -108,13 +108,13 @@ def test_capture_streams_one_layer_and_pre_rope_keys_rotate_to_the_cached_keys(t
 @pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-qwen2"])
 def tiny_loaded(request):
     """The tiny random Llama, then the tiny random Qwen2 (q/k/v biases)."""
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     return load_model(request.param, dtype="float32")
 
 
 def test_run_spectra_stores_the_layout_and_is_cached(tiny_loaded, tmp_path):
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
 
     store = ResultsStore(tmp_path)
     params = SpectraParams(num_tokens=96, grid_points=33, chunks=6)

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import cli_store
-from analysis.store import (ResultsStore, StoreError, canonical_json, project_commit, run_key,
-                            safe_name)
+from analysis.cli import store as cli_store
+from analysis.results.store import (ResultsStore, StoreError, canonical_json, project_commit, run_key,
+                                    safe_name)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_project_commit(tmp_path):
     assert project_commit(dirty) == head + "+dirty"
     # project_commit() is cached per process (a run is keyed on the commit it started with);
     # others may commit while the suite runs, so compare a fresh reading with HEAD now.
-    from analysis.store import _commit_of
+    from analysis.results.store import _commit_of
 
     _commit_of.cache_clear()
     assert project_commit().split("+")[0] == subprocess.run(
@@ -206,7 +206,7 @@ def test_leftover_tmp_files_are_ignored_and_cleaned(tmp_path):
     store = ResultsStore(tmp_path)
     run = store.open_run("needle", CONFIG)
     run.put("a", {"x": 1})
-    from analysis.store import _HOST
+    from analysis.results.store import _HOST
 
     # What a writer killed between write and rename leaves: a half-written temporary file.
     stale = run.path / "cells" / f".b.json.{_HOST}-{dead_pid()}-0badf00d.tmp"
@@ -374,7 +374,7 @@ def test_threads_writing_one_store_keep_the_index_consistent(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from analysis.store import ResultsStore
+    from analysis.results.store import ResultsStore
     root, name = sys.argv[1], sys.argv[2]
     store = ResultsStore(root)
     shared = store.open_run("needle", {"shared": True})
@@ -447,7 +447,7 @@ def test_store_cli_list_show_delete_reindex(tmp_path, capsys):
 
 LOCKER = textwrap.dedent("""
     import sys
-    from analysis.store import ResultsStore, StoreLocked
+    from analysis.results.store import ResultsStore, StoreLocked
     store = ResultsStore(sys.argv[1])
     print(len(store.runs()))                      # reading needs no lock
     try:
@@ -460,7 +460,7 @@ LOCKER = textwrap.dedent("""
 
 
 def test_one_writer_per_store_and_read_only_stores(tmp_path):
-    from analysis.store import StoreReadOnly, holds_lock, lock_holder
+    from analysis.results.store import StoreReadOnly, holds_lock, lock_holder
 
     store = ResultsStore(tmp_path / "r")
     store.open_run("needle", CONFIG)             # the first write takes the lock
@@ -488,7 +488,7 @@ def test_one_writer_per_store_and_read_only_stores(tmp_path):
 
 def _grid(run, ids, calls):
     """What a task does (runner.run_cells + metrics from the records); counts computed cells."""
-    from analysis.runner import run_cells
+    from analysis.results.runner import run_cells
 
     def compute(cell):
         calls.append(cell["id"])
@@ -552,7 +552,7 @@ def test_taking_the_lock_marks_runs_a_dead_writer_left_running_as_interrupted(tm
     script = tmp_path / "die.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from analysis.store import ResultsStore
+        from analysis.results.store import ResultsStore
         run = ResultsStore(sys.argv[1]).open_run("needle", {"dies": True})
         run.set_total(4)
         run.set_status("running")

@@ -1,10 +1,10 @@
 """RULER-style suite: deterministic generators with their answers in the context; a tiny run."""
 import pytest
 
-from analysis import haystack
-from analysis.models import load_model
-from analysis.params import SUITE_TASKS, MethodSpec, SuiteParams
-from analysis.store import ResultsStore
+from analysis.api.params import SUITE_TASKS, MethodSpec, SuiteParams
+from analysis.harness import haystack
+from analysis.harness.models import load_model
+from analysis.results.store import ResultsStore
 from analysis.tasks import suite
 
 

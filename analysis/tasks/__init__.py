@@ -6,10 +6,12 @@
     run_ppl(model, store, PplParams(...))         # analysis.tasks.ppl (continuation NLL)
 
 A job kind is declared once, as `KIND = JobKind(...)` in its own module of this package
-(generate, needle, suite, ppl, spectra, ablate, contrib); the server (`analysis.server`), the
-job queue (`analysis.jobs`) and the CLI (`python -m analysis`) loop over `kinds()`, so adding
+(generate, needle, suite, ppl, spectra, ablate, contrib); the server (`analysis.service.server`), the
+job queue (`analysis.service.jobs`) and the CLI (`python -m analysis`) loop over `kinds()`, so adding
 a kind is adding one module here. Declarations are torch-free (the server's request side
-imports them): the run function is named "module:function" and imported when a job runs.
+imports them): the run function is named "module:function" and imported when a job runs. The
+computations of spectra, ablate and contrib import torch at the top, so they live in `spectral/`
+(a package without a KIND, which `kinds()` imports and passes over).
 
 Shared rules, here so every task follows them:
 - `model` is a `LoadedModel` or a `runner.ModelHandle`; cells run through `runner.run_cells`
@@ -31,7 +33,7 @@ import json
 import pkgutil
 from typing import Any, Callable
 
-from analysis.params import MethodSpec, Strict
+from analysis.api.params import MethodSpec, Strict
 
 FULL = MethodSpec(name="full")
 
@@ -114,7 +116,7 @@ def with_full(methods: list[MethodSpec]) -> list[MethodSpec]:
 
 def unique_labels(methods: list[MethodSpec]) -> list[str]:
     """Each method's label; two specs with the same label are an error (they would share rows)."""
-    from analysis.methods import method_label
+    from analysis.harness.methods import method_label
 
     labels = [method_label(m) for m in methods]
     seen = set()
@@ -127,7 +129,7 @@ def unique_labels(methods: list[MethodSpec]) -> list[str]:
 
 def model_handle(model):
     """(ModelHandle, LoadedModel) for a LoadedModel or a ModelHandle."""
-    from analysis.runner import ModelHandle
+    from analysis.results.runner import ModelHandle
 
     if isinstance(model, ModelHandle):
         return model, model.get()
@@ -135,7 +137,7 @@ def model_handle(model):
 
 
 def run_config(loaded, params) -> dict:
-    from analysis.store import project_commit
+    from analysis.results.store import project_commit
 
     return {"model": loaded.info.key, "params": params.key_dict(),
             "project_commit": project_commit()}
@@ -150,7 +152,7 @@ def run_grid(kind: str, model, store, params, cells: list[dict], make_cell, metr
     make_cell(handle) -> the picklable per-cell callable; metrics(rows, model_name) -> dict.
     `params` must already include full (`with_full`). The progress bar is drawn only when
     `show_progress` and no `progress` callback is given (a caller with one draws its own)."""
-    from analysis.runner import run_cells
+    from analysis.results.runner import run_cells
 
     handle, loaded = model_handle(model)
     run = store.open_run(kind, run_config(loaded, params))

@@ -1,11 +1,11 @@
 """The `ablate` job kind: the per-layer frequency-chunk ablation (computed by
-`analysis.ablation.run_ablation`), and its commands `python -m analysis ablate` and
+`analysis.tasks.spectral.ablation.run_ablation`), and its commands `python -m analysis ablate` and
 `python -m analysis plans` (plans derived from an ablation, compared on needle + suite)."""
 from __future__ import annotations
 
 import time
 
-from analysis.params import AblateParams
+from analysis.api.params import AblateParams
 from analysis.tasks import JobKind
 from analysis.tasks.ppl import prefix_and_continuation
 
@@ -39,7 +39,7 @@ def _cli(args) -> int:
     import numpy as np
 
     from analysis import cli
-    from analysis.ablation import run_ablation
+    from analysis.tasks.spectral.ablation import run_ablation
 
     params = AblateParams(chunks=args.chunks, layers=parse_layers(args.layers), target=args.target,
                           prefix_tokens=args.prefix_tokens,
@@ -93,7 +93,7 @@ def _floats(text: str, flag: str) -> list[float]:
 
 def _plans_cli(args) -> int:
     from analysis import cli
-    from analysis.ablation import compare_plans
+    from analysis.tasks.spectral.ablation import compare_plans
 
     handle, store = cli.open_model_and_store(args)
     start = time.perf_counter()
@@ -138,6 +138,6 @@ def add_plans_cli(subparsers) -> None:
 
 
 KIND = JobKind(
-    name="ablate", params=AblateParams, run="analysis.ablation:run_ablation",
+    name="ablate", params=AblateParams, run="analysis.tasks.spectral.ablation:run_ablation",
     context=prefix_and_continuation, cells=lambda p, num_layers: p.num_cells(num_layers),
     check=_layers_exist, cli=add_cli, interleave=True)

@@ -1,16 +1,10 @@
 """The `contrib` job kind: token-contribution profiles per method (computed by
-`analysis.contrib.run_contrib`), and its command `python -m analysis contrib`."""
+`analysis.tasks.spectral.contrib.run_contrib`), and its command `python -m analysis contrib`."""
 from __future__ import annotations
 
-from analysis.params import ContribParams, MethodSpec
+from analysis.api.params import ContribParams, MethodSpec
+from analysis.harness.methods import EVICTION, LINEAR
 from analysis.tasks import JobKind
-
-# Methods with a contribution profile. LINEAR: a fixed linear map along the token axis;
-# EVICTION: presses whose kept rows are copies of original rows (merging and kvzip are not:
-# MergingPress averages what it evicts into the kept rows, KVzip hides pairs behind fake keys).
-LINEAR = frozenset({"faedkv", "dct_iterative"})
-EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm",
-                      "expected_attention", "keydiff", "lagkv", "compactor"})
 
 
 def _profiled_methods(params: ContribParams, info) -> None:
@@ -40,7 +34,7 @@ def parse_methods(text: str, ratio: float, variants: str = "iwdft") -> list[Meth
 
 def _cli(args) -> int:
     from analysis import cli
-    from analysis.contrib import run_contrib
+    from analysis.tasks.spectral.contrib import run_contrib
 
     params = ContribParams(methods=parse_methods(args.methods, args.ratio, args.variants),
                            context_length=args.context_length, text_seed=args.text_seed)
@@ -73,7 +67,7 @@ def add_cli(subparsers) -> None:
 
 
 KIND = JobKind(
-    name="contrib", params=ContribParams, run="analysis.contrib:run_contrib",
+    name="contrib", params=ContribParams, run="analysis.tasks.spectral.contrib:run_contrib",
     context=lambda p, tokenizer: (p.context_length, f"context_length ({p.context_length})"),
     shortest=lambda p, tokenizer: (p.context_length, f"context_length ({p.context_length})"),
     check=_profiled_methods, cli=add_cli, interleave=True)

@@ -40,8 +40,8 @@ import random
 
 import numpy as np
 
-from analysis import haystack
-from analysis.params import MethodSpec, NeedleParams
+from analysis.api.params import MethodSpec, NeedleParams
+from analysis.harness import haystack
 from analysis.tasks import JobKind, run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import exact_match, partial_match, recall, rouge_l, wilson_interval
 
@@ -183,8 +183,8 @@ class NeedleCell:
     params: NeedleParams
 
     def __call__(self, cell: dict) -> dict:
-        from analysis.generation import answer_details, reconstruction_errors
-        from analysis.methods import build_press
+        from analysis.harness.generation import answer_details, reconstruction_errors
+        from analysis.harness.methods import build_press
 
         loaded = self.handle.get()
         p = self.params

@@ -29,8 +29,8 @@ import dataclasses
 import math
 import time
 
-from analysis import haystack
-from analysis.params import MethodSpec, PplParams
+from analysis.api.params import MethodSpec, PplParams
+from analysis.harness import haystack
 from analysis.tasks import JobKind, run_grid, unique_labels, with_full
 
 
@@ -51,7 +51,7 @@ def prefill(loaded, press, ids):
     import torch
     from transformers import DynamicCache
 
-    from analysis.methods import attention_for, check_cache_lengths
+    from analysis.harness.methods import attention_for, check_cache_lengths
 
     model = loaded.model
     cache = DynamicCache()
@@ -68,8 +68,8 @@ def continuation_token_nll(loaded, press, prefix_ids, continuation_ids):
     prefix; see the module docstring. Returns (nll, cache lengths after the prefill)."""
     import torch
 
-    from analysis.generation import one_token_steps
-    from analysis.methods import attention_for
+    from analysis.harness.generation import one_token_steps
+    from analysis.harness.methods import attention_for
 
     model = loaded.model
     device = model.device
@@ -123,7 +123,7 @@ class PplCell:
     params: PplParams
 
     def __call__(self, cell: dict) -> dict:
-        from analysis.methods import build_press, expected_cache_lengths
+        from analysis.harness.methods import build_press, expected_cache_lengths
 
         loaded = self.handle.get()
         spec = MethodSpec(**cell["method"])

@@ -1,8 +1,8 @@
 """The `spectra` job kind: per-layer K/V energy spectra of one text (computed by
-`analysis.spectra.run_spectra`), and its command `python -m analysis spectra`."""
+`analysis.tasks.spectral.spectra.run_spectra`), and its command `python -m analysis spectra`."""
 from __future__ import annotations
 
-from analysis.params import SpectraParams
+from analysis.api.params import SpectraParams
 from analysis.tasks import JobKind
 
 
@@ -10,7 +10,7 @@ def _cli(args) -> int:
     import numpy as np
 
     from analysis import cli
-    from analysis.spectra import run_spectra
+    from analysis.tasks.spectral.spectra import run_spectra
 
     params = SpectraParams(num_tokens=args.num_tokens, text_seed=args.text_seed,
                            grid_points=args.grid_points, chunks=args.chunks)
@@ -42,6 +42,6 @@ def add_cli(subparsers) -> None:
 
 # Not interleaved: spectra reports progress per layer from inside its capturing forward pass.
 KIND = JobKind(
-    name="spectra", params=SpectraParams, run="analysis.spectra:run_spectra",
+    name="spectra", params=SpectraParams, run="analysis.tasks.spectral.spectra:run_spectra",
     context=lambda p, tokenizer: (p.num_tokens, f"num_tokens ({p.num_tokens})"),
     cli=add_cli)

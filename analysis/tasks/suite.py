@@ -37,8 +37,8 @@ import random
 import re
 import string
 
-from analysis import haystack
-from analysis.params import SUITE_TASKS, MethodSpec, SuiteParams
+from analysis.api.params import SUITE_TASKS, MethodSpec, SuiteParams
+from analysis.harness import haystack
 from analysis.tasks import JobKind, run_grid, stable_seed, unique_labels, with_full
 from analysis.tasks.scoring import mean_interval, recall, rouge_l
 
@@ -245,8 +245,8 @@ class SuiteCell:
     params: SuiteParams
 
     def __call__(self, cell: dict) -> dict:
-        from analysis.generation import answer_details
-        from analysis.methods import build_press
+        from analysis.harness.generation import answer_details
+        from analysis.harness.methods import build_press
 
         loaded = self.handle.get()
         p = self.params

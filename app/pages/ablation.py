@@ -10,7 +10,7 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import AblateParams  # noqa: E402
+from analysis.api.params import AblateParams  # noqa: E402
 from app import plans, state, ui, views  # noqa: E402
 
 PAGE = "ablation"

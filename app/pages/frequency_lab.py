@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES,  # noqa: E402
-                             SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
-                             TaskPrompt)
+from analysis.api.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES,  # noqa: E402
+                                 SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
+                                 TaskPrompt)
 from app import figures, plans, state, ui, views  # noqa: E402
 
 PAGE = "lab"

@@ -9,7 +9,7 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS, NeedleParams  # noqa: E402
+from analysis.api.params import METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS, NeedleParams  # noqa: E402
 from app import figures, state, ui, views  # noqa: E402
 
 PAGE = "needle"

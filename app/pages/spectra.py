@@ -9,7 +9,7 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.params import SpectraParams  # noqa: E402
+from analysis.api.params import SpectraParams  # noqa: E402
 from app import state, ui, views  # noqa: E402
 
 PAGE = "spectra"

@@ -8,7 +8,7 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 
 import streamlit as st  # noqa: E402
 
-from analysis.params import METHODS, ContribParams  # noqa: E402
+from analysis.api.params import METHODS, ContribParams  # noqa: E402
 from app import state, ui, views  # noqa: E402
 
 PAGE = "contribution"

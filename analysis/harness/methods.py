@@ -43,7 +43,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from analysis.params import METHODS, MethodSpec
+from analysis.api.params import METHODS, MethodSpec
 
 
 class CompressionError(RuntimeError):
@@ -89,7 +89,7 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
                  "chunk_size": 2048}),
     MethodEntry("keydiff", "kvpress:KeyDiffPress", {}),
     MethodEntry("lagkv", "kvpress:LagKVPress", {"n_sink": 4, "lag_size": 128, "cross_scoring": False}),
-    MethodEntry("compactor", "analysis.methods:SeededCompactor",
+    MethodEntry("compactor", "analysis.harness.methods:SeededCompactor",
                 {"sink_size_start": 8, "sink_size_end": 4, "chunk_size": 256,
                  "sketch_dimension": 48, "seed": 0}),
     MethodEntry("merging", "kvpress:MergingPress",
@@ -98,7 +98,15 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
 )}
 
 assert tuple(REGISTRY) == tuple(METHODS), (
-    f"analysis.methods implements {sorted(REGISTRY)}, analysis.params.METHODS lists {sorted(METHODS)}")
+    f"analysis.harness.methods implements {sorted(REGISTRY)}, analysis.api.params.METHODS lists {sorted(METHODS)}")
+
+
+# Methods with a contribution profile (the contrib task). LINEAR: a fixed linear map along the token axis;
+# EVICTION: presses whose kept rows are copies of original rows (merging and kvzip are not:
+# MergingPress averages what it evicts into the kept rows, KVzip hides pairs behind fake keys).
+LINEAR = frozenset({"faedkv", "dct_iterative"})
+EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm",
+                      "expected_attention", "keydiff", "lagkv", "compactor"})
 
 
 def entry(name: str) -> MethodEntry:
@@ -181,7 +189,7 @@ def _check_tokenizer_source(model) -> None:
     if not source or (os.path.sep in source and not os.path.isdir(source)):
         raise ValueError(f"method 'kvzip' loads the model's tokenizer from model.config.name_or_path "
                          f"({source!r}), which names no folder; load the model with "
-                         "analysis.models.load_model (it records the folder) or set name_or_path.")
+                         "analysis.harness.models.load_model (it records the folder) or set name_or_path.")
 
 
 def _build_faedkv(spec: MethodSpec, params: dict):
@@ -224,7 +232,7 @@ _ADAPTED: dict = {}
 
 
 def __getattr__(name: str):
-    """`analysis.methods.SeededCompactor`, built on first access (see _define_presses)."""
+    """`analysis.harness.methods.SeededCompactor`, built on first access (see _define_presses)."""
     if name == "SeededCompactor":
         if not _ADAPTED:
             _ADAPTED[name] = _define_presses()

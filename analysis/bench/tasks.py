@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.bench.common import machine_description, write_fragment
+
 DEFAULT_METHODS = "full,streaming_llm,snapkv,knorm,faedkv,faedkv:variant=resample"
 QWEN_METHODS = "full,snapkv,streaming_llm,faedkv"
 
@@ -31,14 +33,13 @@ def timed(fn, *args, **kwargs):
 def run_tasks(args) -> int:
     import torch
 
-    from analysis.bench import machine_description
+    from analysis.api.params import GenerateParams, MethodSpec, NeedleParams, SpectraParams, SuiteParams, TaskPrompt
     from analysis.cli import parse_methods
-    from analysis.generation import generate
-    from analysis.models import load_model
-    from analysis.params import GenerateParams, MethodSpec, NeedleParams, SpectraParams, SuiteParams, TaskPrompt
-    from analysis.spectra import run_spectra
-    from analysis.store import ResultsStore
+    from analysis.harness.models import load_model
+    from analysis.results.store import ResultsStore
+    from analysis.tasks.generate import generate
     from analysis.tasks.needle import needle_markdown, run_needle
+    from analysis.tasks.spectral.spectra import run_spectra
     from analysis.tasks.suite import run_suite, suite_markdown
 
     if args.threads:
@@ -100,12 +101,11 @@ def qwen_command(args) -> str:
 def run_qwen(args) -> None:
     """The CPU reference on Qwen2.5-Coder-0.5B: needle grid (one length, depths 0/50/100) and
     continuation NLL after a prefix of the same length, one fragment."""
-    from analysis import methods as registry
-    from analysis.bench import machine_description, write_fragment
+    from analysis.api.params import NeedleParams, PplParams
     from analysis.cli import parse_methods
-    from analysis.models import load_model
-    from analysis.params import NeedleParams, PplParams
-    from analysis.store import ResultsStore
+    from analysis.harness import methods as registry
+    from analysis.harness.models import load_model
+    from analysis.results.store import ResultsStore
     from analysis.tasks.needle import needle_markdown, run_needle
     from analysis.tasks.ppl import ppl_markdown, run_ppl
 
@@ -172,8 +172,6 @@ def run_shipped(args) -> int:
     import datetime as dt
 
     import json
-
-    from analysis.bench import write_fragment
 
     # Read the run folders directly: a store object would write an index into assets/.
     metrics = {}

@@ -1,7 +1,7 @@
 """docs/RESULTS.md from a results store: the needle grids and the continuation NLL of every run of
 one model, with the configurations tried and their commands.
 
-    python -m analysis.results_report --store assets/results --model /tmp/m/model \\
+    python -m analysis.bench.results_report --store assets/results --model /tmp/m/model \\
         --model <the 0.5B GGUF path> --findings docs/results-findings.md --out docs/RESULTS.md
 
 The findings (what the numbers say, written by a person) come first and stay hand-written; every
@@ -15,8 +15,9 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from analysis.params import NeedleParams, PplParams
-from analysis.store import ResultsStore
+from analysis.api.params import NeedleParams, PplParams
+from analysis.bench.common import write_fragment
+from analysis.results.store import ResultsStore
 from analysis.tasks.needle import needle_markdown, needle_metrics
 from analysis.tasks.ppl import ppl_metrics
 
@@ -126,7 +127,7 @@ SUMMARY_NOTE = ("Needle: found / samples pooled over every stored run of the con
 
 
 def report(store_root: str, models: list[str | None], findings: str | None) -> str:
-    parts = [f"<!-- written by `python -m analysis.results_report` on {datetime.date.today()}; "
+    parts = [f"<!-- written by `python -m analysis.bench.results_report` on {datetime.date.today()}; "
              "edit the findings file, not this one -->"]
     if findings:
         parts.append(Path(findings).read_text().strip())
@@ -152,20 +153,18 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
 
 
 def fragment(store_root: str, model: str | None, machine: str, path: str) -> None:
-    from analysis.bench import write_fragment
-
     store = ResultsStore(store_root, read_only=True)
     needles = [run_metrics(run, "needle") for run in model_runs(store, "needle", model)]
     ppls = [run_metrics(run, "ppl") for run in model_runs(store, "ppl", model)]
     write_fragment(path, "\n\n".join([
         f"### Quality on a real model: {model or 'every model'} ({datetime.date.today()})",
         f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
-        "lists each run with its command), tables by `python -m analysis.results_report`.",
+        "lists each run with its command), tables by `python -m analysis.bench.results_report`.",
         SUMMARY_NOTE, summary_table(needles, ppls)]) + "\n")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.results_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.bench.results_report", description=__doc__.split("\n")[0])
     parser.add_argument("--store", default="results", help="results store (folder with runs/)")
     parser.add_argument("--model", action="append", default=None,
                         help="only runs of this model name (as stored); repeat for several, one section each")

@@ -18,8 +18,8 @@ Int = StrictInt
 Float = Annotated[float, Field(strict=True)]      # an int is a float too (0 -> 0.0), a string is not
 Bool = StrictBool
 
-# Method names the registry (analysis.methods) knows. Kept here so the app can list them
-# without importing torch; analysis.methods asserts it implements exactly these.
+# Method names the registry (analysis.harness.methods) knows. Kept here so the app can list them
+# without importing torch; analysis.harness.methods asserts it implements exactly these.
 METHODS = (
     "full",
     "faedkv",             # variant / key_space / plan / sink / window / mass_correction in params
@@ -125,7 +125,7 @@ _FAEDKV_RULES = {
 }
 
 # method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry
-# defaults (analysis.methods.REGISTRY) has a rule (tests/test_params.py checks it); a parameter
+# defaults (analysis.harness.methods.REGISTRY) has a rule (tests/test_params.py checks it); a parameter
 # not listed here is refused at submission. Add a method's rules with the method.
 METHOD_RULES: dict[str, dict[str, Rule]] = {
     "full": {},
@@ -284,7 +284,7 @@ class GenerateParams(Strict):
     max_new_tokens: Int = Field(32, ge=1, le=512)
     compare_full: Bool = True       # also answer with the full cache, same prompt
     # per layer and KV head: attention-output error and middle/slot mass for the question's
-    # queries (analysis.diagnostics); one more prefill of the context with each cache
+    # queries (analysis.harness.diagnostics); one more prefill of the context with each cache
     diagnostics: Bool = False
 
 

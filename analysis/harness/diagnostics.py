@@ -84,7 +84,7 @@ def attention_diagnostics(loaded, press, context_ids: torch.Tensor, probe_ids: t
     (see the module docstring). context_ids (1, T), probe_ids (1, P) on the model's device."""
     from transformers import DynamicCache
 
-    from analysis.methods import attention_for
+    from analysis.harness.methods import attention_for
     from faedkv.attention import column_bias
 
     model = loaded.model

@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from analysis.params import AblateParams
+from analysis.api.params import AblateParams
 
 PLAN_RATIOS = (0.25, 0.5, 0.75)
 NEEDLE_KIND = "sentence"
@@ -91,7 +91,7 @@ class Sequences:
 
 
 def text_sequences(tokenizer, params: AblateParams) -> Sequences:
-    from analysis.haystack import text_tokens
+    from analysis.harness.haystack import text_tokens
 
     n = params.prefix_tokens + params.continuation_tokens
     ids = torch.tensor([text_tokens(tokenizer, n, params.seed + i) for i in range(params.num_texts)])
@@ -108,8 +108,8 @@ def needle_sequences(loaded, params: AblateParams) -> list[Sequences]:
     """One Sequences per needle sample: prefix = the chat-templated context (what the press
     compresses), continuation = question + template + answer prefix + answer; the answer
     tokens are scored."""
-    from analysis.generation import prompt_ids
-    from analysis.haystack import encode
+    from analysis.harness.generation import prompt_ids
+    from analysis.harness.haystack import encode
     from analysis.tasks import stable_seed
     from analysis.tasks.needle import make_sample
 
@@ -144,7 +144,7 @@ def filtered_nll(model, seq: Sequences, press=None, layer: int | None = None) ->
     `press.compress` (None: unfiltered). Same inputs and positions as continuation_token_nll."""
     from transformers import DynamicCache
 
-    from analysis.capture import decoder_layers
+    from analysis.harness.capture import decoder_layers
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(seq.keys, seq.values)):
@@ -252,8 +252,8 @@ def ablation_matrix(records: dict, layers: list[int], chunks: int, field: str) -
 def run_ablation(model, store, params: AblateParams, progress=None, should_stop=None,
                  executor: str = "local", ray_address: str | None = None) -> str:
     """Compute (or resume) the layer x chunk ablation; returns the run key."""
-    from analysis.runner import ModelHandle, run_cells
-    from analysis.store import project_commit
+    from analysis.results.runner import ModelHandle, run_cells
+    from analysis.results.store import project_commit
 
     handle = model if isinstance(model, ModelHandle) else ModelHandle.from_loaded(model)
     info = handle.get().info
@@ -319,7 +319,7 @@ def energy_scores(spectra_arrays: dict, chunks: int, key_space: str = "post_rope
     """(layers, chunks): the IWDFT chunk energy of keys + values summed over KV heads, in the
     key space the method compresses; a spectra run with a multiple of `chunks` chunks is summed
     in groups (chunk c of C covers chunks c*g .. c*g+g-1 of g*C)."""
-    from analysis.spectra import SPACES, TRANSFORMS
+    from analysis.tasks.spectral.spectra import SPACES, TRANSFORMS
 
     energy = spectra_arrays["chunk_energy"][:, :, :, SPACES.index(key_space),
                                             TRANSFORMS.index("iwdft")].sum(axis=(1, 2))
@@ -348,7 +348,7 @@ def comparison_plans(ablation_run, spectra_run, num_layers: int, keep: float,
 def plan_methods(plans_by_keep: dict, ratios: list[float], variant: str) -> list[dict]:
     """[{"ratio", "plan", "keep", "spec"}]: a plan-free reference (every bin) per ratio, then
     every plan at every keep fraction."""
-    from analysis.params import MethodSpec
+    from analysis.api.params import MethodSpec
 
     rows = []
     for r in ratios:
@@ -371,9 +371,9 @@ def compare_plans(model, store, ratios: list[float], keeps: list[float], needle_
     """Run the needle grid and the suite with faedkv carrying each plan; returns {"markdown",
     "needle_key", "suite_key", "rows"}. Plan keep fractions are separate from the compression
     ratio (DEVELOPERS.md: the plan filters the M bins, the ratio sizes the cache)."""
-    from analysis.methods import method_label
-    from analysis.params import NeedleParams, SuiteParams
-    from analysis.runner import ModelHandle
+    from analysis.api.params import NeedleParams, SuiteParams
+    from analysis.harness.methods import method_label
+    from analysis.results.runner import ModelHandle
     from analysis.tasks.needle import run_needle
     from analysis.tasks.suite import run_suite
 

@@ -92,7 +92,7 @@ _RUN_FOLDER = re.compile(r"(?P<kind>[A-Za-z0-9_]+)-(?P<key>[0-9a-f]{16})")
 _TMP = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
 # A temporary file lives for milliseconds; one this old is from a crash on some machine.
 _STALE_TMP_SECONDS = 3600.0
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 
 
 class StoreError(ValueError):
@@ -155,7 +155,7 @@ def locked_message(root: str | os.PathLike, holder: dict | None) -> str:
     return (f"the results store {root} is being written by {_describe_holder(holder)}: one "
             "writer per store. Stop that process, use another --out/--store folder, or read "
             "this one without writing (`python -m analysis store list`, `python -m "
-            "analysis.server --read-only`).")
+            "analysis.service.server --read-only`).")
 
 
 def acquire_lock(root: str | os.PathLike) -> bool:

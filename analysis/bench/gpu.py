@@ -27,7 +27,9 @@ import types
 import sys
 from pathlib import Path
 
-from analysis.models import LLAMA3_8B
+from analysis.bench.common import machine_description, write_fragment
+from analysis.bench.compress import compress_benchmark, llama3_layer
+from analysis.harness.models import LLAMA3_8B
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
@@ -59,8 +61,6 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 # --- 1. compression ---------------------------------------------------------------------------
 def compress_rows(lengths, layers: int, bandwidth: float, methods) -> list[dict]:
-    from analysis.bench import compress_benchmark
-
     rows = compress_benchmark(lengths, layers=layers, device="cuda", methods=methods)
     for row in rows:
         # K and V of 8 heads x 128 dims in bf16: read all tokens, write the kept rows.
@@ -74,7 +74,6 @@ def fused_agreement(lengths, ratio: float = 0.75) -> list[dict]:
     """Max |fused - torch| / max |torch| of FAEDKVPress's compressed K at each length (bf16)."""
     import torch
 
-    from analysis.bench import llama3_layer
     from faedkv import FAEDKVPress
 
     module, config = llama3_layer("cuda", torch.bfloat16)
@@ -101,7 +100,7 @@ def llama3_8b(device: str = "cuda"):
     """Llama-3-8B with its own 128256-token vocabulary, random bf16 weights, sdpa."""
     import torch
 
-    from analysis.models import build_random_llama3_8b
+    from analysis.harness.models import build_random_llama3_8b
 
     return build_random_llama3_8b(LLAMA3_8B["vocab_size"], device, torch.bfloat16, "sdpa")
 
@@ -684,8 +683,6 @@ def tables(result: dict) -> str:
 def run_gpu(args) -> int:
     import torch
 
-    from analysis.bench import machine_description
-
     if not torch.cuda.is_available():
         raise SystemExit("python -m analysis.bench gpu needs a CUDA GPU (torch sees none)")
     out = Path(args.out)
@@ -726,8 +723,6 @@ def run_gpu(args) -> int:
     text = tables(result)
     (out / "gpu-bench.md").write_text(text)
     if args.fragment:
-        from analysis.bench import write_fragment
-
         write_fragment(args.fragment, text)
     print(text)
     return 0
@@ -735,8 +730,6 @@ def run_gpu(args) -> int:
 
 def run_render(args) -> int:
     """Re-render a stored gpu-bench.json (e.g. copied back from the GPU machine) as a fragment."""
-    from analysis.bench import write_fragment
-
     result = json.loads(Path(args.json).read_text())
     text = tables(result)
     if args.title:
@@ -759,7 +752,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--layers", type=int, default=8, help="fresh-draw layers timed per length")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_GPU_METHODS),
-                   help="compression methods (analysis.bench.METHODS, iwdft-compiled)")
+                   help="compression methods (analysis.bench.compress.METHODS, iwdft-compiled)")
     p.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per cache")
     p.add_argument("--decode-kinds", nargs="+", default=list(DECODE_KINDS), choices=DECODE_KINDS,

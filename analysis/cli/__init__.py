@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.params import QUERY_MODES, MethodSpec
+from analysis.api.params import QUERY_MODES, MethodSpec
 
 DEFAULT_OUT = "results"
 
@@ -174,8 +174,8 @@ def build_params(cls, args, **fields):
 def open_model_and_store(args):
     """(ModelHandle, ResultsStore) from the shared flags. The model is loaded now, so a model
     that cannot load fails (ModelLoadError, a ValueError) before anything is drawn or written."""
-    from analysis.runner import ModelHandle
-    from analysis.store import ResultsStore
+    from analysis.results.runner import ModelHandle
+    from analysis.results.store import ResultsStore
 
     handle = ModelHandle(args.model, args.device, args.dtype)
     handle.get()

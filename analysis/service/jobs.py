@@ -39,9 +39,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from analysis.job_states import JOB_STATUSES, TERMINAL
-from analysis.params import Strict
-from analysis.store import ResultsStore, StoreError, atomic_write_text, json_safe
+from analysis.api.job_states import JOB_STATUSES, TERMINAL
+from analysis.api.params import Strict
+from analysis.results.store import ResultsStore, StoreError, atomic_write_text, json_safe
 from analysis.tasks import JobKind, kinds
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ class JobQueue:
                     self._cond.notify_all()
 
     def _execute(self, job: Job) -> None:
-        from analysis.runner import Cancelled
+        from analysis.results.runner import Cancelled
 
         with self._cond:
             job.status, job.started = "running", _now()

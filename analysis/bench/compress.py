@@ -1,46 +1,23 @@
-"""Benchmarks: `python -m analysis.bench compress|gpu|tasks|report [...]`.
-
-Each benchmark writes a markdown fragment under benchmarks/ (headed by the date, the machine and
-the command); `report` assembles BENCHMARKS.md from them, so every number there came from a script.
-
-compress: per-layer prefill compression time of each FAEDKV variant and of kvpress's SnapKVPress
-and StreamingLLMPress at the same budget, on a Llama-3-8B-shaped cache (8 KV heads x 128 dims,
-bf16 random keys/values drawn fresh for every layer), as ratios against SnapKV in the same run.
-SnapKV scores with the last window's queries, so a real LlamaAttention layer (random weights,
-Llama-3-8B config) and random hidden states are built. `compress_benchmark(...)` returns the rows
-and is reusable with device="cuda".
+"""`python -m analysis.bench compress`: per-layer prefill compression time of each FAEDKV variant
+and of kvpress's SnapKVPress and StreamingLLMPress at the same budget, on a Llama-3-8B-shaped
+cache (8 KV heads x 128 dims, bf16 random keys/values drawn fresh for every layer), as ratios
+against SnapKV in the same run. SnapKV scores with the last window's queries, so a real
+LlamaAttention layer (random weights, Llama-3-8B config) and random hidden states are built.
+`compress_benchmark(...)` returns the rows and is reusable with device="cuda" (`bench gpu` does).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import os
-import platform
 import statistics
 import time
+
+from analysis.bench.common import machine_description, write_fragment
 
 METHODS = ("iwdft", "iwdft-torch", "iwdft-lowpass", "resample", "dct-iterative", "snapkv", "streamingllm")
 # iwdft-lowpass: a plan keeping the lowest half of the bins in every layer (the FFT path; plain
 # iwdft keeps every bin, where the inverse DFT undoes the forward one and no FFT runs).
 # iwdft uses the fused Triton fold on CUDA (faedkv.fused); iwdft-torch is the same press on torch ops.
 # iwdft-compiled: plain iwdft's press under torch.compile (fused fold), GPU benchmark only.
-
-
-def machine_description(device: str = "cpu") -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(device)}"
-    return text
 
 
 def llama3_layer(device: str, dtype):
@@ -191,56 +168,7 @@ def run_compress(args) -> int:
     return 0
 
 
-def write_fragment(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# Fragments in the order BENCHMARKS.md shows them; any other *.md in the folder follows.
-REPORT_ORDER = ("gpu-h200-qwen-quality.md", "gpu-h200-class-means.md", "gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
-                "gpu-h200-before-fusion.md",
-                "gpu-h200-grid.md", "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
-                "tasks-cpu.md", "shipped-analyses.md", "server-h200-llama8b.md", "server-h200-smollm2.md",
-                "server-cpu.md")
-REPORT_HEAD = """# Benchmarks
-
-Every table below was written by a script (`python -m analysis.bench ...`, or
-`python -m analysis.bench_server` for the backend) into `benchmarks/`, and this file was assembled
-from those fragments by `python -m analysis.bench report`. Each fragment names its date, machine
-and command; re-run the command on your machine to reproduce it. Times are medians, speed is
-compared as ratios measured within one run, and CPU numbers come from a shared 2-core machine.
-
-The first two sections (2026-12-01) measure FAEDKV as it is now: slots are class means with a
-log-count mass. Sections dated before 2026-12-01 measured the first reading, (M/t) x class sums.
-Their speed figures still describe the kernels' layout, but their FAEDKV quality figures describe a
-normalisation that broke real models (+6 nats on Qwen2.5; see docs/RESULTS.md).
-"""
-
-
-def run_report(args) -> int:
-    folder = args.fragments
-    if not os.path.isdir(folder):
-        raise SystemExit(f"no fragments folder {folder!r}: run a benchmark first "
-                         "(e.g. python -m analysis.bench compress)")
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".md"))
-    ordered = [n for n in REPORT_ORDER if n in names] + [n for n in names if n not in REPORT_ORDER]
-    parts = [REPORT_HEAD]
-    for name in ordered:
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            parts.append(f.read().strip() + "\n")
-    write_fragment(args.out, "\n".join(parts))
-    print(f"{args.out}: {len(ordered)} fragments ({', '.join(ordered)})")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis.bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="per-layer prefill compression time vs SnapKV")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--layers", type=int, default=32, help="layers (fresh draws) per length")
@@ -251,26 +179,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/compress-cpu.md",
                    help="markdown fragment to write ('' for none)")
     p.set_defaults(func=run_compress)
-    from analysis.bench_tasks import add_parser as add_tasks_parser, add_shipped_parser
-
-    add_tasks_parser(sub)
-    add_shipped_parser(sub)
-    r = sub.add_parser("report", help="assemble BENCHMARKS.md from the fragments in benchmarks/")
-    r.add_argument("--fragments", default="benchmarks")
-    r.add_argument("--out", default="BENCHMARKS.md")
-    r.set_defaults(func=run_report)
-    from analysis.bench_gpu import add_parser as add_gpu_parser
-    from analysis.bench_e2e import add_parser as add_e2e_parser
-
-    add_gpu_parser(sub)
-    add_e2e_parser(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

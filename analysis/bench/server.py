@@ -1,10 +1,10 @@
 """Throughput of the backend against running the same grids in-process (cells per minute).
 
-    python -m analysis.bench_server --model smollm2-135m-instruct --device cuda \\
+    python -m analysis.bench.server --model smollm2-135m-instruct --device cuda \\
         --lengths 1024,2048,4096 --methods snapkv,faedkv --ratios 0.75
 
-1. starts `python -m analysis.server` in a subprocess (fresh store), submits a needle grid and
-   an ablation through `analysis.client`, times each from submission to "done";
+1. starts `python -m analysis.service.server` in a subprocess (fresh store), submits a needle grid and
+   an ablation through `analysis.api.client`, times each from submission to "done";
 2. stops it, loads the model in this process and runs the same two grids with `run_needle` /
    `run_ablation` on another fresh store;
 3. prints a markdown table (cells, seconds, cells/minute for both, server/in-process) headed by
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.bench import machine_description
+from analysis.api.params import AblateParams, NeedleParams
+from analysis.bench.common import machine_description, write_fragment
 from analysis.cli import float_list, int_list, parse_methods
-from analysis.params import AblateParams, NeedleParams
 
 
 def warmup(needle: NeedleParams) -> NeedleParams:
@@ -36,7 +36,7 @@ def warmup(needle: NeedleParams) -> NeedleParams:
 
 def through_server(args, needle: NeedleParams, ablate: AblateParams, store: Path) -> dict:
     """{job: (cells, seconds)} through a server subprocess, plus its start-up time."""
-    from analysis.client import LocalBackend
+    from analysis.api.client import LocalBackend
 
     out = {}
     started = time.perf_counter()
@@ -58,10 +58,10 @@ def through_server(args, needle: NeedleParams, ablate: AblateParams, store: Path
 
 def in_process(args, needle: NeedleParams, ablate: AblateParams, store: Path) -> dict:
     """The same grids with the job functions called directly."""
-    from analysis.ablation import run_ablation
-    from analysis.models import load_model
-    from analysis.store import ResultsStore
+    from analysis.harness.models import load_model
+    from analysis.results.store import ResultsStore
     from analysis.tasks.needle import run_needle
+    from analysis.tasks.spectral.ablation import run_ablation
 
     out = {}
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def table(server: dict, local: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.bench_server",
+    p = argparse.ArgumentParser(prog="python -m analysis.bench.server",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     info = server["info"]
-    command = "python -m analysis.bench_server " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m analysis.bench.server " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         f"### Backend throughput: server vs in-process ({time.strftime('%Y-%m-%d')}, {info['device']})", "",
         f"Command: `{command.strip()}`", "",
@@ -154,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         table(server, local)]) + "\n"
     print(text)
     if args.fragment:
-        from analysis.bench import write_fragment
-
         write_fragment(args.fragment, text)
     return 0
 

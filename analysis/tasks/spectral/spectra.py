@@ -4,7 +4,7 @@
     key = run_spectra(load_model(), ResultsStore("results"), SpectraParams(num_tokens=2048))
 
 For one text (the first `num_tokens` tokens from essay `text_seed` on) we capture, layer by
-layer (`analysis.capture.stream_kv`: never the whole model's K/V at once), the keys post-RoPE as
+layer (`analysis.harness.capture.stream_kv`: never the whole model's K/V at once), the keys post-RoPE as
 cached and pre-RoPE, and the values, and compute per (layer, KV head) the energy spectrum of
 each along the token axis in two ways:
 
@@ -39,8 +39,8 @@ import time
 import numpy as np
 import torch
 
-from analysis.capture import LayerKV, stream_kv
-from analysis.params import SpectraParams
+from analysis.api.params import SpectraParams
+from analysis.harness.capture import LayerKV, stream_kv
 
 KINDS = ("keys", "values")
 SPACES = ("post_rope", "pre_rope")
@@ -196,7 +196,7 @@ def _summaries(spec: dict) -> dict:
 
 
 def _loaded(model):
-    from analysis.runner import ModelHandle
+    from analysis.results.runner import ModelHandle
 
     return model.get() if isinstance(model, ModelHandle) else model
 
@@ -206,9 +206,9 @@ def run_spectra(model, store, params: SpectraParams, progress=None, should_stop=
     """Compute (or find in `store`) the spectra of `params`; returns the run key. One cell (the
     whole text): the executor argument is accepted for a uniform job signature, and the work
     runs in this process."""
-    from analysis.haystack import essays, text_tokens
-    from analysis.runner import Cancelled
-    from analysis.store import project_commit
+    from analysis.harness.haystack import essays, text_tokens
+    from analysis.results.runner import Cancelled
+    from analysis.results.store import project_commit
 
     loaded = _loaded(model)
     info = loaded.info

@@ -16,6 +16,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from analysis.bench.common import machine_description, write_fragment
+
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 
 
@@ -23,7 +25,7 @@ def row_press(row: str, ratio: float, model):
     """The press of a row: None for "full" and "faedkv-cache" (FAEDKVCache compresses itself),
     else the registry press of the method spec `row` (e.g. "faedkv:exact_share=0.9") at `ratio`."""
     from analysis.cli import parse_methods
-    from analysis.methods import build_press
+    from analysis.harness.methods import build_press
 
     if row in ("full", "faedkv-cache"):
         return None
@@ -74,7 +76,7 @@ def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=
     time limit keeps what it measured."""
     import torch
 
-    from analysis.haystack import text_tokens
+    from analysis.harness.haystack import text_tokens
 
     out = []
     for tokens in lengths:
@@ -112,9 +114,8 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> st
 def run_e2e(args) -> int:
     import sys
 
-    from analysis.bench import machine_description, write_fragment
     from analysis.cli import one_line, parse_methods
-    from analysis.models import load_model
+    from analysis.harness.models import load_model
 
     for row in args.rows:
         try:

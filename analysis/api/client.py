@@ -8,7 +8,7 @@
     with LocalBackend(model="tiny-random-llama", store="results") as client:   # its own server
         ...
 
-`LocalBackend` starts `python -m analysis.server` in a subprocess, waits for /health and stops
+`LocalBackend` starts `python -m analysis.service.server` in a subprocess, waits for /health and stops
 it when this process exits (the app does so when FAEDKV_BACKEND_URL is unset). Every failure
 is a `BackendError` carrying the server's message (its "detail") and the HTTP status.
 """
@@ -29,12 +29,12 @@ from urllib.parse import quote
 
 import httpx
 
-from analysis.job_states import TERMINAL
+from analysis.api.job_states import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "FAEDKV_BACKEND_URL"
 TOKEN_ENV = "FAEDKV_TOKEN"
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 
 
 class BackendError(RuntimeError):
@@ -47,7 +47,7 @@ class BackendError(RuntimeError):
 
 
 def _as_dict(params: Any) -> dict:
-    """A params dict, or a pydantic model from analysis.params as its JSON dict."""
+    """A params dict, or a pydantic model from analysis.api.params as its JSON dict."""
     dump = getattr(params, "model_dump", None)
     return dump(mode="json") if callable(dump) else dict(params)
 
@@ -64,7 +64,7 @@ def _detail(response: httpx.Response) -> str:
 
 
 class BackendClient:
-    """Typed calls to the REST API of `analysis.server` (see DEVELOPERS.md)."""
+    """Typed calls to the REST API of `analysis.service.server` (see DEVELOPERS.md)."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
                  generate_timeout: float | None = 900.0,
@@ -99,7 +99,7 @@ class BackendClient:
         except httpx.ConnectError as exc:
             raise BackendError(
                 f"the backend at {self.url} is not running ({exc}). Start it with "
-                "`python -m analysis.server` (or `make backend`), or unset "
+                "`python -m analysis.service.server` (or `make backend`), or unset "
                 f"{URL_ENV} to let the app start its own.") from exc
         except httpx.TimeoutException as exc:
             raise BackendError(f"the backend at {self.url} did not answer {method} {path} in time "
@@ -186,7 +186,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalBackend:
-    """`python -m analysis.server` in a child process on this machine (loopback only; with
+    """`python -m analysis.service.server` in a child process on this machine (loopback only; with
     `token`, every request must carry it).
 
     Started in its own process group and stopped (SIGTERM, then SIGKILL) by `stop()`, on
@@ -217,7 +217,7 @@ class LocalBackend:
         return self.store / "backend.log"
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "analysis.server", "--model", self.model, "--port",
+        return [self.python, "-m", "analysis.service.server", "--model", self.model, "--port",
                 str(self.port), "--store", str(self.store), "--device", self.device,
                 "--dtype", self.dtype, "--host", "127.0.0.1", *self.extra_args]
 

@@ -3,7 +3,6 @@
     answer = answer_details(loaded, press, context, question, max_new_tokens=32,
                             query_mode="query_agnostic", answer_prefix="The pass key is")
     answer.text, answer.cache_lengths
-    result = generate(loaded, GenerateParams(method=MethodSpec(name="snapkv", compression_ratio=0.75)))
 
 Generation runs kvpress's own "kv-press-text-generation" pipeline
 (`kvpress.KVPressTextGenerationPipeline`), so prompts and decoding match kvpress exactly:
@@ -23,7 +22,7 @@ Generation runs kvpress's own "kv-press-text-generation" pipeline
 
 We pass our own `DynamicCache`; kvpress trims the answer's tokens off it after decoding, so
 afterwards it holds exactly the compressed prefill: its per-layer lengths are the recorded
-`cache_lengths`, checked against the method's budget (`analysis.methods.check_cache_lengths`:
+`cache_lengths`, checked against the method's budget (`analysis.harness.methods.check_cache_lengths`:
 a press that did not compress raises `CompressionError`).
 
 Prompt modes (`query_mode`):
@@ -41,8 +40,8 @@ import dataclasses
 import time
 import weakref
 
-from analysis.methods import attention_for, build_press, check_cache_lengths, method_label
-from analysis.params import QUERY_MODES, GenerateParams
+from analysis.api.params import QUERY_MODES
+from analysis.harness.methods import attention_for, check_cache_lengths
 
 # kvpress truncates contexts longer than this; we never want that (see the module docstring).
 NO_TRUNCATION = 10 ** 12
@@ -62,7 +61,7 @@ def one_token_steps(model, cache) -> bool:
     attention patch then needs one fake key that nullifies every query of the pass per KV head,
     and that hyperplane search fails for the many queries of a multi-token pass where a single
     token's few query heads are easily separated."""
-    from analysis.methods import masked_pairs
+    from analysis.harness.methods import masked_pairs
 
     return uneven(cache) or any(masked_pairs(model))
 
@@ -181,86 +180,3 @@ def cache_report(press, compression_ratio: float, prompt_tokens: int,
             "kept_tokens": kept, "kept_fraction": kept / prompt_tokens if prompt_tokens else 1.0,
             "compressed": bool(cache_lengths) and all(n < prompt_tokens for n in cache_lengths),
             "layers": layers}
-
-
-def answer_nll(loaded, press, context: str, question: str, query_mode: str,
-               answer_prefix: str | None, expected: str) -> float:
-    """Mean NLL (nats per token) of `expected`, teacher-forced after the context compressed by
-    `press` (None: full cache), the question and the answer prefix: a graded score where exact
-    match is all or nothing. The context's last token is fed with the question (so the press
-    sees one token less than in `answer_details`)."""
-    import torch
-
-    from analysis.tasks.ppl import continuation_token_nll
-
-    ids = prompt_ids(loaded, context, question, query_mode, answer_prefix)
-    answer = loaded.tokenizer(" " + expected.strip(), add_special_tokens=False,
-                              return_tensors="pt").input_ids
-    tail = torch.cat([ids["questions_ids"][0].cpu(), answer], dim=1)
-    nll, _ = continuation_token_nll(loaded, press, ids["context_ids"], tail)
-    return float(nll[-answer.shape[1]:].mean())
-
-
-def generate(loaded, params: GenerateParams) -> dict:
-    """One interactive generation (the server's "generate" job): the prompt of `params.prompt`
-    (a needle sample built from its seed, or free text) answered under `params.method`, and,
-    with compare_full, under the full cache too (skipped when the method is full)."""
-    from analysis.tasks import needle as needle_task
-
-    prompt = params.prompt
-    sample = None
-    if prompt.kind == "needle":
-        sample = needle_task.make_sample(loaded.tokenizer, prompt.needle, prompt.context_length,
-                                         prompt.depth, prompt.seed)
-        context, question, prefix = sample.context, sample.question, sample.answer_prefix
-    else:
-        context, question, prefix = prompt.text, prompt.question or "", None
-    press = build_press(params.method, loaded.model)
-    main = answer_details(loaded, press, context, question, params.max_new_tokens,
-                          params.query_mode, prefix)
-    full = None
-    if params.compare_full and press is not None:
-        full = answer_details(loaded, None, context, question, params.max_new_tokens,
-                              params.query_mode, prefix)
-    result = {
-        "method": params.method.model_dump(mode="json"),
-        "method_label": method_label(params.method),
-        "model": loaded.info.name,
-        "model_revision": loaded.info.revision,
-        "query_mode": params.query_mode,
-        "answer": main.text,
-        "full_answer": (main.text if press is None else full.text) if params.compare_full else None,
-        "cache_lengths": main.cache_lengths,
-        "expected_cache_length": main.expected_cache_lengths,
-        "reconstruction_error": reconstruction_errors(press, len(main.cache_lengths)),
-        "prompt_tokens": main.prompt_tokens,
-        "cache": cache_report(press, params.method.compression_ratio, main.prompt_tokens,
-                              main.cache_lengths),
-        "question": question or None,
-        "seconds": main.seconds,
-        "seconds_full": (main.seconds if press is None else full.seconds)
-        if params.compare_full else None,
-    }
-    if sample is not None:
-        result.update(needle=sample.needle_text, answer_prefix=sample.answer_prefix,
-                      expected_answer=sample.expected, question=sample.question,
-                      needle_positions=list(sample.needle_positions),
-                      score=needle_task.score(sample, main.text),
-                      full_score=needle_task.score(sample, result["full_answer"])
-                      if result["full_answer"] is not None else None)
-        nll = answer_nll(loaded, press, context, question, params.query_mode, prefix,
-                         sample.expected)
-        full_nll = None
-        if params.compare_full:
-            full_nll = nll if press is None else answer_nll(
-                loaded, None, context, question, params.query_mode, prefix, sample.expected)
-        result.update(answer_nll=nll, full_answer_nll=full_nll)
-    if params.diagnostics:
-        from analysis.diagnostics import attention_diagnostics
-
-        ids = prompt_ids(loaded, context, question, params.query_mode, prefix)
-        device = loaded.model.device
-        result["diagnostics"] = attention_diagnostics(loaded, build_press(params.method, loaded.model),
-                                                      ids["context_ids"].to(device),
-                                                      ids["questions_ids"][0].to(device))
-    return result

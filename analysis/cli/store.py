@@ -10,7 +10,7 @@ Wire it into a CLI with
     args = parser.parse_args()
     raise SystemExit(args.func(args))       # each store command sets `func`; returns an exit code
 
-`python -m analysis.cli_store ...` runs the same commands on their own.
+`python -m analysis.cli.store ...` runs the same commands on their own.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 
 import yaml
 
-from analysis.store import INCOMPLETE_RUN, ResultsStore, StoreError
+from analysis.results.store import INCOMPLETE_RUN, ResultsStore, StoreError
 
 DEFAULT_OUT = "results"
 
@@ -194,11 +194,11 @@ def add_store_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.cli_store")
+    parser = argparse.ArgumentParser(prog="python -m analysis.cli.store")
     add_store_commands(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "store":
-        argv.insert(0, "store")  # `python -m analysis.cli_store list` == `... store list`
+        argv.insert(0, "store")  # `python -m analysis.cli.store list` == `... store list`
     args = parser.parse_args(argv)
     return args.func(args)
 

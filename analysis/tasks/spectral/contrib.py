@@ -41,8 +41,8 @@ import time
 import numpy as np
 import torch
 
-from analysis.params import ContribParams, MethodSpec
-from analysis.tasks.contrib import EVICTION, LINEAR
+from analysis.api.params import ContribParams, MethodSpec
+from analysis.harness.methods import EVICTION, LINEAR
 
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 64
 
@@ -66,7 +66,7 @@ def summarise(profile: np.ndarray, start: int, stop: int) -> dict:
 # --------------------------------------------------------------------------- linear maps
 
 def linear_variant(spec: MethodSpec) -> str:
-    from analysis.methods import method_params
+    from analysis.harness.methods import method_params
 
     if spec.name == "dct_iterative":
         return "dct-iterative"
@@ -77,7 +77,7 @@ def linear_profile(spec: MethodSpec, context_length: int, num_layers: int, num_k
     """Column weights of the method's attention-equivalent map over every position:
     (context_length,) plus the range. The layout (sink, slots, window) is the press's own
     (faedkv.budget.layout); each slot counts with its mass when the mass correction is on."""
-    from analysis.methods import method_params
+    from analysis.harness.methods import method_params
     from faedkv.budget import layout
     from faedkv.contribution import contribution_profile
     from faedkv.plans import FrequencyPlan
@@ -160,8 +160,8 @@ def observed_kept(loaded, press, input_ids: torch.Tensor) -> list[list[np.ndarra
     """Prefill `input_ids` `(1, T)` under `press`; per layer, per KV head, the kept positions."""
     from transformers import DynamicCache
 
-    from analysis.capture import decoder_layers
-    from analysis.methods import attention_for
+    from analysis.harness.capture import decoder_layers
+    from analysis.harness.methods import attention_for
 
     model = loaded.model
     before: dict[int, torch.Tensor] = {}
@@ -192,7 +192,7 @@ def observed_kept(loaded, press, input_ids: torch.Tensor) -> list[list[np.ndarra
 
 
 def eviction_profile(loaded, spec: MethodSpec, input_ids: torch.Tensor) -> dict:
-    from analysis.methods import build_press
+    from analysis.harness.methods import build_press
 
     press = build_press(spec, loaded.model)
     t = input_ids.shape[-1]
@@ -222,8 +222,8 @@ class ContribCell:
         self.params = params
 
     def __call__(self, cell: dict) -> dict:
-        from analysis.haystack import text_tokens
-        from analysis.methods import method_label
+        from analysis.harness.haystack import text_tokens
+        from analysis.harness.methods import method_label
 
         spec = MethodSpec.model_validate(cell["spec"])
         loaded = self.handle.get()
@@ -249,9 +249,9 @@ class ContribCell:
 def run_contrib(model, store, params: ContribParams, progress=None, should_stop=None,
                 executor: str = "local", ray_address: str | None = None) -> str:
     """One cell per method (cell id = its label); returns the run key."""
-    from analysis.methods import method_label
-    from analysis.runner import ModelHandle, run_cells
-    from analysis.store import project_commit
+    from analysis.harness.methods import method_label
+    from analysis.results.runner import ModelHandle, run_cells
+    from analysis.results.store import project_commit
 
     handle = model if isinstance(model, ModelHandle) else ModelHandle.from_loaded(model)
     info = handle.get().info

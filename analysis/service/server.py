@@ -1,11 +1,11 @@
 """The backend: one process loads the model once and runs jobs for any number of clients.
 
-    python -m analysis.server --model smollm2-135m-instruct --device cuda --port 8765 --store results/
+    python -m analysis.service.server --model smollm2-135m-instruct --device cuda --port 8765 --store results/
 
 REST API (the contract is in DEVELOPERS.md, "Backend REST API"): health and model info, the
 results store (list, fetch, delete), jobs (needle, suite, ppl, spectra, ablate, contrib: a
 grid of cells with progress and cancel) and `POST /generate` (one answer, ahead of batch jobs).
-The model lives on one worker thread (`analysis.jobs.JobQueue`); the HTTP handlers never touch
+The model lives on one worker thread (`analysis.service.jobs.JobQueue`); the HTTP handlers never touch
 it, so /health answers while an ablation runs.
 
 Security: the server binds to 127.0.0.1 by default. Binding anywhere else needs a token
@@ -13,7 +13,7 @@ Security: the server binds to 127.0.0.1 by default. Binding anywhere else needs 
 request carries as `Authorization: Bearer <token>`, or the server refuses to start. Without a
 token the server answers only requests whose Host header names the loopback (a web page on
 another site cannot reach it through DNS rebinding). Every request body is a pydantic model
-from `analysis.params`, checked against the loaded model (context, layers, heads, method
+from `analysis.api.params`, checked against the loaded model (context, layers, heads, method
 budgets) and `--max-cells` before it is queued; no endpoint takes a file path, and error
 messages never show server paths.
 
@@ -41,19 +41,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from analysis import params as P
-from analysis.jobs import (MAX_QUEUED, JobQueue, JobUnavailable, QueueFull, UnknownJob,
-                           availability, job_kind)
-from analysis.store import (INCOMPLETE_RUN, ResultsStore, StoreError, json_safe, lock_holder,
-                            locked_message, project_commit)
+from analysis.api import params as P
+from analysis.results.store import (INCOMPLETE_RUN, ResultsStore, StoreError, json_safe, lock_holder,
+                                    locked_message, project_commit)
+from analysis.service.jobs import (MAX_QUEUED, JobQueue, JobUnavailable, QueueFull, UnknownJob,
+                                   availability, job_kind)
 from analysis.tasks import JobKind, kinds
 
-log = logging.getLogger("analysis.server")
+log = logging.getLogger("analysis.service.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ASSETS = _REPO / "assets" / "results"
 # A run key: 16 hex digits, or "<kind>-<16 hex digits>" (kind at most 64 characters).
 _KEY = re.compile(r"(?:[A-Za-z0-9_]{1,64}-)?[0-9a-f]{16}")
@@ -147,7 +147,7 @@ def check_plan(where: str, plan: dict, info) -> None:
 def check_press(where: str, spec: P.MethodSpec, model, shortest: int, what: str) -> None:
     """Build the method's press (its own argument checks run) and, for FAEDKV, ask it for the
     slots of the shortest prompt (its budget rule): a ValueError here is the user's."""
-    from analysis.methods import build_press
+    from analysis.harness.methods import build_press
 
     try:
         press = build_press(spec, model)
@@ -515,7 +515,7 @@ def create_app(loaded, store_root: str | os.PathLike, *, token: str | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.service.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
                    help="smollm2-135m-instruct (default, embedded), a .gguf file, tiny-random-llama, tiny-random-qwen2, random-llama3-8b, a HF id or a folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {locked_message(args.store, holder)}", file=sys.stderr)
         return 2
 
-    from analysis.models import ModelLoadError, load_model
+    from analysis.harness.models import ModelLoadError, load_model
 
     try:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype,

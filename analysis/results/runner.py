@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from analysis.store import Run
+from analysis.results.store import Run
 
 EXECUTORS = ("local", "ray")
-_PROJECT = Path(__file__).resolve().parent.parent
+_PROJECT = Path(__file__).resolve().parents[2]
 # How long the Ray driver waits for a result before polling should_stop() again (seconds).
 _POLL_SECONDS = 0.5
 
@@ -76,7 +76,7 @@ class ModelHandle:
 
     @classmethod
     def from_loaded(cls, loaded) -> "ModelHandle":
-        """A handle on a model this process already holds (`analysis.models.LoadedModel`):
+        """A handle on a model this process already holds (`analysis.harness.models.LoadedModel`):
         `.get()` returns it without reloading; a pickled copy reloads it by its info."""
         info = loaded.info
         # A Ray GPU worker sees its one GPU as "cuda", whatever index the driver used.
@@ -94,7 +94,7 @@ class ModelHandle:
             with _MODELS_LOCK:
                 loaded = _MODELS.get(self.args)
                 if loaded is None:
-                    from analysis.models import load_model
+                    from analysis.harness.models import load_model
 
                     loaded = load_model(*self.args)
                     _MODELS[self.args] = loaded

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from app import figures, plans
+from analysis.api import plans
+from app import figures
 from app.export import FigureEntry, entry
 
 SPACE_LABEL = {"post_rope": "post-RoPE", "pre_rope": "pre-RoPE"}

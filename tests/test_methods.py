@@ -29,7 +29,11 @@ def sample(tiny):
 
 
 def test_registry_is_exactly_the_params_method_list():
+    from analysis.api.params import EVICTION, LINEAR, PLANNED
+
     assert tuple(methods.REGISTRY) == METHODS
+    assert PLANNED == {name for name, e in methods.REGISTRY.items() if "plan" in e.defaults}
+    assert LINEAR <= set(METHODS) and EVICTION <= set(METHODS) and not LINEAR & EVICTION
 
 
 @pytest.mark.parametrize("name", COMPRESSING)

@@ -110,3 +110,23 @@ def test_a_plan_that_keeps_no_bin_of_a_small_compression_is_a_clear_error():
     cache.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16), 0)   # M = 8, layer 0: fine
     with pytest.raises(ValueError, match="layer 1 keys keeps chunks"):
         cache.update(torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16), 1)
+
+
+def test_the_torch_free_plans_write_what_frequency_plan_writes():
+    """analysis.api.plans (the app's plan editor) builds the same plans as faedkv.FrequencyPlan."""
+    import numpy as np
+
+    from analysis.api import plans
+
+    rng = np.random.default_rng(int(torch.initial_seed()) % 2**32)
+    for layers, chunks in ((3, 22), (28, 7), (1, 1)):
+        for ratio in (0.05, 0.25, 0.5, 0.75, 1.0):
+            assert plans.to_json_dict(plans.low_pass(ratio, layers, chunks), f"low-pass-{ratio:g}") == \
+                FrequencyPlan.low_pass(ratio, layers, chunks).to_dict()
+            scores = rng.integers(0, 4, size=(layers, chunks)).astype(float)   # ties on purpose
+            assert plans.to_json_dict(plans.from_scores(scores, ratio), "s") == \
+                FrequencyPlan.from_scores(scores, ratio, name="s").to_dict()
+            assert plans.ratio(plans.from_scores(scores, ratio)) == pytest.approx(
+                FrequencyPlan.from_scores(scores, ratio).ratio)
+    mask = plans.from_scores(rng.random((4, 22)), 0.5)
+    assert plans.from_json(FrequencyPlan.from_json(plans.to_json(mask, "x")).to_json())[0].tolist() == mask.tolist()

@@ -37,6 +37,15 @@ METHODS = (
     "compactor",
     "merging",            # kvpress MergingPress around SnapKV (merge-on-evict)
 )
+# What the app and the tasks know of a method besides its name (torch-free; the presses are in
+# analysis.harness.methods). PLANNED: takes a frequency plan. A contribution profile exists for
+# LINEAR methods (a fixed linear map along the token axis) and EVICTION presses (kept rows are
+# copies of original rows; not merging, which averages what it evicts into the kept rows, nor
+# kvzip, which hides pairs behind fake keys).
+PLANNED = frozenset({"faedkv", "dct_iterative"})
+LINEAR = PLANNED
+EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm",
+                      "expected_attention", "keydiff", "lagkv", "compactor"})
 VARIANTS = ("iwdft", "resample", "dct-iterative")
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")

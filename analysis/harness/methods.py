@@ -101,14 +101,6 @@ assert tuple(REGISTRY) == tuple(METHODS), (
     f"analysis.harness.methods implements {sorted(REGISTRY)}, analysis.api.params.METHODS lists {sorted(METHODS)}")
 
 
-# Methods with a contribution profile (the contrib task). LINEAR: a fixed linear map along the token axis;
-# EVICTION: presses whose kept rows are copies of original rows (merging and kvzip are not:
-# MergingPress averages what it evicts into the kept rows, KVzip hides pairs behind fake keys).
-LINEAR = frozenset({"faedkv", "dct_iterative"})
-EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm",
-                      "expected_attention", "keydiff", "lagkv", "compactor"})
-
-
 def entry(name: str) -> MethodEntry:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")

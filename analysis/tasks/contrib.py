@@ -2,8 +2,7 @@
 `analysis.tasks.spectral.contrib.run_contrib`), and its command `python -m analysis contrib`."""
 from __future__ import annotations
 
-from analysis.api.params import ContribParams, MethodSpec
-from analysis.harness.methods import EVICTION, LINEAR
+from analysis.api.params import EVICTION, LINEAR, ContribParams, MethodSpec
 from analysis.tasks import JobKind
 
 

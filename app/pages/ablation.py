@@ -11,7 +11,8 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from analysis.api.params import AblateParams  # noqa: E402
-from app import plans, state, ui, views  # noqa: E402
+from analysis.api import plans  # noqa: E402
+from app import state, ui, views  # noqa: E402
 
 PAGE = "ablation"
 JOB = "ablation.job"

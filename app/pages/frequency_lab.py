@@ -13,14 +13,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.api.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, QUERY_MODES,  # noqa: E402
-                                 SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
+from analysis.api.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
+                                 QUERY_MODES, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
                                  TaskPrompt)
-from app import figures, plans, state, ui, views  # noqa: E402
+from analysis.api import plans  # noqa: E402
+from app import figures, state, ui, views  # noqa: E402
 
 PAGE = "lab"
 STARTS = ("low-pass", "energy", "ablation")
-PLANNED = ("faedkv", "dct_iterative")          # methods that take a frequency plan
 SPACE_LABEL = {"post_rope": "post-RoPE keys", "pre_rope": "pre-RoPE keys"}
 NORM_LABEL = {"mean": "class means", "sum": "(M/t)·sums (old)"}
 FIT_LABEL = {"mean": "class means", "probes": "attention-matched"}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from analysis.api.params import AblateParams
+from analysis.api.plans import fill_layers
 
 PLAN_RATIOS = (0.25, 0.5, 0.75)
 NEEDLE_KIND = "sentence"
@@ -218,15 +219,6 @@ def mean_sem(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = rows.mean(-1)
     sem = rows.std(-1, ddof=1) / math.sqrt(n) if n > 1 else np.full(mean.shape, np.nan)
     return mean, sem
-
-
-def fill_layers(scores: np.ndarray, layers: list[int], num_layers: int) -> np.ndarray:
-    """(len(layers), C) -> (num_layers, C): each layer takes its nearest ablated layer's row."""
-    out = np.zeros((num_layers, scores.shape[1]))
-    for target in range(num_layers):
-        nearest = min(range(len(layers)), key=lambda i: (abs(layers[i] - target), layers[i]))
-        out[target] = scores[nearest]
-    return out
 
 
 def derived_plans(scores: np.ndarray, layers: list[int], num_layers: int, name: str) -> dict:

@@ -41,8 +41,7 @@ import time
 import numpy as np
 import torch
 
-from analysis.api.params import ContribParams, MethodSpec
-from analysis.harness.methods import EVICTION, LINEAR
+from analysis.api.params import EVICTION, LINEAR, ContribParams, MethodSpec
 
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 64
 

@@ -41,6 +41,7 @@ import torch
 
 from analysis.api.params import SpectraParams
 from analysis.harness.capture import LayerKV, stream_kv
+from faedkv.plans import chunk_of
 
 KINDS = ("keys", "values")
 SPACES = ("post_rope", "pre_rope")
@@ -105,14 +106,10 @@ def grid_density(freqs: np.ndarray, energy: np.ndarray, t: int, points: int) -> 
     return cells.reshape(*energy.shape[:-1], points)
 
 
-def chunk_of(freqs: np.ndarray, chunks: int) -> np.ndarray:
-    """Chunk index of each normalised frequency in [0, 0.5]: floor(f * 2C), 0.5 in the last."""
-    return np.minimum((np.asarray(freqs) * 2 * chunks).astype(np.int64), chunks - 1)
-
-
 def chunk_energy(freqs: np.ndarray, energy: np.ndarray, chunks: int) -> np.ndarray:
-    """`energy` `(..., J)` summed per chunk -> `(..., chunks)`."""
-    onehot = np.eye(chunks)[chunk_of(freqs, chunks)]          # (J, chunks)
+    """`energy` `(..., J)` summed per chunk -> `(..., chunks)` (chunks as faedkv.plans.chunk_of
+    assigns them, so the energy plan and FrequencyPlan agree on every bin)."""
+    onehot = np.eye(chunks)[chunk_of(torch.as_tensor(freqs), chunks).numpy()]   # (J, chunks)
     return energy @ onehot
 
 

@@ -1,6 +1,9 @@
-"""Torch-free frequency plans for the app: a (layers, chunks) bool mask of kept chunks, built
-from low-pass, from scores (spectral energy, ablation loss increase) or by hand, and written as
-exactly the JSON `faedkv.FrequencyPlan.to_json` produces (the app must not import faedkv).
+"""Torch-free frequency plans: a (layers, chunks) bool mask of kept chunks, built from low-pass,
+from scores (spectral energy, ablation loss increase) or by hand, and written as exactly the JSON
+`faedkv.FrequencyPlan.to_json` produces. The app edits plans with it (it must not import torch,
+so not faedkv); tests/test_plans.py checks it against faedkv.FrequencyPlan. `fill_layers` is the
+one home of the rule that a coarse ablation grid gives every layer the row of its nearest
+ablated layer (analysis.tasks.spectral.ablation uses it too).
 """
 from __future__ import annotations
 

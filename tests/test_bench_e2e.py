@@ -12,6 +12,7 @@ def test_every_row_generates_and_is_reported(tmp_path):
     assert [r["row"] for r in rows] == list(ROWS)
     for r in rows:
         assert r["ttft_s"] > 0 and r["total_s"] > 0 and r["peak_gb"] is None   # CPU: no CUDA peak
+        assert r["ms_per_token"] > 0 and r["ttft_s"] < r["total_s"]   # one call: first token, then the rest
         assert r["ratio"] == (0.0 if r["row"] == "full" else 0.75)
     text = e2e_markdown(rows, "test machine", "cmd", loaded.info.name)
     assert text.count("\n| 300 |") == len(ROWS) and "Machine: test machine" in text
@@ -37,5 +38,8 @@ def test_bad_rows_and_token_counts_are_refused():
         main(["e2e", "--model", "tiny-random-llama", "--rows", "oracle"])
     with pytest.raises(SystemExit, match="row 'snapkv,knorm': one method per row"):
         main(["e2e", "--model", "tiny-random-llama", "--rows", "snapkv,knorm"])
+    for row in ("kvzip", "faedkv:exact_share=0.5:exact_scorer=kvzip"):
+        with pytest.raises(SystemExit, match="KVzip compresses when its `with` block ends"):
+            main(["e2e", "--model", "tiny-random-llama", "--rows", row])
     with pytest.raises(SystemExit, match="at least 2"):
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])

@@ -5,11 +5,15 @@ with a fixed budget while decoding).
     python -m analysis.bench e2e --model /tmp/m/model --device cuda --lengths 16384 32768 \\
         --new-tokens 256 --ratio 0.75 --fragment benchmarks/e2e-h200-qwen.md
 
-Time to first token = a generate call of one new token (prefill + compression + one step);
-ms per token = (a call of N new tokens - that call) / (N - 1). Both median of `--repeats` calls on
-the same prompt (essay text), after one warm-up call. Peak memory (CUDA only) is the allocator's
-peak during the N-token call minus what was allocated before it (the weights and the input).
-Greedy decoding with min_new_tokens = max_new_tokens, so every row decodes the same count.
+Both times come from one generate call of N new tokens, clocked by a streamer that notes when each
+new token reaches the host (generate hands it over with `.cpu()`, so on CUDA the token is
+computed): time to first token = the first new token's time since the call began (prefill +
+compression + one step); ms per token = (last token's time - first token's) / (N - 1). Each is the
+median of `--repeats` calls on the same prompt (essay text), after one warm-up call. (Two calls
+of 1 and N tokens, subtracted, went negative when a press's prefill varies by more than the
+decode takes: KVzip's does.) Peak memory (CUDA only) is the allocator's peak during the call
+minus what was allocated before it (the weights and the input). Greedy decoding with
+min_new_tokens = max_new_tokens, so every row decodes the same count.
 """
 from __future__ import annotations
 
@@ -21,16 +25,34 @@ from analysis.bench.common import machine_description, write_fragment
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 
 
+def row_spec(row: str, ratio: float):
+    """The MethodSpec of a row (None for "faedkv-cache"); ValueError for what this bench cannot
+    time. KVzip scores when its `with` block ends, and model.generate decodes inside the block,
+    so its rows (and FAEDKV hybrids scored by KVzip) would decode over the full cache."""
+    from analysis.cli import parse_methods
+    from analysis.harness.methods import method_params
+
+    if row == "faedkv-cache":
+        return None
+    specs = parse_methods(row, [ratio])
+    if len(specs) != 1:
+        raise ValueError("one method per row")
+    spec = specs[0]
+    params = method_params(spec) if spec.name == "faedkv" else {}
+    if spec.name == "kvzip" or (params.get("exact_scorer") == "kvzip" and params.get("exact_share")):
+        raise ValueError("KVzip compresses when its `with` block ends, after model.generate has "
+                         "decoded on the full cache; time it with kvpress's pipeline (prefill under "
+                         "the press, then decode), not here")
+    return spec
+
+
 def row_press(row: str, ratio: float, model):
     """The press of a row: None for "full" and "faedkv-cache" (FAEDKVCache compresses itself),
     else the registry press of the method spec `row` (e.g. "faedkv:exact_share=0.9") at `ratio`."""
-    from analysis.cli import parse_methods
     from analysis.harness.methods import build_press
 
-    if row in ("full", "faedkv-cache"):
-        return None
-    (spec,) = parse_methods(row, [ratio])
-    return build_press(spec, model)
+    spec = row_spec(row, ratio)
+    return None if spec is None or spec.name == "full" else build_press(spec, model)
 
 
 def synchronize(device: str) -> None:
@@ -40,8 +62,23 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> tuple[float, int | None]:
-    """(seconds, peak bytes over the start or None off CUDA) of one generate call."""
+class TokenClock:
+    """A generate streamer that notes the time of each `put`: the prompt first, then every new
+    token (ids arrive on the host, so the step that made them is done)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> dict:
+    """One generate call: {"total_s", "ttft_s", "ms_per_token" (None for one new token),
+    "peak_bytes" (over the start; None off CUDA)}."""
     import torch
     from transformers import DynamicCache
 
@@ -54,10 +91,11 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> tu
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated()
+    clock = TokenClock()
     synchronize(device)
     start = time.perf_counter()
     kwargs = dict(past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id)
+                  do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock)
     with torch.inference_mode():
         if press is None:
             model.generate(ids, **kwargs)
@@ -66,8 +104,12 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> tu
                 model.generate(ids, **kwargs)
     synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - start_bytes if cuda else None
-    return seconds, peak
+    tokens = clock.times[1:]                   # the first put is the prompt
+    if len(tokens) != new_tokens:
+        raise RuntimeError(f"row {row!r}: generate streamed {len(tokens)} new tokens, asked for {new_tokens}")
+    return {"total_s": seconds, "ttft_s": tokens[0] - start,
+            "ms_per_token": 1e3 * (tokens[-1] - tokens[0]) / (new_tokens - 1) if new_tokens > 1 else None,
+            "peak_bytes": torch.cuda.max_memory_allocated() - start_bytes if cuda else None}
 
 
 def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=ROWS,
@@ -83,13 +125,11 @@ def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=
         ids = torch.tensor([text_tokens(loaded.tokenizer, tokens)], device=loaded.model.device)
         for row in rows:
             generate_seconds(loaded, ids, row, ratio, 2)                      # warm-up
-            first = [generate_seconds(loaded, ids, row, ratio, 1)[0] for _ in range(repeats)]
             runs = [generate_seconds(loaded, ids, row, ratio, new_tokens) for _ in range(repeats)]
-            ttft, total = statistics.median(first), statistics.median(s for s, _ in runs)
-            peaks = [p for _, p in runs if p is not None]
+            peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
             out.append({"tokens": tokens, "row": row, "ratio": 0.0 if row == "full" else ratio,
-                        "ttft_s": ttft, "ms_per_token": 1e3 * (total - ttft) / max(1, new_tokens - 1),
-                        "total_s": total, "peak_gb": max(peaks) / 1e9 if peaks else None})
+                        **{k: statistics.median(r[k] for r in runs) for k in ("ttft_s", "ms_per_token", "total_s")},
+                        "peak_gb": max(peaks) / 1e9 if peaks else None})
             if on_row is not None:
                 on_row(out)
     return out
@@ -114,18 +154,17 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> st
 def run_e2e(args) -> int:
     import sys
 
-    from analysis.cli import one_line, parse_methods
+    from analysis.cli import one_line
     from analysis.harness.models import load_model
 
     for row in args.rows:
         try:
-            if row != "faedkv-cache" and len(parse_methods(row, [args.ratio])) != 1:
-                raise ValueError("one method per row")
+            row_spec(row, args.ratio)
         except ValueError as exc:
             raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache or one --methods spec "
                              "(full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
-        raise SystemExit("--new-tokens must be at least 2 (ms per token needs two calls to differ)")
+        raise SystemExit("--new-tokens must be at least 2 (ms per token is the time between the first and the last new token)")
     loaded = load_model(args.model, device=args.device)
     machine = machine_description(str(loaded.model.device))
     command = "python -m analysis.bench e2e " + " ".join(sys.argv[2:])

@@ -73,3 +73,35 @@ def layout(num_tokens: int, compression_ratio: float, sink_tokens: int, window: 
     rest = kept - sink - window
     exact = min(rest - 1, int(exact_share * rest))
     return Layout(num_tokens, sink, window, rest - exact, exact)
+
+
+def layer_ratios(sensitivity, compression_ratio: float, share: float = 0.5) -> list[float]:
+    """Per-layer compression ratios whose mean is `compression_ratio` (the same total rows, up
+    to each layer's rounding): `share` of the kept budget follows `sensitivity` (one number per
+    layer, e.g. the loss increase when the layer's spectrum is cut; negatives count as 0), the
+    rest is spread evenly, so every layer keeps at least (1 - share) of the mean. No layer keeps more than everything: what the cap frees goes to the
+    others, by the same weights."""
+    if not 0 <= compression_ratio < 1:
+        raise ValueError(f"compression_ratio must be in [0, 1) (fraction removed), got {compression_ratio}")
+    if not 0 <= share < 1:
+        raise ValueError(f"share must be in [0, 1) (below 1, every layer keeps some rows), got {share}")
+    scores = [max(0.0, float(s)) for s in sensitivity]
+    if not scores:
+        raise ValueError("sensitivity needs one number per layer")
+    total, layers = sum(scores), len(scores)
+    if total == 0:
+        return [compression_ratio] * layers
+    weights = [(1 - share) + share * layers * s / total for s in scores]     # mean 1
+    kept = [(1 - compression_ratio) * w for w in weights]
+    for _ in range(layers):
+        over = [i for i, k in enumerate(kept) if k > 1]
+        if not over:
+            break
+        excess = sum(kept[i] - 1 for i in over)
+        for i in over:
+            kept[i] = 1.0
+        free = [i for i, k in enumerate(kept) if k < 1]
+        mass = sum(weights[i] for i in free)
+        for i in free:
+            kept[i] += excess * (weights[i] / mass if mass > 0 else 1 / len(free))
+    return [1 - k for k in kept]

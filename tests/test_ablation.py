@@ -150,3 +150,42 @@ def test_plan_comparison_builds_three_plans_and_a_table(tiny_loaded, tmp_path):
     assert {m["label"] for m in needle["by_method"]} >= {r["label"] for r in out["rows"]}
     with pytest.raises(ValueError, match="chunks"):
         ablation.energy_scores(store.get(out["spectra_key"]).get_array("spectra"), 3)
+
+
+def test_layer_budget_from_an_ablation_run_drives_a_per_layer_faedkv(tiny_loaded, tmp_path, capsys):
+    """layer-budget: sensitivities from the stored deltas, ratios averaging the asked ratio, written
+    as JSON that a faedkv method spec reads; the press then keeps those rows per layer."""
+    from analysis.__main__ import main
+    from analysis.api.params import MethodSpec
+    from analysis.harness.methods import build_press, expected_cache_lengths
+    from analysis.results.store import ResultsStore
+    from analysis.tasks.ppl import prefill
+    from analysis.harness.haystack import text_tokens
+    from faedkv.budget import layer_ratios
+    import torch
+
+    store = ResultsStore(tmp_path)
+    key = ablation.run_ablation(tiny_loaded, store, _params(needle_samples=0), progress=lambda d, t: None)
+    run = store.get(key)
+    delta = np.clip(run.get_array("ablation")["delta_mean"], 0, None)
+    sensitivity = ablation.layer_sensitivity(run, 3)
+    assert sensitivity == pytest.approx([delta[0].sum(), delta[0].sum(), delta[1].sum()])  # layer 1: nearest is 0
+    out = tmp_path / "ratios.json"
+    assert main(["layer-budget", "--model", tiny_loaded.info.name, "--dtype", "float32", "--out", str(tmp_path), "--ratio", "0.5",
+                 "--write", str(out), "--no-progress"]) == 0
+    ratios = json.loads(out.read_text())
+    assert ratios == pytest.approx(layer_ratios(sensitivity, 0.5), abs=1e-6)
+    assert sum(ratios) / 3 == pytest.approx(0.5, abs=1e-6) and key in capsys.readouterr().out
+    spec = MethodSpec(name="faedkv", compression_ratio=0.5, params={"layer_ratios": ratios, "window": 16})
+    press = build_press(spec, tiny_loaded.model)
+    ids = torch.tensor([text_tokens(tiny_loaded.tokenizer, 240, 1)])
+    _, lengths = prefill(tiny_loaded, press, ids)      # checks the lengths against the budget too
+    assert lengths == expected_cache_lengths(press, tiny_loaded.model, ids.shape[1])
+    assert lengths == [press.press.press.layout(ids.shape[1], r).rows for r in ratios]
+    for bad, message in (([0.5, 0.5], "has 2 ratios but the model has 3"),
+                         ([0.2, 0.2, 0.2], "average 0.2000 but the method's ratio is 0.5")):
+        with pytest.raises(ValueError, match=message):
+            build_press(MethodSpec(name="faedkv", compression_ratio=0.5, params={"layer_ratios": bad}),
+                        tiny_loaded.model)
+    with pytest.raises(ValueError, match="list of compression ratios"):
+        MethodSpec(name="faedkv", compression_ratio=0.5, params={"layer_ratios": [0.5, 1.0, 0.5]})

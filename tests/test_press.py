@@ -395,3 +395,22 @@ def test_last_stats_have_one_shape_on_every_path():
         assert tuple(stats) == STAT_KEYS, (kwargs, tokens)
         recorded = press.record_errors and stats["slots"] > 0
         assert all((stats[k] is not None) == recorded for k in ERROR_KEYS), (kwargs, tokens, stats)
+
+
+def test_layer_ratios_keep_the_mean_cap_at_everything_and_follow_sensitivity():
+    from faedkv.budget import layer_ratios
+
+    rng = random.Random(torch.initial_seed())
+    for _ in range(200):
+        layers = rng.randint(1, 30)
+        sensitivity = [rng.choice([0.0, rng.random(), 10 * rng.random()]) for _ in range(layers)]
+        ratio, share = rng.choice([0.05, 0.25, 0.5, 0.75, 0.9]), rng.choice([0.0, 0.5, 0.9])
+        got = layer_ratios(sensitivity, ratio, share)
+        assert sum(got) / layers == pytest.approx(ratio, abs=1e-9), (sensitivity, ratio, share)
+        assert all(-1e-12 <= r < 1 for r in got), got
+        # a more sensitive layer never keeps fewer rows
+        order = sorted(range(layers), key=lambda i: sensitivity[i])
+        assert all(got[a] >= got[b] - 1e-12 for a, b in zip(order, order[1:])), (sensitivity, got)
+    assert layer_ratios([3.0, 3.0], 0.5) == [0.5, 0.5] and layer_ratios([0, 0], 0.4) == [0.4, 0.4]
+    with pytest.raises(ValueError, match="share"):
+        layer_ratios([1.0], 0.5, share=1.0)

@@ -76,7 +76,7 @@ class Strict(BaseModel):
 class Rule:
     """What one method parameter accepts. `check(value)` returns None or what is wrong with it
     (a clause that completes "params.<name> must ..."); nothing is coerced."""
-    kind: Literal["int", "float", "bool", "choice", "plan"]
+    kind: Literal["int", "float", "bool", "choice", "plan", "ratios"]
     low: float | None = None          # inclusive bounds for int / float
     high: float | None = None
     choices: tuple = ()
@@ -90,6 +90,14 @@ class Rule:
                 "be one of " + ", ".join(repr(c) for c in self.choices))
         if self.kind == "plan":
             return plan_problem(value)
+        if self.kind == "ratios":
+            if value is None:
+                return None
+            if not isinstance(value, list) or not value or any(
+                    isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1 for r in value):
+                return ("be null or a list of compression ratios in [0, 1), one per layer "
+                        "(`python -m analysis layer-budget` writes one)")
+            return None
         numeric = (int,) if self.kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, numeric) or (
                 isinstance(value, float) and not math.isfinite(value)):
@@ -131,6 +139,8 @@ _FAEDKV_RULES = {
     # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
     "slot_fit": Rule("choice", choices=SLOT_FITS),
     "fit_probes": IntRule(1, 4096),
+    # one compression ratio per layer (their mean the method's ratio): a per-layer budget
+    "layer_ratios": Rule("ratios"),
 }
 
 # method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry

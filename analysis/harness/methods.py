@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -66,7 +67,7 @@ class MethodEntry:
 _FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
                     "mass_correction": True, "slot_normalization": "mean", "exact_share": 0.0,
                     "exact_scorer": "expected_attention", "slot_fit": "mean", "fit_probes": 64,
-                    "plan": None}
+                    "plan": None, "layer_ratios": None}
 
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("full", None, {}),
@@ -128,6 +129,10 @@ def method_requirements(spec: MethodSpec) -> dict:
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list) and len(value) > 4 and all(isinstance(v, (int, float)) for v in value):
+        # a per-layer list: its length, mean and a digest keep labels short and distinct
+        digest = hashlib.sha1(json.dumps(value).encode()).hexdigest()[:6]
+        return f"{len(value)}x~{sum(value) / len(value):.3g}#{digest}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -160,7 +165,7 @@ def build_press(spec: MethodSpec, model) -> Any:
                              f"0, got {spec.compression_ratio}")
         return None
     if e.name in ("faedkv", "dct_iterative"):
-        return _build_faedkv(spec, {**params, **e.fixed})
+        return _build_faedkv(spec, {**params, **e.fixed}, model)
     if e.name == "merging":
         from kvpress import SnapKVPress
 
@@ -184,7 +189,9 @@ def _check_tokenizer_source(model) -> None:
                          "analysis.harness.models.load_model (it records the folder) or set name_or_path.")
 
 
-def _build_faedkv(spec: MethodSpec, params: dict):
+def _build_faedkv(spec: MethodSpec, params: dict, model):
+    """FAEDKVPress; with layer_ratios, inside kvpress's PerLayerCompressionPress (one ratio per
+    layer, their mean the spec's ratio, so the same total budget)."""
     try:
         import faedkv
     except ImportError as exc:
@@ -193,7 +200,33 @@ def _build_faedkv(spec: MethodSpec, params: dict):
     plan = params.pop("plan")
     if isinstance(plan, dict):
         plan = faedkv.FrequencyPlan.from_json(plan)
-    return faedkv.FAEDKVPress(compression_ratio=spec.compression_ratio, plan=plan, **params)
+    ratios = params.pop("layer_ratios")
+    press = faedkv.FAEDKVPress(compression_ratio=spec.compression_ratio, plan=plan, **params)
+    if ratios is None:
+        return press
+    layers = _num_layers(model)
+    mean = sum(ratios) / len(ratios)
+    if len(ratios) != layers:
+        raise ValueError(f"layer_ratios has {len(ratios)} ratios but the model has {layers} layers; "
+                         "derive them for this model (python -m analysis layer-budget)")
+    if abs(mean - spec.compression_ratio) > 0.005:
+        raise ValueError(f"layer_ratios average {mean:.4f} but the method's ratio is "
+                         f"{spec.compression_ratio:g}: give the ratio they were derived for, so the "
+                         "budget is the same in total")
+    if press.exact_share and press.exact_scorer == "kvzip":
+        raise ValueError("layer_ratios cannot combine with exact_scorer='kvzip' (KVzip scores after "
+                         "the prefill, outside the per-layer wrapper's hooks)")
+    import logging
+
+    from kvpress import PerLayerCompressionPress
+
+    wrapper_log = logging.getLogger("kvpress.presses.per_layer_compression_press")
+    level = wrapper_log.level
+    wrapper_log.setLevel(logging.ERROR)   # its flash-attention warning: faedkv_sdpa aligns the mask
+    try:
+        return PerLayerCompressionPress(press.as_scorer(), compression_ratios=list(ratios))
+    finally:
+        wrapper_log.setLevel(level)
 
 
 # ------------------------------------------------------------------- presses we adapt
@@ -291,6 +324,9 @@ def expected_cache_lengths(press, model, prompt_tokens: int) -> list[int] | None
         return [compute_n_kept(prompt_tokens, ratio)] * layers
     if type(press).__name__ == "FAEDKVPress":
         return [faedkv_cache_length(press, prompt_tokens)] * layers
+    inner = getattr(getattr(press, "press", None), "press", None)
+    if type(inner).__name__ == "FAEDKVPress" and hasattr(press, "compression_ratios"):
+        return [inner.layout(prompt_tokens, r).rows for r in press.compression_ratios]
     return None
 
 

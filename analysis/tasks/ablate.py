@@ -82,6 +82,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cli)
     add_plans_cli(subparsers)
+    add_layer_budget_cli(subparsers)
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -135,6 +136,48 @@ def add_plans_cli(subparsers) -> None:
     p.add_argument("--suite-samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=_plans_cli)
+
+
+def _layer_budget_cli(args) -> int:
+    import json
+    import os
+
+    from analysis import cli
+    from analysis.tasks.spectral.ablation import layer_budget
+
+    if not 0 <= args.ratio < 1 or not 0 <= args.share < 1:
+        raise ValueError(f"--ratio and --share must be in [0, 1), got {args.ratio:g} and "
+                         f"{args.share:g}")
+    handle, store = cli.open_model_and_store(args)
+    out = layer_budget(store, handle.get().info, args.ratio, args.ablation, args.share)
+    ratios = [round(r, 6) for r in out["layer_ratios"]]
+    print(f"per-layer budget at ratio {args.ratio:g} (share {args.share:g} by sensitivity) from "
+          f"{', '.join(out['ablation_keys'])}:")
+    for layer, (s, r) in enumerate(zip(out["sensitivity"], ratios)):
+        print(f"  layer {layer:3d}: sensitivity {s:+.4f}  ratio {r:.3f}  keeps {1 - r:.1%}")
+    if args.write:
+        tmp = f"{args.write}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(ratios, f)
+        os.replace(tmp, args.write)
+        print(f"wrote {args.write}; use it as --methods "
+              f"faedkv:compression_ratio={args.ratio:g}:layer_ratios=@{args.write}")
+    return 0
+
+
+def add_layer_budget_cli(subparsers) -> None:
+    from analysis import cli
+
+    p = subparsers.add_parser("layer-budget", help="per-layer compression ratios from ablation runs")
+    cli.add_model_args(p)
+    cli.add_output_args(p)
+    p.add_argument("--ratio", type=float, required=True, help="the mean compression ratio")
+    p.add_argument("--ablation", action="append", default=None,
+                   help="ablate run key (repeat to sum runs, e.g. keys and values; default: newest)")
+    p.add_argument("--share", type=float, default=0.5,
+                   help="share of the kept rows placed by sensitivity (the rest evenly)")
+    p.add_argument("--write", default=None, help="write the ratios as a JSON list here")
+    p.set_defaults(func=_layer_budget_cli)
 
 
 KIND = JobKind(

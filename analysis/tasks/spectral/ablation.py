@@ -322,6 +322,27 @@ def energy_scores(spectra_arrays: dict, chunks: int, key_space: str = "post_rope
     return energy.reshape(energy.shape[0], chunks, have // chunks).sum(-1)
 
 
+def layer_sensitivity(ablation_run, num_layers: int) -> list[float]:
+    """Per layer, the summed mean NLL increase of removing each of its chunks (decreases count as
+    0); a layer the run did not ablate takes its nearest ablated layer's row (fill_layers)."""
+    arrays = ablation_run.get_array("ablation")
+    rows = fill_layers(np.clip(arrays["delta_mean"], 0, None), arrays["layers"].tolist(), num_layers)
+    return rows.sum(axis=1).tolist()
+
+
+def layer_budget(store, info, ratio: float, keys: list[str] | None = None, share: float = 0.5) -> dict:
+    """Per-layer compression ratios averaging `ratio`, more rows where the ablation runs `keys`
+    (default: the newest complete one of this model) lose most (faedkv.budget.layer_ratios,
+    their sensitivities summed: e.g. a keys run and a values run)."""
+    from faedkv.budget import layer_ratios
+
+    runs = [_stored(store, "ablate", key, info) for key in (keys or [None])]
+    sensitivity = np.sum([layer_sensitivity(run, info.num_layers) for run in runs], axis=0)
+    return {"ablation_keys": [run.name for run in runs], "sensitivity": sensitivity.tolist(),
+            "ratio": ratio, "share": share,
+            "layer_ratios": layer_ratios(sensitivity.tolist(), ratio, share)}
+
+
 def comparison_plans(ablation_run, spectra_run, num_layers: int, keep: float,
                      key_space: str = "post_rope") -> dict:
     """{"ablation" | "low-pass" | "energy": FrequencyPlan} keeping `keep` of the chunks."""

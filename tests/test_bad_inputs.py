@@ -77,7 +77,8 @@ def method_cases() -> list[tuple[str, dict]]:
     for name, rules in P.METHOD_RULES.items():
         ratio = 0.0 if name == "full" else 0.5
         for key, rule in rules.items():
-            wrong = {"int": "8", "float": "0.5", "bool": "yes", "choice": 3, "plan": "low-pass"}
+            wrong = {"int": "8", "float": "0.5", "bool": "yes", "choice": 3, "plan": "low-pass",
+                     "ratios": "0.5"}
             values = [wrong[rule.kind]]
             if rule.kind in ("int", "float"):
                 values.append(-10**9 if rule.low is not None and rule.low > -10**9 else 10**12)
@@ -85,6 +86,8 @@ def method_cases() -> list[tuple[str, dict]]:
                 values.append("no-such-" + key)
             if rule.kind == "plan":
                 values.append({"layers": [[0]] * (TINY_LAYERS + 1), "chunks": 4})   # layer count
+            if rule.kind == "ratios":       # out of range, a layer too many, a mean off the ratio
+                values += [[0.5, 1.5, 0.5], [ratio] * (TINY_LAYERS + 1), [0.1] * TINY_LAYERS]
             for value in values:
                 spec = {"name": name, "compression_ratio": ratio, "params": {key: value}}
                 cases.append((f"{name}.{key}={value!r:.30}",

@@ -52,6 +52,7 @@ SLOT_NORMALIZATIONS = ("mean", "sum")
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
 EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
 SLOT_FITS = ("mean", "probes")
+LAYER_RATIO_SLACK = 0.005
 QUERY_MODES = ("query_agnostic", "query_aware")
 NEEDLE_KINDS = ("sentence", "passkey", "multi")
 SUITE_TASKS = ("multikey_niah", "multivalue_niah", "variable_tracking", "common_words", "essay_qa")
@@ -139,7 +140,7 @@ _FAEDKV_RULES = {
     # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
     "slot_fit": Rule("choice", choices=SLOT_FITS),
     "fit_probes": IntRule(1, 4096),
-    # one compression ratio per layer (their mean the method's ratio): a per-layer budget
+    # one compression ratio per layer (their mean the method's ratio, within LAYER_RATIO_SLACK)
     "layer_ratios": Rule("ratios"),
 }
 
@@ -264,6 +265,12 @@ class MethodSpec(Strict):
             problem = rules[key].check(value)
             if problem:
                 raise ValueError(f"params.{key} of method {self.name!r} must {problem}")
+        ratios = self.params.get("layer_ratios")
+        if ratios and abs(sum(ratios) / len(ratios) - self.compression_ratio) > LAYER_RATIO_SLACK:
+            raise ValueError(f"params.layer_ratios of method {self.name!r} average "
+                             f"{sum(ratios) / len(ratios):.4f} but its compression_ratio is "
+                             f"{self.compression_ratio:g}: give the ratio they were derived for, so "
+                             "the budget is the same in total")
         return self
 
     @property

@@ -171,6 +171,11 @@ def check_methods(kind: JobKind, params: P.Strict, info, tokenizer, model=None) 
         plan = spec.params.get("plan")
         if plan is not None:
             check_plan(where, plan, info)
+        ratios = spec.params.get("layer_ratios")
+        if ratios is not None and len(ratios) != info.num_layers:
+            raise ValueError(f"{where}.params.layer_ratios has {len(ratios)} ratios but {info.name} has "
+                             f"{info.num_layers} layers; derive them for this model (python -m "
+                             "analysis layer-budget)")
         if model is not None:
             check_press(where, spec, model, shortest, what)
         need, why = P.minimum_tokens(spec)

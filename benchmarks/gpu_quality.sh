@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
-# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | needle-next | search-a | search-b | search-ppl.
+# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | layer-budget | needle-next | search-a | search-b |
+# search-ppl.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|needle-next|search-a|search-b|search-ppl [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|layer-budget|needle-next|search-a|search-b|search-ppl [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
@@ -42,10 +43,22 @@ case "$part" in
       --rows full snapkv faedkv faedkv-cache faedkv:exact_share=0.9:exact_scorer=keydiff \
       --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
     echo "e2e exit $?"; tail -20 "$OUT/e2e.log" ;;
-  ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks, keys and values)
-    timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
-      --continuation-tokens 256 --needle-samples 2 > "$OUT/ablate.log" 2>&1
-    echo "ablate exit $?"; tail -20 "$OUT/ablate.log" ;;
+  ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks), keys and values separately
+    for target in keys values; do
+      timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
+        --continuation-tokens 256 --needle-samples 2 --target $target > "$OUT/ablate-$target.log" 2>&1
+      echo "ablate $target exit $?"; tail -5 "$OUT/ablate-$target.log"
+    done ;;
+  layer-budget)   # after ablate: per-layer budgets from both runs, then needle + NLL (held-out texts) with them
+    keys=$(ls -t results/runs | grep '^ablate-' | head -2 | sed 's/^/--ablation /' | tr '\n' ' ')
+    for r in 0.5 0.75; do python3 -m analysis layer-budget --model "$MODEL" --device cuda --out results $keys \
+      --ratio $r --write "$OUT/layer-ratios-$r.json" > "$OUT/layer-budget-$r.log" 2>&1; done
+    budget="faedkv:compression_ratio=0.5:layer_ratios=@$OUT/layer-ratios-0.5.json,faedkv:compression_ratio=0.75:layer_ratios=@$OUT/layer-ratios-0.75.json"
+    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+      --num-texts 3 --seed 100 --ratios 0.5,0.75 --methods "faedkv,$budget,snapkv" > "$OUT/layer-budget-ppl.log" 2>&1
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
+      --methods "$budget" > "$OUT/layer-budget-needle.log" 2>&1
+    echo "layer-budget exit $?"; tail -20 "$OUT/layer-budget-ppl.log" ;;
   needle-next)   # what this grid lacked: h2o (4K), attention-matched slots, ratio 0.625
     timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096 --depths 0,25,50,75,100 \
       --samples 3 --ratios 0.5,0.625,0.75 --methods "h2o,faedkv:slot_fit=probes,faedkv:variant=resample,kvzip" \

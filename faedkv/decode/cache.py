@@ -54,6 +54,8 @@ layer checks the model config's attention before every such call.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -142,12 +144,13 @@ class FAEDKVLayerBase(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    @abstractmethod
     def persistent_tensors(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The tensors held between calls (their bytes are the cache's)."""
 
+    @abstractmethod
     def stored_length(self) -> int:
         """Rows stored between calls."""
-        raise NotImplementedError
 
     def fold_count(self, query: int) -> int:
         """Stored rows a call of `query` tokens folds before it attends."""

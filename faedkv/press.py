@@ -10,6 +10,10 @@ Slot m is the mean of its class of middle tokens (band-limited by the plan) and 
 log(tokens in the class) to its logit (the mass correction, faedkv.attention): with every bin
 kept, attention then equals attention over the cache in which each middle token is replaced by
 its class mean.
+
+variant="dimsplit" (FourierAttention's dimension split) has no slots: within the same budget it
+keeps some head dims exact and the others as their lowest rfft bins, reconstructed at every
+middle token (T rows, equivalent rows in last_stats; `compress_dimsplit`).
 """
 from __future__ import annotations
 
@@ -22,18 +26,27 @@ from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from faedkv import fused
-from faedkv.attention import record_fitted_bias, record_slot_bias, use_faedkv_attention
+from faedkv.attention import BIAS_ATTR, record_fitted_bias, record_slot_bias, use_faedkv_attention
 from faedkv.fit import class_members, fit_slots, probe_queries
 from faedkv.budget import Layout, layout
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
-from faedkv.variants import (SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress, expand,
-                             plan_keep, slot_mass, slot_positions)
+from faedkv.variants import (DIMSPLIT, SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress,
+                             compress_dimsplit, expand, plan_keep, slot_mass, slot_positions, take_dims)
 
 KEY_SPACES = ("post_rope", "pre_rope")
+# the slot variants (faedkv.variants.VARIANTS) and the dimension split, which keeps every row
+PRESS_VARIANTS = (*VARIANTS, DIMSPLIT)
+DIM_SHARE = 0.5
 SLOT_FITS = ("mean", "probes")
 ERROR_KEYS = ("key_error", "value_error", "reconstruction_error")
-STAT_KEYS = ("tokens", "cache_len", "sink_tokens", "window", "slots", "exact", "middle", *ERROR_KEYS)
+# what a layer stored, in rows of head_dim numbers (keys and values averaged): the rows for the
+# slot variants; for dimsplit (no slots, T rows kept) S + W + (N d_e + M (d - d_e)) / d, with
+# exact_dims = [d_e keys, d_e values], coefficients = [M keys, M values] and the chosen dims
+# (batch, kv_heads, d_e) as lists
+SPLIT_KEYS = ("equivalent_rows", "exact_dims", "coefficients", "key_exact_dims", "value_exact_dims")
+STAT_KEYS = ("tokens", "cache_len", "sink_tokens", "window", "slots", "exact", "middle", *ERROR_KEYS,
+             *SPLIT_KEYS)
 # kvpress scorers a hybrid may use to pick its exact middle tokens (query-agnostic ones first)
 SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress",
                   "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
@@ -71,7 +84,16 @@ class FAEDKVPress(BasePress):
     """Frequency-domain compression of the middle of the prefill cache (FAEDKV and comparators).
 
     compression_ratio: fraction of the cache removed (kvpress convention); 0 is a no-op.
-    variant: "iwdft" | "resample" | "dct-iterative" (faedkv.variants).
+    variant: "iwdft" | "resample" | "dct-iterative" (faedkv.variants), or "dimsplit"
+        (FourierAttention-style dimension split, arXiv 2506.11886: in the middle, the head dims
+        whose energy lies most outside the kept low band stay exact for every token, the others
+        keep only their lowest rfft bins along the tokens and are reconstructed at every
+        position, in the bytes of kvpress's budget; every token keeps a row, so the cache has T
+        rows and `last_stats` records the equivalent rows; no plan, no hybrid, no mass bias).
+    dim_share: dimsplit only: the share of the middle's budget (R rows after sink and window)
+        spent on exact dims, d_e = floor(dim_share R d / N) (even for pre-RoPE keys: rotate-half
+        pairs together); the rest holds M = floor((R d - N d_e) / (d - d_e)) real low-pass
+        coefficients per compressed dim. 0: a pure low-pass reconstruction.
     sink_tokens, window: exact tokens kept at the start and at the end, as asked; a budget too
         small for them and one slot shrinks the window, then the sink (dct-iterative also uses
         the window as its re-compression step).
@@ -114,14 +136,25 @@ class FAEDKVPress(BasePress):
     exact_scorer: str = "expected_attention"
     slot_fit: str = "mean"
     fit_probes: int = 64
+    dim_share: float = DIM_SHARE
     record_errors: bool = True
     fused: bool = True
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_fraction("compression_ratio", self.compression_ratio, "fraction removed")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; use one of {', '.join(VARIANTS)}")
+        if self.variant not in PRESS_VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; use one of {', '.join(PRESS_VARIANTS)}")
+        check_fraction("dim_share", self.dim_share, "the share of the middle budget spent on exact dims")
+        if self.variant != DIMSPLIT and self.dim_share != DIM_SHARE:
+            raise ValueError(f"dim_share is the dimension split's knob; variant {self.variant!r} "
+                             "has none: use variant='dimsplit' or leave dim_share out")
+        if self.variant == DIMSPLIT and self.plan is not None:
+            raise ValueError("a FrequencyPlan chooses slot bins; variant='dimsplit' keeps the low band "
+                             "the budget sizes: use plan=None with dimsplit")
+        if self.variant == DIMSPLIT and self.exact_share:
+            raise ValueError("variant='dimsplit' keeps exact head dims, not exact tokens: use "
+                             "exact_share=0 with dimsplit (dim_share sets its exact part)")
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
         for name in ("sink_tokens", "window"):
@@ -169,7 +202,7 @@ class FAEDKVPress(BasePress):
         if self.plan is not None and self.plan.num_layers != layers:
             raise ValueError(f"plan {self.plan.name!r} has {self.plan.num_layers} layers but the "
                              f"model has {layers}; build the plan for this model")
-        if self.mass_correction:
+        if self.mass_correction and self.variant != DIMSPLIT:   # dimsplit: one row per token, mass 1
             use_faedkv_attention(model.config)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
@@ -232,10 +265,13 @@ class FAEDKVPress(BasePress):
         """`compress` at a given ratio (a per-layer ratio of PerLayerCompressionPress)."""
         layer, num_tokens = module.layer_idx, keys.shape[2]
         kept = self.layout(num_tokens, compression_ratio)
-        stats = {**kept.as_stats(), **dict.fromkeys(ERROR_KEYS)}
+        stats = {**kept.as_stats(), **dict.fromkeys(ERROR_KEYS), **dict.fromkeys(SPLIT_KEYS)}
+        stats["equivalent_rows"] = float(kept.rows)
         self.last_stats[layer] = stats
         if kept.slots == 0:
             return keys, values
+        if self.variant == DIMSPLIT:
+            return self.compress_dimsplit(module, keys, values, kwargs, kept, stats)
         start, end = kept.sink, num_tokens - kept.window
         if kept.exact == 0 and self.fusable(keys, values):
             keys = fused_compress(keys, start, end, kept.slots, self.slot_normalization)
@@ -277,6 +313,42 @@ class FAEDKVPress(BasePress):
                             values[:, :, end:]], dim=2)
         return keys, values
 
+    def compress_dimsplit(self, module, keys, values, kwargs, kept: Layout, stats: dict):
+        """The dimension split of the middle (faedkv.variants.compress_dimsplit) at kvpress's
+        budget: R = kept.slots rows' worth of numbers (B - S - W); every token keeps its row."""
+        num_tokens, dim = keys.shape[2], keys.shape[3]
+        start, end = kept.sink, num_tokens - kept.window
+        middle, rows = end - start, kept.slots
+        mid_keys, mid_values = keys[:, :, start:end], values[:, :, start:end]
+        if getattr(module, BIAS_ATTR, None) is not None:
+            setattr(module, BIAS_ATTR, None)   # rows are tokens (mass 1): no log-count bias
+        pre_rope = self.key_space == "pre_rope"
+        space_keys = mid_keys
+        if pre_rope:
+            inv_freq, scaling = rope_parameters(module)
+            positions = token_positions(kwargs, num_tokens, keys.device)[start:end]
+            cos, sin = rope_cos_sin(positions, inv_freq, scaling)
+            space_keys = unrotate(mid_keys.float(), cos, sin, scaling)
+        new_keys, key_dims, key_numbers = compress_dimsplit(space_keys, rows, self.dim_share, pairs=pre_rope)
+        new_values, value_dims, value_numbers = compress_dimsplit(mid_values, rows, self.dim_share)
+        if pre_rope:   # back at each token's own position; the exact pairs are the cached ones
+            new_keys = rotate(new_keys, cos, sin)
+        new_keys = take_dims(new_keys.to(keys.dtype), mid_keys, key_dims)
+        new_values = take_dims(new_values.to(values.dtype), mid_values, value_dims)
+        stored = [middle * d.shape[-1] + m * (dim - d.shape[-1])
+                  for d, m in ((key_dims, key_numbers), (value_dims, value_numbers))]
+        stats.update(cache_len=num_tokens, slots=0, exact=0, middle=middle,
+                     equivalent_rows=kept.sink + kept.window + sum(stored) / (2 * dim),
+                     exact_dims=[key_dims.shape[-1], value_dims.shape[-1]],
+                     coefficients=[key_numbers, value_numbers],
+                     key_exact_dims=key_dims.tolist(), value_exact_dims=value_dims.tolist())
+        if self.record_errors:
+            stats.update(self.errors(mid_keys.float(), mid_values.float(), new_keys.float(),
+                                     new_values.float(), expanded=True))
+        keys = torch.cat([keys[:, :, :start], new_keys, keys[:, :, end:]], dim=2)
+        values = torch.cat([values[:, :, :start], new_values, values[:, :, end:]], dim=2)
+        return keys, values
+
     def record_mass(self, module, slot_start: int, kept: Layout) -> None:
         if self.mass_correction:
             record_slot_bias(module, slot_start, slot_mass(self.variant, kept.summarised, kept.slots))
@@ -301,10 +373,15 @@ class FAEDKVPress(BasePress):
                 and fused.can_fuse(values))
 
     @torch.no_grad()
-    def errors(self, mid_keys, mid_values, key_slots, value_slots) -> dict:
+    def errors(self, mid_keys, mid_values, key_slots, value_slots, expanded: bool = False) -> dict:
+        """Relative errors of the middle's way back (`expanded`: the slots are already one row
+        per middle token, as dimsplit's)."""
         middle, norm = mid_keys.shape[-2], self.slot_normalization
-        key_diff = torch.linalg.vector_norm(mid_keys - expand(self.variant, key_slots, middle, self.step, norm))
-        value_diff = torch.linalg.vector_norm(mid_values - expand(self.variant, value_slots, middle, self.step, norm))
+        if not expanded:
+            key_slots = expand(self.variant, key_slots, middle, self.step, norm)
+            value_slots = expand(self.variant, value_slots, middle, self.step, norm)
+        key_diff = torch.linalg.vector_norm(mid_keys - key_slots)
+        value_diff = torch.linalg.vector_norm(mid_values - value_slots)
         key_norm, value_norm = torch.linalg.vector_norm(mid_keys), torch.linalg.vector_norm(mid_values)
         both = torch.sqrt((key_diff ** 2 + value_diff ** 2) / (key_norm ** 2 + value_norm ** 2).clamp(min=1e-30))
         return {"key_error": float(key_diff / key_norm.clamp(min=1e-30)),

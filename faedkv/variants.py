@@ -214,6 +214,86 @@ def dct_iterative_expand(slots: torch.Tensor, num_tokens: int, step: int = 64) -
     return torch.cat([buffer] + chunks[::-1], dim=-2)
 
 
+# --- dimsplit (FourierAttention-style dimension split, arXiv 2506.11886) -------------------
+# Not a slot variant: every middle token keeps a row. A share of the head dims is kept exact,
+# the others are stored as the lowest rfft bins along the token axis (M real numbers per dim)
+# and reconstructed at every middle position; the bytes N d_e + M (d - d_e) fit the rows' R d.
+DIMSPLIT = "dimsplit"
+
+
+def lowpass_numbers(num_tokens: int, bins: int) -> int:
+    """Real numbers stored for rfft bins 0..bins-1 of an N-point real sequence (bin 0 and a
+    Nyquist bin are real, the others complex)."""
+    nyquist = num_tokens % 2 == 0 and bins == num_tokens // 2 + 1
+    return 2 * bins - 1 - int(nyquist)
+
+
+def lowpass_bins(num_tokens: int, numbers: int) -> int:
+    """The most rfft bins 0..K-1 of an N-point sequence whose real numbers fit in `numbers`
+    (at least bin 0): every bin once numbers >= N."""
+    if numbers >= num_tokens:
+        return num_tokens // 2 + 1
+    return max(1, (numbers + 1) // 2)
+
+
+def lowpass(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """Band-limit x (..., N, d) along the tokens: rfft, keep bins 0..bins-1, irfft back to N
+    positions (compute dtype). bins = N // 2 + 1 keeps everything (x itself, up to round-off)."""
+    spectrum = torch.fft.rfft(x.to(compute_dtype(x.dtype)), dim=-2)
+    spectrum[..., bins:, :] = 0
+    return torch.fft.irfft(spectrum, n=x.shape[-2], dim=-2)
+
+
+def dimsplit_sizes(num_tokens: int, rows: int, head_dim: int, dim_share: float,
+                   pairs: bool = False) -> tuple[int, int, int]:
+    """(d_e exact dims, K kept bins, M real numbers per compressed dim) for a middle of N tokens
+    whose budget is R rows of d numbers: d_e = floor(dim_share R d / N) (even with `pairs`),
+    then the most bins whose numbers M satisfy N d_e + M (d - d_e) <= R d (R < N, so d_e < d;
+    d_e drops while no number fits)."""
+    if not 0 <= dim_share < 1:
+        raise ValueError(f"dim_share must be in [0, 1) (the share of the middle budget spent on exact dims), got {dim_share!r}")
+    if rows < 1 or num_tokens < 1 or head_dim < 1:
+        raise ValueError(f"dimsplit needs rows, tokens and head_dim >= 1, got {rows}, {num_tokens}, {head_dim}")
+    step = 2 if pairs and head_dim % 2 == 0 else 1
+    exact = min(int(dim_share * rows * head_dim / num_tokens) // step * step, head_dim - step)
+    while exact > 0 and (rows * head_dim - num_tokens * exact) // (head_dim - exact) < 1:
+        exact -= step
+    budget = (rows * head_dim - num_tokens * exact) // (head_dim - exact)
+    bins = lowpass_bins(num_tokens, budget)
+    return exact, bins, lowpass_numbers(num_tokens, bins)
+
+
+def exact_dims(x: torch.Tensor, low: torch.Tensor, count: int, pairs: bool = False) -> torch.Tensor:
+    """(..., count) sorted head dims of x (..., N, d) whose energy lies most outside the kept band
+    (sum over tokens of (x - low)^2, low = lowpass(x)): what a low-pass summary would lose most.
+    `pairs`: rotate-half RoPE pairs (i, i + d/2) are chosen together by their summed energy."""
+    energy = (x.to(low.dtype) - low).square().sum(-2)
+    if count == 0:
+        return torch.zeros(energy.shape[:-1] + (0,), dtype=torch.long, device=x.device)
+    if pairs and x.shape[-1] % 2 == 0:
+        half = x.shape[-1] // 2
+        top = (energy[..., :half] + energy[..., half:]).topk(count // 2, dim=-1).indices
+        return torch.cat([top, top + half], dim=-1).sort(dim=-1).values
+    return energy.topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+def take_dims(target: torch.Tensor, source: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """target (..., N, d) with the dims (..., E) of each row copied bit-exactly from source."""
+    index = dims.unsqueeze(-2).expand(*dims.shape[:-1], target.shape[-2], dims.shape[-1])
+    return target.scatter(-1, index, source.to(target.dtype).gather(-1, index))
+
+
+def compress_dimsplit(x: torch.Tensor, rows: int, dim_share: float,
+                      pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x (..., N, d) -> (the middle as attention sees it (..., N, d) in the compute dtype: the
+    exact dims copied, the others low-pass reconstructed at every position; the exact dims
+    (..., d_e); M the real numbers stored per compressed dim), for a budget of `rows` rows."""
+    exact, bins, numbers = dimsplit_sizes(x.shape[-2], rows, x.shape[-1], dim_share, pairs)
+    low = lowpass(x, bins)
+    dims = exact_dims(x, low, exact, pairs)
+    return take_dims(low, x, dims), dims, numbers
+
+
 # --- one interface --------------------------------------------------------------------------
 def compress(variant: str, x: torch.Tensor, num_slots: int, keep: KeepFn = None,
              step: int = 64, normalization: str = "mean") -> torch.Tensor:

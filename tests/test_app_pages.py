@@ -813,6 +813,25 @@ def test_lab_search_knobs_reach_the_request_the_url_and_the_table():
     assert "exact share 25% snapkv · fit probes (32)" in texts(at.markdown)
 
 
+def test_lab_dimension_split_sends_dim_share_and_no_plan():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.slider(key="lab.dim_share").disabled                 # a slot variant by default
+    at.button(key="lab.run").click().run()
+    assert "dim_share" not in fake.called("generate")[-1][0]["method"]["params"]
+    at.selectbox(key="lab.variant").set_value("dimsplit").run()
+    at.slider(key="lab.dim_share").set_value(0.3).run()
+    no_exception(at)
+    assert at.toggle(key="lab.use_plan").disabled
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    params = fake.called("generate")[-1][0]["method"]["params"]
+    assert params["variant"] == "dimsplit" and params["dim_share"] == 0.3
+    assert "plan" not in params and "exact_share" not in params and "slot_fit" not in params
+    assert at.query_params["dim_share"] == "0.3"
+    assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30%"
+
+
 def test_lab_search_knobs_come_back_from_a_link():
     at = app_for("pages/frequency_lab.py", FakeClient(), query={
         "exact_share": "0.5", "exact_scorer": "keydiff", "slot_fit": "probes", "fit_probes": "16",

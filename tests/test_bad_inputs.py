@@ -135,6 +135,11 @@ def grid_cases() -> list[tuple[str, dict]]:
         ("ablate.target", job("ablate", {**BASE["ablate"], "target": "queries"})),
         ("suite.unknown-task", job("suite", {**BASE["suite"], "tasks": ["qa"]})),
         ("contrib.full", job("contrib", {**BASE["contrib"], "methods": [{"name": "full"}]})),
+        ("contrib.dimsplit", job("contrib", {**BASE["contrib"], "methods": faedkv(variant="dimsplit")})),
+        ("needle.dim-share-with-iwdft", job("needle", {**needle(2, 1), "methods": faedkv(dim_share=0.25)})),
+        ("needle.dim-share-1", job("needle", {**needle(2, 1), "methods": faedkv(variant="dimsplit", dim_share=1.0)})),
+        ("needle.dimsplit-with-plan", job("needle", {**needle(2, 1), "methods": faedkv(
+            variant="dimsplit", plan=plan3(TINY_LAYERS))})),
         ("kind.unknown", job("bogus", {})),
         ("kind.missing", {"params": {}}),
         ("kind.number", {"kind": 3, "params": {}}),

@@ -378,7 +378,8 @@ def test_the_torch_free_option_lists_match_the_press():
     assert params.EXACT_SCORERS == press.EXACT_SCORERS
     assert params.SLOT_FITS == press.SLOT_FITS
     assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
-    assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == VARIANTS
+    assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == press.PRESS_VARIANTS
+    assert press.PRESS_VARIANTS[:len(VARIANTS)] == VARIANTS and params.DIM_SHARE == press.DIM_SHARE
 
 
 def test_last_stats_have_one_shape_on_every_path():

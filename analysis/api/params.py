@@ -46,7 +46,10 @@ PLANNED = frozenset({"faedkv", "dct_iterative"})
 LINEAR = PLANNED
 EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "knorm",
                       "expected_attention", "keydiff", "lagkv", "compactor"})
-VARIANTS = ("iwdft", "resample", "dct-iterative")
+# the slot variants, and "dimsplit" (FourierAttention's dimension split: exact head dims plus a
+# low-pass reconstruction of the others at every middle token; faedkv.press.PRESS_VARIANTS)
+VARIANTS = ("iwdft", "resample", "dct-iterative", "dimsplit")
+DIM_SHARE = 0.5             # dimsplit's default share of the middle budget on exact dims
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
@@ -142,6 +145,8 @@ _FAEDKV_RULES = {
     "fit_probes": IntRule(1, 4096),
     # one compression ratio per layer (their mean the method's ratio, within LAYER_RATIO_SLACK)
     "layer_ratios": Rule("ratios"),
+    # dimsplit: the share of the middle's budget spent on exact head dims (in [0, 1))
+    "dim_share": Rule("float", 0.0, 0.999),
 }
 
 # method -> {parameter: Rule}. Every method of METHODS and every parameter of its registry
@@ -151,7 +156,7 @@ METHOD_RULES: dict[str, dict[str, Rule]] = {
     "full": {},
     "faedkv": dict(_FAEDKV_RULES),
     # the name fixes the variant; "variant": "dct-iterative" is accepted (it is what it runs)
-    "dct_iterative": {**{k: r for k, r in _FAEDKV_RULES.items() if k != "variant"},
+    "dct_iterative": {**{k: r for k, r in _FAEDKV_RULES.items() if k not in ("variant", "dim_share")},
                       "variant": Rule("choice", choices=("dct-iterative",))},
     "streaming_llm": {"n_sink": IntRule(0)},
     "snapkv": {"window_size": IntRule(1), "kernel_size": IntRule(1, 1023, odd=True)},
@@ -265,6 +270,19 @@ class MethodSpec(Strict):
             problem = rules[key].check(value)
             if problem:
                 raise ValueError(f"params.{key} of method {self.name!r} must {problem}")
+        variant = self.params.get("variant", "iwdft")
+        if self.params.get("dim_share", DIM_SHARE) != DIM_SHARE and variant != "dimsplit":
+            raise ValueError(f"params.dim_share of method {self.name!r} is the dimension split's "
+                             f"knob, but the variant is {variant!r}: set variant to 'dimsplit' or "
+                             "drop dim_share")
+        if variant == "dimsplit" and self.params.get("plan") is not None:
+            raise ValueError(f"params.plan of method {self.name!r} cannot apply to variant "
+                             "'dimsplit' (it keeps the low band its budget sizes, not a plan's "
+                             "bins): drop the plan (null)")
+        if variant == "dimsplit" and self.params.get("exact_share"):
+            raise ValueError(f"params.exact_share of method {self.name!r} cannot apply to variant "
+                             "'dimsplit' (it keeps exact head dims, not tokens; dim_share sets "
+                             "them): set exact_share to 0")
         ratios = self.params.get("layer_ratios")
         if ratios and abs(sum(ratios) / len(ratios) - self.compression_ratio) > LAYER_RATIO_SLACK:
             raise ValueError(f"params.layer_ratios of method {self.name!r} average "

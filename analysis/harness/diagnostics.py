@@ -114,11 +114,13 @@ def attention_diagnostics(loaded, press, context_ids: torch.Tensor, probe_ids: t
         error = (small_out - full_out).norm(dim=(-2, -1)) / full_out.norm(dim=(-2, -1)).clamp(min=1e-30)
         out["output_error"].append(error.tolist())
         layout = stats.get(index)
-        if layout and layout.get("slots"):
+        if layout and (layout.get("slots") or layout.get("exact_dims") is not None):
             sink, window, exact, slots = (layout["sink_tokens"], layout["window"], layout["exact"], layout["slots"])
             out["middle_mass_full"].append(weights_full[..., sink:context - window].sum(-1).mean(-1).tolist())
             out["middle_mass_compressed"].append(weights[..., sink:rows - window].sum(-1).mean(-1).tolist())
-            out["slot_mass"].append(weights[..., sink + exact:sink + exact + slots].sum(-1).mean(-1).tolist())
+            # dimsplit (exact_dims recorded) has no slots: every middle row is a token
+            out["slot_mass"].append(weights[..., sink + exact:sink + exact + slots].sum(-1).mean(-1).tolist()
+                                    if slots else None)
         else:
             for name in ("middle_mass_full", "middle_mass_compressed", "slot_mass"):
                 out[name].append(None)

@@ -41,7 +41,7 @@ import time
 import weakref
 
 from analysis.api.params import QUERY_MODES
-from analysis.harness.methods import attention_for, check_cache_lengths
+from analysis.harness.methods import attention_for, check_cache_lengths, dimsplit_press
 
 # kvpress truncates contexts longer than this; we never want that (see the module docstring).
 NO_TRUNCATION = 10 ** 12
@@ -160,23 +160,41 @@ def reconstruction_errors(press, num_layers: int) -> list[float | None] | None:
 
 
 def cache_report(press, compression_ratio: float, prompt_tokens: int,
-                 cache_lengths: list[int]) -> dict:
+                 cache_lengths: list[int], head_dim: int | None = None, kv_heads: int | None = None,
+                 bytes_per_number: int | None = None) -> dict:
     """What the compressed cache actually holds against what the budget asked for.
 
     budget_tokens = max(1, int((1 - ratio) * T)), kvpress's rule (faedkv.budget.kept_rows; a
     press with its own rule may differ by a token; ratio 0 keeps all). `compressed` is False when some layer kept the whole prompt (e.g. a
     FAEDKV prompt not longer than sink + window has no middle to compress). `layers` carries a
     FAEDKV press's per-layer record (slots, middle, and the sink / window it actually used
-    when the budget forced them smaller)."""
+    when the budget forced them smaller).
+
+    FAEDKV's dimsplit keeps a reconstructed row for every token (T rows): there `kept_tokens` is
+    the mean of what it stored in equivalent rows (exact dims + low-pass coefficients, in rows
+    of head_dim numbers), `rows` the rows attention sees, and `virtual` is True. Given the
+    model's head_dim, kv_heads and bytes per number, `kv_bytes` is what the cache holds (keys
+    and values, every layer; for dimsplit the bytes of its equivalent rows)."""
     from faedkv.budget import kept_rows
 
     stats = getattr(press, "last_stats", None) or {}
-    layers = [{k: stats[i][k] for k in ("slots", "exact", "middle", "sink_tokens", "window")
-               if k in stats[i]}
+    keys = ("slots", "exact", "middle", "sink_tokens", "window", "exact_dims", "coefficients",
+            "equivalent_rows")
+    layers = [{k: stats[i][k] for k in keys if stats[i].get(k) is not None}
               if i in stats else {} for i in range(len(cache_lengths))]
-    kept = sum(cache_lengths) / len(cache_lengths) if cache_lengths else float(prompt_tokens)
-    return {"prompt_tokens": prompt_tokens,
-            "budget_tokens": kept_rows(prompt_tokens, compression_ratio) if prompt_tokens else 0,
-            "kept_tokens": kept, "kept_fraction": kept / prompt_tokens if prompt_tokens else 1.0,
-            "compressed": bool(cache_lengths) and all(n < prompt_tokens for n in cache_lengths),
-            "layers": layers}
+    rows = sum(cache_lengths) / len(cache_lengths) if cache_lengths else float(prompt_tokens)
+    inner = dimsplit_press(press)
+    virtual = inner is not None and bool(cache_lengths) and all(
+        stats.get(i, {}).get("equivalent_rows") is not None for i in range(len(cache_lengths)))
+    stored = [stats[i]["equivalent_rows"] for i in range(len(cache_lengths))] if virtual else cache_lengths
+    kept = sum(stored) / len(stored) if stored else float(prompt_tokens)
+    report = {"prompt_tokens": prompt_tokens,
+              "budget_tokens": kept_rows(prompt_tokens, compression_ratio) if prompt_tokens else 0,
+              "kept_tokens": kept, "kept_fraction": kept / prompt_tokens if prompt_tokens else 1.0,
+              "compressed": bool(stored) and all(n < prompt_tokens for n in stored),
+              "layers": layers}
+    if head_dim and kv_heads and bytes_per_number:
+        report["kv_bytes"] = int(round(sum(stored) * 2 * kv_heads * head_dim * bytes_per_number))
+    if virtual:
+        report.update(virtual=True, rows=rows)
+    return report

@@ -13,8 +13,8 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
-| dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
+| dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant and dim_share |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
 | h2o | ObservedAttentionPress (eager attention) | - |
@@ -34,6 +34,11 @@ KVzip is head- and layer-adaptive: kvpress masks its evicted (layer, head, posit
 (`masked_key_indices`, read by kvpress's attention patch) instead of removing rows, so its cache
 keeps all T rows (no memory saved) and `check_cache_lengths` counts the masked pairs against
 its budget instead. It loads the model's tokenizer from `model.config.name_or_path`.
+
+FAEDKV's `variant="dimsplit"` (FourierAttention's dimension split) keeps a reconstructed row for
+every token too: its cache has T rows, and `check_cache_lengths` checks the equivalent rows it
+stored (`last_stats[layer]["equivalent_rows"]`: exact dims + low-pass coefficients, in rows of
+head_dim numbers) against kvpress's budget instead of the row count.
 """
 from __future__ import annotations
 
@@ -67,13 +72,13 @@ class MethodEntry:
 _FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
                     "mass_correction": True, "slot_normalization": "mean", "exact_share": 0.0,
                     "exact_scorer": "expected_attention", "slot_fit": "mean", "fit_probes": 64,
-                    "plan": None, "layer_ratios": None}
+                    "plan": None, "layer_ratios": None, "dim_share": 0.5}
 
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("full", None, {}),
     MethodEntry("faedkv", "faedkv:FAEDKVPress", dict(_FAEDKV_DEFAULTS)),
     MethodEntry("dct_iterative", "faedkv:FAEDKVPress",
-                {k: v for k, v in _FAEDKV_DEFAULTS.items() if k != "variant"},
+                {k: v for k, v in _FAEDKV_DEFAULTS.items() if k not in ("variant", "dim_share")},
                 fixed={"variant": "dct-iterative"}),
     MethodEntry("streaming_llm", "kvpress:StreamingLLMPress", {"n_sink": 4}),
     MethodEntry("snapkv", "kvpress:SnapKVPress", {"window_size": 64, "kernel_size": 5}),
@@ -317,12 +322,50 @@ def expected_cache_lengths(press, model, prompt_tokens: int) -> list[int] | None
         return [press.get_layer_budget(_layer_module(model, i), prompt_tokens) for i in range(layers)]
     if isinstance(press, (ScorerPress, MergingPress)):
         return [compute_n_kept(prompt_tokens, ratio)] * layers
+    if dimsplit_press(press) is not None:       # every token keeps a (reconstructed) row
+        return [prompt_tokens] * layers
     if type(press).__name__ == "FAEDKVPress":
         return [faedkv_cache_length(press, prompt_tokens)] * layers
     inner = getattr(getattr(press, "press", None), "press", None)
     if type(inner).__name__ == "FAEDKVPress" and hasattr(press, "compression_ratios"):
         return [inner.layout(prompt_tokens, r).rows for r in press.compression_ratios]
     return None
+
+
+def dimsplit_press(press):
+    """The FAEDKVPress(variant="dimsplit") in `press` (itself or inside kvpress's
+    PerLayerCompressionPress), or None."""
+    for candidate in (press, getattr(getattr(press, "press", None), "press", None)):
+        if type(candidate).__name__ == "FAEDKVPress" and candidate.variant == "dimsplit":
+            return candidate
+    return None
+
+
+def equivalent_budgets(press, model, prompt_tokens: int) -> list[int] | None:
+    """Per layer, kvpress's budget in rows, max(1, int(T (1 - ratio))) (the layer's ratio under
+    PerLayerCompressionPress), for a dimsplit press; None for any other press."""
+    from faedkv.budget import kept_rows
+
+    inner = dimsplit_press(press)
+    if inner is None:
+        return None
+    ratios = getattr(press, "compression_ratios", None) or [inner.compression_ratio] * _num_layers(model)
+    return [prompt_tokens if r == 0 else kept_rows(prompt_tokens, r) for r in ratios]
+
+
+def _check_equivalent_rows(press, model, prompt_tokens: int) -> None:
+    """A dimsplit press keeps T rows; what it stored (exact dims + low-pass coefficients, in rows
+    of head_dim numbers, `last_stats[layer]["equivalent_rows"]`) must fit kvpress's budget."""
+    inner = dimsplit_press(press)
+    budgets = equivalent_budgets(press, model, prompt_tokens)
+    stored = [inner.last_stats.get(i, {}).get("equivalent_rows") for i in range(len(budgets))]
+    bad = [i for i, (got, want) in enumerate(zip(stored, budgets)) if got is None or got > want + 1e-9]
+    if bad:
+        raise CompressionError(
+            f"FAEDKVPress (variant 'dimsplit', compression_ratio {inner.compression_ratio}) keeps "
+            f"all {prompt_tokens} rows and is checked by the bytes it stores: layers {bad} stored "
+            f"{[stored[i] for i in bad]} equivalent rows (exact dims + low-pass coefficients), "
+            f"kvpress's budget is {[budgets[i] for i in bad]}: the method did not apply its budget")
 
 
 def faedkv_cache_length(press, prompt_tokens: int) -> int:
@@ -362,7 +405,8 @@ def _check_masked_pairs(press, model, prompt_tokens: int) -> None:
 
 def check_cache_lengths(press, model, prompt_tokens: int, cache_lengths: list[int]) -> list[int]:
     """Raise CompressionError unless every layer's cache has the press's budgeted length (for
-    KVzip: every row kept and the budgeted number of pairs masked); returns the expected
+    KVzip: every row kept and the budgeted number of pairs masked; for FAEDKV's dimsplit: every
+    row kept and the equivalent rows it stored within kvpress's budget); returns the expected
     lengths. A press whose budget rule is unknown must at least have shrunk every layer when
     its compression_ratio is positive."""
     from kvpress import KVzipPress
@@ -371,6 +415,8 @@ def check_cache_lengths(press, model, prompt_tokens: int, cache_lengths: list[in
     name = type(press).__name__ if press is not None else "full cache"
     if isinstance(press, KVzipPress) and press.compression_ratio > 0:
         _check_masked_pairs(press, model, prompt_tokens)
+    if dimsplit_press(press) is not None:
+        _check_equivalent_rows(press, model, prompt_tokens)
     if expected is None:
         ratio = getattr(press, "compression_ratio", 0) or 0
         if ratio > 0 and any(n >= prompt_tokens for n in cache_lengths):

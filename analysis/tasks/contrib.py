@@ -6,11 +6,18 @@ from analysis.api.params import EVICTION, LINEAR, ContribParams, MethodSpec
 from analysis.tasks import JobKind
 
 
+DIMSPLIT_PROFILE = ("{where}: faedkv's variant 'dimsplit' has no contribution profile: which head "
+                    "dims stay exact is chosen from the data, so it is no fixed linear map along "
+                    "the tokens (every token keeps its own row); leave it out of methods.")
+
+
 def _profiled_methods(params: ContribParams, info) -> None:
     for i, spec in enumerate(params.methods):
         if spec.name not in LINEAR | EVICTION:
             raise ValueError(f"params.methods.{i}: method {spec.name!r} has no contribution "
                              "profile (it keeps the whole cache); leave it out of methods.")
+        if spec.params.get("variant") == "dimsplit":
+            raise ValueError(DIMSPLIT_PROFILE.format(where=f"params.methods.{i}"))
 
 
 # ---------------------------------------------------------------------------------- CLI

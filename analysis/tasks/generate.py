@@ -86,7 +86,8 @@ def generate(loaded, params: GenerateParams) -> dict:
         "reconstruction_error": reconstruction_errors(press, len(main.cache_lengths)),
         "prompt_tokens": main.prompt_tokens,
         "cache": cache_report(press, params.method.compression_ratio, main.prompt_tokens,
-                              main.cache_lengths),
+                              main.cache_lengths, loaded.info.head_dim, loaded.info.num_kv_heads,
+                              loaded.model.dtype.itemsize),
         "question": question or None,
         "seconds": main.seconds,
         "seconds_full": (main.seconds if press is None else full.seconds)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.api.params import (EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
+from analysis.api.params import (DIM_SHARE, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
                                  QUERY_MODES, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
                                  TaskPrompt)
 from analysis.api import plans  # noqa: E402
@@ -254,12 +254,15 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
             "slot's attention logit: attention then equals attention over the cache in which every "
             "middle token is replaced by its class mean")
         if name == "faedkv":
-            knobs, shown = search_knobs()
+            knobs, shown = search_knobs(params["variant"])
             params.update(knobs)
+        dimsplit = params.get("variant") == "dimsplit"
         use_plan = st.toggle("apply the plan above", key=state.bind(PAGE, "use_plan", True,
                                                                    state.decode_bool),
-                             help="off: keep every frequency bin (plan = null)")
-        if use_plan:
+                             disabled=dimsplit,
+                             help="off: keep every frequency bin (plan = null). The dimension "
+                                  "split takes no plan: its low band is sized by the budget.")
+        if use_plan and not dimsplit:
             if problem:
                 return None, {}
             params["plan"] = plans.to_json_dict(mask, plan_name)
@@ -275,11 +278,13 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
 URL_NAMES = {"slot_normalization": "norm", "sink_tokens": "sink", "mass_correction": "mass"}
 
 
-def search_knobs() -> tuple[dict, dict]:
-    """FAEDKV's hybrid budget and slot fit (issue 15): (the params to send, every knob's value
-    for the URL). A knob that does nothing at the chosen setting (the scorer without exact
-    tokens, fit_probes without the probe fit) is not sent."""
-    c1, c2, c3, c4 = st.columns(4)
+def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
+    """FAEDKV's hybrid budget, slot fit and dimension split (issue 15): (the params to send,
+    every knob's value for the URL). A knob that does nothing at the chosen setting (the scorer
+    without exact tokens, fit_probes without the probe fit, dim_share off dimsplit; the hybrid
+    and the fit with dimsplit, which has no slots) is not sent."""
+    c1, c2, c3, c4, c5 = st.columns(5)
+    dimsplit = variant == "dimsplit"
     share = c1.slider("exact share", 0.0, 0.95, step=0.05, key=state.bind(
         PAGE, "exact_share", 0.0, float, lambda v: 0 <= v < 1),
         help="Hybrid budget: this fraction of the rows left after sink and window keeps exact "
@@ -298,12 +303,21 @@ def search_knobs() -> tuple[dict, dict]:
     probes = c4.number_input("fit probes", 1, 4096, key=state.bind(
         PAGE, "fit_probes", 64, int, lambda v: 1 <= v <= 4096), disabled=fit == "mean",
         help="How many of the prompt's last queries the attention-matched fit uses.")
-    knobs = {"exact_share": float(share), "slot_fit": fit}
-    if share > 0:
-        knobs["exact_scorer"] = scorer
-    if fit == "probes":
-        knobs["fit_probes"] = int(probes)
-    return knobs, {**knobs, "exact_scorer": scorer, "fit_probes": int(probes)}
+    dim_share = c5.slider("dim share", 0.0, 0.95, step=0.05, disabled=not dimsplit, key=state.bind(
+        PAGE, "dim_share", DIM_SHARE, float, lambda v: 0 <= v < 1),
+        help="Dimension split (FourierAttention): this share of the middle's budget keeps the head "
+             "dims a low-pass summary would lose most exact for every token; the others keep only "
+             "their lowest frequencies along the tokens. 0: low-pass only.")
+    if dimsplit:
+        knobs = {"dim_share": float(dim_share)}
+    else:
+        knobs = {"exact_share": float(share), "slot_fit": fit}
+        if share > 0:
+            knobs["exact_scorer"] = scorer
+        if fit == "probes":
+            knobs["fit_probes"] = int(probes)
+    return knobs, {"exact_share": float(share), "slot_fit": fit, "exact_scorer": scorer,
+                   "fit_probes": int(probes), "dim_share": float(dim_share), **knobs}
 
 
 # ----------------------------------------------------------------------------- history
@@ -326,7 +340,7 @@ def remember(request: dict, result: dict) -> dict:
 
 def plan_summary(method: dict) -> str:
     plan = (method.get("params") or {}).get("plan")
-    if method.get("name") not in PLANNED:
+    if method.get("name") not in PLANNED or (method.get("params") or {}).get("variant") == "dimsplit":
         return "—"
     if not plan:
         return "every bin"
@@ -335,10 +349,13 @@ def plan_summary(method: dict) -> str:
 
 
 def hybrid_summary(method: dict) -> str:
-    """'25% expected_attention' for a hybrid budget, '0' without exact tokens, '—' off faedkv."""
+    """'25% expected_attention' for a hybrid budget, '0' without exact tokens, '—' off faedkv;
+    'dims 50%' for the dimension split (its share of exact head dims)."""
     if method.get("name") != "faedkv":
         return "—"
     params = method.get("params") or {}
+    if params.get("variant") == "dimsplit":
+        return f"dims {params.get('dim_share', DIM_SHARE):.0%}"
     share = params.get("exact_share") or 0.0
     return f"{share:.0%} {params.get('exact_scorer', 'expected_attention')}" if share else "0"
 
@@ -474,7 +491,8 @@ def cache_warning(result: dict, method: dict) -> str | None:
                     f"{asked[1]} and a slot: the press used sink {used['sink_tokens']} and window "
                     f"{used['window']} ({ui.plural(used.get('slots', '?'), 'slot')}); lower them to choose the "
                     "split yourself.")
-    if abs(kept - budget) > 1:
+    # dimsplit's equivalent rows lose < 1 row to each of M's two roundings (whole numbers, bins)
+    if abs(kept - budget) > (2 if cache.get("virtual") else 1):
         return (f"The cache kept {kept:.0f} tokens on average, not the budget's {budget} "
                 f"({100 * (1 - method['compression_ratio']):.0f}% of {tokens}).")
     return None
@@ -519,7 +537,9 @@ def show_result(entry: dict, stale: list[str]) -> None:
     c1.metric("prompt tokens", cache["prompt_tokens"])
     c2.metric("cache kept (mean over layers)", f"{cache['kept_tokens']:.0f}",
               f"{cache['kept_fraction'] - 1:+.0%} (budget {cache['budget_tokens']})",
-              delta_color="off")
+              delta_color="off", help="Dimension split: equivalent rows (exact dims + low-pass "
+              "coefficients, in rows of head_dim numbers); every token keeps a reconstructed row "
+              "for attention." if cache.get("virtual") else None)
     c3.metric("time (compressed run)", f"{result.get('seconds', 0):.2f} s")
     show_diagnostics(entry)
     entries = views.cache_entries(entry, ui.model_name())

@@ -84,6 +84,10 @@ def linear_profile(spec: MethodSpec, context_length: int, num_layers: int, num_k
 
     params = method_params(spec)
     variant = linear_variant(spec)
+    if variant == "dimsplit":
+        raise ContributionError(f"{spec.label}: faedkv's variant 'dimsplit' has no contribution "
+                                "profile: which head dims stay exact is chosen from the data, so "
+                                "it is no fixed linear map along the tokens; leave it out.")
     if float(params.get("exact_share") or 0) > 0:
         raise ContributionError(f"{spec.label}: a hybrid keeps data-dependent exact tokens; its "
                                 "contribution is not a fixed linear map (set exact_share to 0)")

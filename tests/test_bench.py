@@ -54,3 +54,21 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     assert "| 32768 | faedkv-attn-plan | 20.00 | 3.00 | 1.07 | 0.250 | 1.10 | 4.0% | 8.00 | 1.0% |" in text
     assert "faedkv-attn-plan at 32768: band-limiting" in text and "takes 0.40 of the step's 8.00 GPU ms (5.0%)" in text
     assert bench_gpu.tables({**result, "decode": []}).count("| context |") == 0
+
+
+def test_slot_attention_agreement_runs_and_agrees_on_cpu():
+    """The GPU bench's agreement check (slot-scaled attention against sdpa over the materialised
+    slots with the same log-count bias) at Llama-3-8B's head layout, in float32 on CPU under
+    Triton's interpreter: it must
+    run (a 1-D bias once crashed it on the H200) and agree, with and without a plan."""
+    import torch
+
+    from faedkv import FrequencyPlan
+
+    plain = bench_gpu.slot_attention_agreement(300, 0.75, steps=3, device="cpu", dtype=torch.float32,
+                                               fused=True)
+    planned = bench_gpu.slot_attention_agreement(300, 0.75, steps=3, device="cpu", dtype=torch.float32,
+                                                 fused=True, plan=FrequencyPlan.low_pass(0.5, 1))
+    assert plain["slot_attention_used"] and planned["slot_attention_used_plan"]
+    assert plain["max_rel_diff_slot_attention"] < 1e-4
+    assert planned["max_rel_diff_slot_attention_plan"] < 1e-4

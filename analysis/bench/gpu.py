@@ -440,18 +440,19 @@ def decode_agreement(tokens: int, ratio: float = 0.75, steps: int = 64) -> dict:
             **slot_attention_agreement(tokens, ratio, plan=FrequencyPlan.low_pass(0.5, 1))}
 
 
-def materialised_and_scaled_layers(tokens: int, ratio: float, plan=None):
-    """Two FAEDKVLayers holding the same random Llama-3-8B-shaped bf16 prefill: one that
-    materialises the slots, one that hands faedkv's attention the ring means (as if that
-    attention had answered the probe of a model that runs it)."""
+def materialised_and_scaled_layers(tokens: int, ratio: float, plan=None, device: str = "cuda", dtype=None,
+                                   fused=None):
+    """Two FAEDKVLayers holding the same random Llama-3-8B-shaped prefill (bf16 unless `dtype`):
+    one that materialises the slots, one that hands faedkv's attention the ring means (as if
+    that attention had answered the probe of a model that runs it)."""
     import torch
 
     from faedkv.attention import FAEDKV_SDPA
     from faedkv.decode.cache import FAEDKVLayer
 
     shape = (1, LLAMA3_8B["num_key_value_heads"], tokens, LLAMA3_8B["head_dim"])
-    context = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    materialised, scaled = (FAEDKVLayer(0, ratio, 4, 64, plan=plan) for _ in range(2))
+    context = [torch.randn(shape, device=device, dtype=dtype or torch.bfloat16) for _ in range(2)]
+    materialised, scaled = (FAEDKVLayer(0, ratio, 4, 64, plan=plan, fused=fused) for _ in range(2))
     for layer in (materialised, scaled):
         layer.update(*context)
     materialised.slot_state.served_by(MATERIALISING)
@@ -459,11 +460,13 @@ def materialised_and_scaled_layers(tokens: int, ratio: float, plan=None):
     return materialised, scaled
 
 
-def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16, plan=None) -> dict:
+def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16, plan=None,
+                             device: str = "cuda", dtype=None, fused=None) -> dict:
     """Slot-scaled attention (FoldStep + SlotAttention over the stored ring means; with a plan,
-    the band-limiting attention) against sdpa over the materialised slots (decode_step_into; with
-    a plan, the torch path's FFT), bf16, Llama-3-8B's 32 query heads over 8 KV heads, one random
-    query per step: max relative difference of the outputs."""
+    the band-limiting attention) against sdpa over the materialised slots with the same log-count
+    bias (decode_step_into; with a plan, the torch path's FFT), bf16 unless `dtype`, Llama-3-8B's
+    32 query heads over 8 KV heads, one random query per step: max relative difference of the
+    outputs. (The CPU test runs it in float32 with fused=True: Triton's interpreter.)"""
     import torch
     import torch.nn.functional as F
 
@@ -471,15 +474,16 @@ def slot_attention_agreement(tokens: int, ratio: float, steps: int = 16, plan=No
 
     heads, kv_heads, dim = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"], LLAMA3_8B["head_dim"]
     module = types.SimpleNamespace(layer_idx=0)   # what faedkv_sdpa reads the layers' handoffs with
-    materialised, scaled = materialised_and_scaled_layers(tokens, ratio, plan)
+    dtype = dtype or torch.bfloat16
+    materialised, scaled = materialised_and_scaled_layers(tokens, ratio, plan, device, dtype, fused)
     worst, used = 0.0, True
     for _ in range(steps):
-        new = [torch.randn(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-        query = torch.randn(1, 1, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        new = [torch.randn(1, kv_heads, 1, dim, device=device, dtype=dtype) for _ in range(2)]
+        query = torch.randn(1, 1, heads, dim, device=device, dtype=dtype).transpose(1, 2)
         keys, values = materialised.update(*new)
         start, log_counts = posted(module, keys).mass        # the slots' mass, as faedkv_sdpa adds it
-        bias = torch.zeros(keys.shape[-2], device="cuda", dtype=keys.dtype)
-        bias[start:start + log_counts.shape[-1]] = log_counts.to(bias.device, bias.dtype)
+        bias = torch.zeros(1, 1, 1, keys.shape[-2], device=device, dtype=keys.dtype)   # sdpa wants >= 2-D
+        bias[..., start:start + log_counts.shape[-1]] = log_counts.to(bias.device, bias.dtype)
         expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias,
                                                   enable_gqa=True).transpose(1, 2)
         keys, values = scaled.update(*new)

@@ -2,12 +2,12 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl.
+# search-ppl | dimsplit.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|layer-budget|needle-next|search-a|search-b|search-ppl [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
@@ -76,6 +76,13 @@ case "$part" in
     timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.25,0.5,0.625,0.75 --methods "$HYBRIDS,kvzip:layerwise=true,kvzip,keydiff" \
       > "$OUT/search-ppl.log" 2>&1; echo "search-ppl exit $?"; tail -40 "$OUT/search-ppl.log" ;;
+  dimsplit)   # issue 15 item 5: exact head dims + low-pass for the rest (FourierAttention), dim_share swept
+    D="faedkv:variant=dimsplit:dim_share=0.25,faedkv:variant=dimsplit:dim_share=0.5,faedkv:variant=dimsplit:dim_share=0.8"
+    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+      --num-texts 3 --ratios 0.5,0.625,0.75 --methods "$D" > "$OUT/dimsplit-ppl.log" 2>&1; echo "dimsplit-ppl exit $?"
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.625,0.75 \
+      --methods "faedkv:variant=dimsplit:dim_share=0.0,$D" > "$OUT/dimsplit-needle.log" 2>&1
+    echo "dimsplit-needle exit $?"; tail -25 "$OUT/dimsplit-needle.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

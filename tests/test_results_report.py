@@ -66,3 +66,30 @@ def test_a_folder_without_runs_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="has no runs/ folder"):
         main(["--store", str(tmp_path), "--out", str(tmp_path / "x.md")])
+
+
+def test_nll_summary_keeps_to_one_set_of_texts(store, tmp_path):
+    """A ppl run on other texts (held-out, another seed) must not overwrite the summary's NLL
+    (differences compare only on the same texts); the note names it, its own table stays."""
+    import shutil
+
+    from analysis.bench.results_report import report
+    from analysis.harness.models import load_model
+    from analysis.tasks.ppl import run_ppl
+
+    root, model = store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".lock", "index.sqlite"))
+    before = report(str(copy), [model], None)
+    summary_row = lambda text: next(line for line in text.split("### Tables from the store")[0].splitlines()
+                                    if line.startswith("| snapkv |"))
+    writer = ResultsStore(copy)
+    held_out = run_ppl(load_model("tiny-random-llama", dtype="float32"), writer,
+                       PplParams(methods=[MethodSpec(name="snapkv", compression_ratio=0.5)], prefix_tokens=128,
+                                 continuation_tokens=8, num_texts=2, seed=7), show_progress=False)
+    writer.release()
+    after = report(str(copy), [model], None)
+    assert summary_row(after) == summary_row(before)
+    name = held_out if held_out.startswith("ppl-") else f"ppl-{held_out}"
+    assert f"`{name}`" in after.split("### Tables from the store")[0]
+    assert f"#### Continuation NLL: {name}" in after

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from analysis.api.params import NeedleParams, PplParams
@@ -35,6 +35,29 @@ def run_metrics(run, kind: str) -> dict:
     if kind == "needle":
         return needle_metrics(run.records(), NeedleParams(**config["params"]), name)
     return ppl_metrics(run.records(), PplParams(**config["params"]), name)
+
+
+def texts_of(run) -> tuple:
+    """What a ppl run's NLL is measured on: (prefix tokens, continuation tokens, texts, seed).
+    NLL differences compare only within one such set."""
+    params = PplParams(**run.config["params"])
+    return params.prefix_tokens, params.continuation_tokens, params.num_texts, params.seed
+
+
+def reference_ppls(ppls: list) -> tuple[list, str]:
+    """The ppl runs [(run, metrics)] on the reference texts (the set most runs used; ties: the
+    earliest), for the summary table, and a sentence naming that set and what was left out."""
+    if not ppls:
+        return [], ""
+    counts = Counter(texts_of(run) for run, _ in ppls)
+    reference = max(counts, key=lambda key: (counts[key], -next(i for i, (r, _) in enumerate(ppls) if texts_of(r) == key)))
+    kept = [(run, m) for run, m in ppls if texts_of(run) == reference]
+    others = [run.name for run, _ in ppls if texts_of(run) != reference]
+    prefix, continuation, texts, seed = reference
+    note = (f"NLL columns: the runs on one set of texts ({continuation} tokens after a {prefix}-token prefix, "
+            f"{texts} texts, seed {seed})")
+    note += f"; runs on other texts are in their own tables below: {', '.join(f'`{n}`' for n in others)}." if others else "."
+    return kept, note
 
 
 def depth_profile(metrics: dict) -> str:
@@ -139,8 +162,9 @@ def report(store_root: str, models: list[str | None], findings: str | None) -> s
 def model_section(store: ResultsStore, model: str | None) -> list[str]:
     needles = [(run, run_metrics(run, "needle")) for run in model_runs(store, "needle", model)]
     ppls = [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)]
-    parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE,
-             summary_table([m for _, m in needles], [m for _, m in ppls]), "### Tables from the store"]
+    reference, note = reference_ppls(ppls)
+    parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE + (" " + note if note else ""),
+             summary_table([m for _, m in needles], [m for _, m in reference]), "### Tables from the store"]
     for run, metrics in needles:
         parts += [f"#### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
                   "Accuracy per depth (both lengths):", depth_profile(metrics)]
@@ -155,12 +179,12 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
 def fragment(store_root: str, model: str | None, machine: str, path: str) -> None:
     store = ResultsStore(store_root, read_only=True)
     needles = [run_metrics(run, "needle") for run in model_runs(store, "needle", model)]
-    ppls = [run_metrics(run, "ppl") for run in model_runs(store, "ppl", model)]
+    reference, note = reference_ppls([(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)])
     write_fragment(path, "\n\n".join([
         f"### Quality on a real model: {model or 'every model'} ({datetime.date.today()})",
         f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
         "lists each run with its command), tables by `python -m analysis.bench.results_report`.",
-        SUMMARY_NOTE, summary_table(needles, ppls)]) + "\n")
+        SUMMARY_NOTE + (" " + note if note else ""), summary_table(needles, [m for _, m in reference])]) + "\n")
 
 
 def main(argv=None) -> int:

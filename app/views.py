@@ -341,11 +341,19 @@ def cache_entries(generation: dict, model: str = "model") -> list[FigureEntry]:
     prov = generation_provenance(generation, model)
     config = {"request": request, "result": dict(result)}
     out = []
-    lengths = result.get("cache_lengths") or []
+    lengths, cache = result.get("cache_lengths") or [], cache_of(result)
+    title, axis = "Cache length per layer after compression", "cache length (tokens)"
+    stored = [layer.get("equivalent_rows") for layer in cache.get("layers") or []]
+    if cache.get("virtual") and stored and None not in stored:
+        # the dimension split hands attention every token's rebuilt row; what it stores is the budget
+        lengths = stored
+        title = ("Cache stored per layer after compression (equivalent rows: exact dims + low-pass "
+                 "coefficients; attention reads every token's rebuilt row)")
+        axis = "stored (equivalent rows)"
     if lengths:
-        full = [cache_of(result)["prompt_tokens"]] * len(lengths)
-        out.append(entry("lab-cache-lengths", "Cache length per layer after compression",
-                         figures.layer_bars(lengths, "cache length (tokens)", reference=full,
+        full = [cache["prompt_tokens"]] * len(lengths)
+        out.append(entry("lab-cache-lengths", title,
+                         figures.layer_bars(lengths, axis, reference=full,
                                             reference_name="full cache"), prov,
                          pd.DataFrame({"layer": range(len(lengths)), "cache_length": lengths}), config))
     errors = result.get("reconstruction_error")

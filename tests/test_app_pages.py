@@ -916,6 +916,26 @@ def test_mass_ratio_divides_per_head_and_keeps_missing_layers_blank():
     assert text[0][0] == "0.50" and text[0][1] == "" and list(text[1]) == ["", ""]
 
 
+def test_dimsplit_cache_figure_shows_the_stored_equivalent_rows_not_every_token():
+    """The dimension split hands attention every token's rebuilt row (cache_lengths = T); the
+    lab's cache figure must show what it stores (equivalent rows, about the budget) and say so."""
+    from app.views import cache_entries
+
+    cache = {"prompt_tokens": 1000, "budget_tokens": 500, "kept_tokens": 499.5, "kept_fraction": 0.4995,
+             "compressed": True, "virtual": True, "rows": 1000.0,
+             "layers": [{"equivalent_rows": 499.0}, {"equivalent_rows": 500.0}]}
+    generation = {"id": "g1", "request": {"method": {"name": "faedkv", "compression_ratio": 0.5,
+                                                     "params": {"variant": "dimsplit"}}, "prompt": {}},
+                  "result": {"cache_lengths": [1000, 1000], "cache": cache, "prompt_tokens": 1000}}
+    (figure,) = [e for e in cache_entries(generation) if e.name.startswith("lab-cache-lengths")]
+    assert "equivalent rows" in figure.title
+    assert list(figure.data["cache_length"]) == [499.0, 500.0]
+    plain = dict(cache, virtual=False)
+    generation["result"]["cache"] = plain
+    (figure,) = [e for e in cache_entries(generation) if e.name.startswith("lab-cache-lengths")]
+    assert list(figure.data["cache_length"]) == [1000, 1000] and "equivalent" not in figure.title
+
+
 QWEN = "/tmp/m/model"
 
 

@@ -19,8 +19,9 @@ from those fragments by `python -m analysis.bench report`. Each fragment names i
 and command; re-run the command on your machine to reproduce it. Times are medians, speed is
 compared as ratios measured within one run, and CPU numbers come from a shared 2-core machine.
 
-The first two sections (2026-12-01) measure FAEDKV as it is now: slots are class means with a
-log-count mass. Sections dated before 2026-12-01 measured the first reading, (M/t) x class sums.
+The first four sections (2026-12-01 to 2026-12-04: quality on Qwen2.5-Coder-1.5B, end to end on
+it and on the embedded model, then the class-mean kernels) measure FAEDKV as it is now: slots are
+class means with a log-count mass. Sections dated before 2026-12-01 measured the first reading, (M/t) x class sums.
 Their speed figures still describe the kernels' layout, but their FAEDKV quality figures describe a
 normalisation that broke real models (+6 nats on Qwen2.5; see docs/RESULTS.md).
 """

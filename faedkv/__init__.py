@@ -15,7 +15,7 @@ from faedkv.variants import VARIANTS, compression_matrix, slot_mass
 _LAZY = {
     "FAEDKVPress": "faedkv.press", "FAEDKVScorerPress": "faedkv.press",
     "FrequencyFilterPress": "faedkv.filter_press",
-    "FAEDKVCache": "faedkv.decode.cache",
+    "FAEDKVCache": "faedkv.decode.cache", "DimsplitCache": "faedkv.decode.dimsplit",
     "FAEDKV_SDPA": "faedkv.attention", "use_faedkv_attention": "faedkv.attention",
 }
 

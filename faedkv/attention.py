@@ -15,6 +15,9 @@ AttentionInterface (no model code is patched):
   (`faedkv.decode.slots.slot_attention`), so no slot is ever written. The cache offers that only
   after this function has served the layer (`SlotState.served_by`) and only while the model
   still runs this attention.
+- **split store**: DimsplitCache (faedkv.decode.dimsplit) hands over its exact rows with the
+  layer itself, whose `attend` reads the dimension split's middle without rebuilding its rows.
+  Any in-place handoff is answered by its `slots.attend(module, query, key, value, mask, ...)`.
 
 `use_faedkv_attention(config)` switches an sdpa model to it (its mask function is sdpa's, and
 with no bias and equal lengths it calls sdpa unchanged, so outputs are identical). Keys that
@@ -30,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from faedkv.decode.slots import posted, slot_attention
+from faedkv.decode.slots import posted
 
 FAEDKV_SDPA = "faedkv_sdpa"
 BIAS_ATTR = "faedkv_column_bias"
@@ -91,8 +94,8 @@ def faedkv_sdpa_attention(module, query, key, value, attention_mask, *args, **kw
         # FAEDKVCache may hand this layer its ring means from its next call on, while this
         # config still runs this attention
         slots.served_by(module.config)
-        if handoff.in_place:
-            return slot_attention(query, key, value, slots, **kwargs)
+        if handoff.in_place:   # the cache layer's own reader (SlotState, DimsplitLayer)
+            return slots.attend(module, query, key, value, attention_mask, **kwargs)
     q_len, key_len = query.shape[-2], key.shape[-2]
     if q_len == key_len:
         # A fresh prefill: the previous compression's slots are gone.

@@ -43,3 +43,15 @@ def test_bad_rows_and_token_counts_are_refused():
             main(["e2e", "--model", "tiny-random-llama", "--rows", row])
     with pytest.raises(SystemExit, match="at least 2"):
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])
+
+
+def test_the_dimsplit_cache_row_generates_and_is_reported():
+    from analysis.bench.e2e import e2e_markdown, e2e_rows
+    from analysis.harness.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    (result,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=["dimsplit-cache"])
+    assert result["row"] == "dimsplit-cache" and result["ratio"] == 0.5
+    assert result["ms_per_token"] > 0 and result["ttft_s"] > 0
+    text = e2e_markdown([result], "test machine", "cmd", loaded.info.name)
+    assert "| 300 | dimsplit-cache | 0.5 |" in text and "dimsplit-cache = DimsplitCache" in text

@@ -1,6 +1,6 @@
 """End to end on a real model: time to first token, ms per new token and peak memory of
-`model.generate` for the full cache, kvpress presses and FAEDKV (as a press, and as FAEDKVCache
-with a fixed budget while decoding).
+`model.generate` for the full cache, kvpress presses and FAEDKV (as a press, as FAEDKVCache
+with a fixed budget while decoding, and as DimsplitCache: the dimension split stored physically).
 
     python -m analysis.bench e2e --model /tmp/m/model --device cuda --lengths 16384 32768 \\
         --new-tokens 256 --ratio 0.75 --fragment benchmarks/e2e-h200-qwen.md
@@ -23,16 +23,31 @@ import time
 from analysis.bench.common import machine_description, write_fragment
 
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
+CACHE_ROWS = ("faedkv-cache", "dimsplit-cache")       # rows whose cache compresses itself (no press)
+
+
+def row_cache(row: str, ratio: float):
+    """The cache a row generates with: FAEDKVCache, DimsplitCache (dim_share 0.5, the press's
+    default sink and window) or a DynamicCache."""
+    from transformers import DynamicCache
+
+    from faedkv import DimsplitCache, FAEDKVCache
+
+    if row == "faedkv-cache":
+        return FAEDKVCache(compression_ratio=ratio)
+    if row == "dimsplit-cache":
+        return DimsplitCache(compression_ratio=ratio, dim_share=0.5)
+    return DynamicCache()
 
 
 def row_spec(row: str, ratio: float):
-    """The MethodSpec of a row (None for "faedkv-cache"); ValueError for what this bench cannot
+    """The MethodSpec of a row (None for the CACHE_ROWS); ValueError for what this bench cannot
     time. KVzip scores when its `with` block ends, and model.generate decodes inside the block,
     so its rows (and FAEDKV hybrids scored by KVzip) would decode over the full cache."""
     from analysis.cli import parse_methods
     from analysis.harness.methods import method_params
 
-    if row == "faedkv-cache":
+    if row in CACHE_ROWS:
         return None
     specs = parse_methods(row, [ratio])
     if len(specs) != 1:
@@ -47,7 +62,7 @@ def row_spec(row: str, ratio: float):
 
 
 def row_press(row: str, ratio: float, model):
-    """The press of a row: None for "full" and "faedkv-cache" (FAEDKVCache compresses itself),
+    """The press of a row: None for "full" and the CACHE_ROWS (their caches compress themselves),
     else the registry press of the method spec `row` (e.g. "faedkv:exact_share=0.9") at `ratio`."""
     from analysis.harness.methods import build_press
 
@@ -80,13 +95,10 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> di
     """One generate call: {"total_s", "ttft_s", "ms_per_token" (None for one new token),
     "peak_bytes" (over the start; None off CUDA)}."""
     import torch
-    from transformers import DynamicCache
-
-    from faedkv import FAEDKVCache
 
     model, device = loaded.model, str(loaded.model.device)
     press = row_press(row, ratio, model)
-    cache = FAEDKVCache(compression_ratio=ratio) if row == "faedkv-cache" else DynamicCache()
+    cache = row_cache(row, ratio)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -148,6 +160,9 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> st
                      f"{r['ms_per_token']:.1f} | {peak} |")
     lines += ["", "faedkv = FAEDKVPress (registry defaults) on the prefill, then a growing cache; "
               "faedkv-cache = FAEDKVCache: the prefill compressed and a fixed budget while decoding."]
+    if any(r["row"] == "dimsplit-cache" for r in rows):
+        lines.append("dimsplit-cache = DimsplitCache (dim_share 0.5): the prefill's middle stored as exact "
+                     "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +176,7 @@ def run_e2e(args) -> int:
         try:
             row_spec(row, args.ratio)
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache or one --methods spec "
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache or one --methods spec "
                              "(full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token is the time between the first and the last new token)")
@@ -189,6 +204,6 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS),
-                   help=f"faedkv-cache or method specs as --methods writes them (default: {' '.join(ROWS)})")
+                   help=f"faedkv-cache, dimsplit-cache or method specs as --methods writes them (default: {' '.join(ROWS)})")
     p.add_argument("--fragment", default="", help="also write a BENCHMARKS.md fragment here")
     p.set_defaults(func=run_e2e)

@@ -56,6 +56,10 @@ class SlotState:
         """faedkv's attention read this layer's keys under `config` (the explicit answer to a handoff)."""
         self.config = config
 
+    def attend(self, module, query, key, value, attention_mask=None, **kwargs):
+        """faedkv_sdpa's call for an in-place handoff: `slot_attention` (no mask is read)."""
+        return slot_attention(query, key, value, self, **kwargs)
+
     def column_bias(self, rows: int, device) -> torch.Tensor:
         """(rows,) float32: the logit bias of every key row (0 outside the ring means)."""
         bias = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -67,9 +71,10 @@ class SlotState:
 @dataclass(eq=False)
 class Handoff:
     """What one update of a FAEDKVCache layer returned: `keys` and the layer's `slots`, both held
-    weakly (materialised keys are transient). in_place: keys are the stored buffer (slot
-    attention); mass: (first slot row, (M,) float32 log counts) of materialised slot rows; neither:
-    exact keys (the prefill)."""
+    weakly (materialised keys are transient). in_place: keys are the stored buffer, read by
+    `slots.attend` (SlotState: slot attention; a DimsplitCache layer: its split store); mass:
+    (first slot row, (M,) float32 log counts) of materialised slot rows; neither: exact keys
+    (the prefill)."""
     keys: weakref.ref
     slots: weakref.ref
     in_place: bool = False

@@ -6,7 +6,7 @@ import os
 from analysis.bench.common import write_fragment
 
 # Fragments in the order BENCHMARKS.md shows them; any other *.md in the folder follows.
-REPORT_ORDER = ("gpu-h200-qwen-quality.md", "e2e-h200-qwen.md", "e2e-cpu-smollm2.md", "gpu-h200-class-means.md", "gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
+REPORT_ORDER = ("gpu-h200-qwen-quality.md", "e2e-h200-qwen.md", "e2e-cpu-smollm2-dimsplit.md", "e2e-cpu-smollm2.md", "gpu-h200-class-means.md", "gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
                 "gpu-h200-before-fusion.md",
                 "gpu-h200-grid.md", "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
                 "tasks-cpu.md", "shipped-analyses.md", "server-h200-llama8b.md", "server-h200-smollm2.md",
@@ -19,9 +19,9 @@ from those fragments by `python -m analysis.bench report`. Each fragment names i
 and command; re-run the command on your machine to reproduce it. Times are medians, speed is
 compared as ratios measured within one run, and CPU numbers come from a shared 2-core machine.
 
-The first four sections (2026-12-01 to 2026-12-04: quality on Qwen2.5-Coder-1.5B, end to end on
-it and on the embedded model, then the class-mean kernels) measure FAEDKV as it is now: slots are
-class means with a log-count mass. Sections dated before 2026-12-01 measured the first reading, (M/t) x class sums.
+The sections dated 2026-12-01 or later (quality on Qwen2.5-Coder-1.5B, end to end on it and on the
+embedded model, the class-mean kernels) measure FAEDKV as it is now: slots are class means with a
+log-count mass. Sections dated before 2026-12-01 measured the first reading, (M/t) x class sums.
 Their speed figures still describe the kernels' layout, but their FAEDKV quality figures describe a
 normalisation that broke real models (+6 nats on Qwen2.5; see docs/RESULTS.md).
 """

@@ -236,12 +236,19 @@ def lowpass_bins(num_tokens: int, numbers: int) -> int:
     return max(1, (numbers + 1) // 2)
 
 
-def lowpass(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """Band-limit x (..., N, d) along the tokens: rfft, keep bins 0..bins-1, irfft back to N
-    positions (compute dtype). bins = N // 2 + 1 keeps everything (x itself, up to round-off)."""
+def lowpass_band(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x band-limited along the tokens (..., N, d) in the compute dtype, the kept rfft bins
+    (..., bins, d) complex): rfft, keep bins 0..bins-1, irfft back to N positions. bins = N // 2 + 1
+    keeps everything (x itself, up to round-off). The bins are what a store of the split keeps."""
     spectrum = torch.fft.rfft(x.to(compute_dtype(x.dtype)), dim=-2)
+    kept = spectrum[..., :bins, :].clone()
     spectrum[..., bins:, :] = 0
-    return torch.fft.irfft(spectrum, n=x.shape[-2], dim=-2)
+    return torch.fft.irfft(spectrum, n=x.shape[-2], dim=-2), kept
+
+
+def lowpass(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """x (..., N, d) band-limited to rfft bins 0..bins-1 along the tokens (`lowpass_band`)."""
+    return lowpass_band(x, bins)[0]
 
 
 def dimsplit_sizes(num_tokens: int, rows: int, head_dim: int, dim_share: float,

@@ -49,8 +49,8 @@ def reference_ppls(ppls: list) -> tuple[list, str]:
     earliest), for the summary table, and a sentence naming that set and what was left out."""
     if not ppls:
         return [], ""
-    counts = Counter(texts_of(run) for run, _ in ppls)
-    reference = max(counts, key=lambda key: (counts[key], -next(i for i, (r, _) in enumerate(ppls) if texts_of(r) == key)))
+    # most_common keeps first-seen order among equal counts, and ppls come oldest first
+    reference = Counter(texts_of(run) for run, _ in ppls).most_common(1)[0][0]
     kept = [(run, m) for run, m in ppls if texts_of(run) == reference]
     others = [run.name for run, _ in ppls if texts_of(run) != reference]
     prefix, continuation, texts, seed = reference

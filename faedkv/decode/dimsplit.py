@@ -40,8 +40,7 @@ from faedkv.attention import FAEDKV_SDPA
 from faedkv.budget import layout
 from faedkv.decode.cache import ExactLayer, FAEDKVLayerBase
 from faedkv.decode.slots import Handoff, post
-from faedkv.iwdft import compute_dtype
-from faedkv.variants import dimsplit_sizes, exact_dims
+from faedkv.variants import dimsplit_sizes, exact_dims, lowpass_band
 
 ATTENTIONS = ("sdpa", FAEDKV_SDPA)   # implementations that read the handoff
 
@@ -75,11 +74,7 @@ class DimsplitMiddle:
         exact, bins, _ = dimsplit_sizes(tokens, rows, dim, dim_share)
         orders, exacts, coefficients = [], [], []
         for x in (keys, values):
-            # lowpass(x, bins) step by step, keeping the bins it zeroes the rest of
-            spectrum = torch.fft.rfft(x.to(compute_dtype(x.dtype)), dim=-2)
-            kept = spectrum[..., :bins, :].clone()
-            spectrum[..., bins:, :] = 0
-            low = torch.fft.irfft(spectrum, n=tokens, dim=-2)
+            low, kept = lowpass_band(x, bins)
             dims = exact_dims(x, low, exact)
             is_exact = torch.zeros(x.shape[:-2] + (dim,), dtype=torch.int8, device=x.device)
             is_exact.scatter_(-1, dims, 1)

@@ -13,7 +13,8 @@ its class mean.
 
 variant="dimsplit" (FourierAttention's dimension split) has no slots: within the same budget it
 keeps some head dims exact and the others as their lowest rfft bins, reconstructed at every
-middle token (T rows, equivalent rows in last_stats; `compress_dimsplit`).
+middle token (T rows, equivalent rows in last_stats; `compress_dimsplit`). With exact_share it
+first keeps a scorer's top middle tokens whole and splits the rest.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from faedkv.budget import Layout, layout
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
 from faedkv.variants import (DIMSPLIT, SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress,
-                             compress_dimsplit, expand, plan_keep, slot_mass, slot_positions, take_dims)
+                             compress_dimsplit, compress_dimsplit_rest, expand, plan_keep, slot_mass, slot_positions, take_dims)
 
 KEY_SPACES = ("post_rope", "pre_rope")
 # the slot variants (faedkv.variants.VARIANTS) and the dimension split, which keeps every row
@@ -41,7 +42,7 @@ DIM_SHARE = 0.5
 SLOT_FITS = ("mean", "probes")
 ERROR_KEYS = ("key_error", "value_error", "reconstruction_error")
 # what a layer stored, in rows of head_dim numbers (keys and values averaged): the rows for the
-# slot variants; for dimsplit (no slots, T rows kept) S + W + (N d_e + M (d - d_e)) / d, with
+# slot variants; for dimsplit (no slots, T rows kept) S + W + E + ((N - E) d_e + M (d - d_e)) / d, with
 # exact_dims = [d_e keys, d_e values], coefficients = [M keys, M values] and the chosen dims
 # (batch, kv_heads, d_e) as lists
 SPLIT_KEYS = ("equivalent_rows", "exact_dims", "coefficients", "key_exact_dims", "value_exact_dims")
@@ -52,6 +53,9 @@ SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "Knor
                   "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
 # ... and KVzip's reconstruction scores (faedkv.kvzip), computed after the prefill
 EXACT_SCORERS = (*SCORER_PRESSES, "kvzip")
+# where a dimsplit hybrid's exact tokens compete: per KV head, across a layer's heads, or across
+# every layer and head (KVzip's own budget is global; its layerwise option is "layer")
+EXACT_POOLS = ("head", "layer", "global")
 
 
 def check_fraction(name: str, value, meaning: str) -> None:
@@ -79,6 +83,27 @@ def split_exact(x: torch.Tensor, order: torch.Tensor, exact: int) -> tuple[torch
     return gathered[..., :cut, :], gathered[..., cut:, :]
 
 
+def head_mean(values) -> float | int:
+    """The mean over heads of a per-head count (an int when every head has the same)."""
+    flat = torch.as_tensor(values, dtype=torch.float64).flatten()
+    return int(flat[0]) if bool((flat == flat[0]).all()) else round(float(flat.mean()), 3)
+
+
+def split_hybrid(mid_keys: torch.Tensor, mid_values: torch.Tensor, exact: torch.Tensor, rows: int,
+                 dim_share: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A dimsplit hybrid's middle: the `exact` tokens (batch, kv_heads, N) whole, each head's
+    others split within `rows` rows (faedkv.variants.compress_dimsplit_rest); and what it stored,
+    averaged over heads: exact tokens, exact dims, numbers and M, for keys and values."""
+    new_keys, key_dims, key_numbers, key_m = compress_dimsplit_rest(mid_keys, exact, rows, dim_share)
+    new_values, value_dims, value_numbers, value_m = compress_dimsplit_rest(mid_values, exact, rows, dim_share)
+    widths = [[[len(h) for h in b] for b in d] for d in (key_dims, value_dims)]
+    return new_keys, new_values, {
+        "exact_tokens": float(exact.sum(-1).double().mean()), "dims": [key_dims, value_dims],
+        "exact_dims": [head_mean(w) for w in widths],
+        "numbers": [float(n.double().mean()) for n in (key_numbers, value_numbers)],
+        "coefficients": [head_mean(m) for m in (key_m, value_m)]}
+
+
 @dataclass
 class FAEDKVPress(BasePress):
     """Frequency-domain compression of the middle of the prefill cache (FAEDKV and comparators).
@@ -89,9 +114,10 @@ class FAEDKVPress(BasePress):
         whose energy lies most outside the kept low band stay exact for every token, the others
         keep only their lowest rfft bins along the tokens and are reconstructed at every
         position, in the bytes of kvpress's budget; every token keeps a row, so the cache has T
-        rows and `last_stats` records the equivalent rows; no plan, no hybrid, no mass bias).
-    dim_share: dimsplit only: the share of the middle's budget (R rows after sink and window)
-        spent on exact dims, d_e = floor(dim_share R d / N) (even for pre-RoPE keys: rotate-half
+        rows and `last_stats` records the equivalent rows; no plan, no mass bias; with
+        exact_share, the scorer's exact tokens stay whole and the other N - E are split).
+    dim_share: dimsplit only: the share of the split's budget (R rows after sink, window and
+        exact tokens) spent on exact dims, d_e = floor(dim_share R d / (N - E)) (even for pre-RoPE keys: rotate-half
         pairs together); the rest holds M = floor((R d - N d_e) / (d - d_e)) real low-pass
         coefficients per compressed dim. 0: a pure low-pass reconstruction.
     sink_tokens, window: exact tokens kept at the start and at the end, as asked; a budget too
@@ -108,8 +134,14 @@ class FAEDKVPress(BasePress):
         middle tokens chosen by `exact_scorer` (a kvpress scorer: expected_attention, knorm,
         keydiff, snapkv, tova; or kvzip: KVzip's context-reconstruction scores, 2-3 extra
         prefill passes after the prefill, batch size 1); the slots summarise every other middle
-        token, so what eviction would throw away is averaged in instead of lost. 0: no exact
-        middle tokens.
+        token, so what eviction would throw away is averaged in instead of lost (with dimsplit,
+        the split stores every other middle token). 0: no exact middle tokens.
+    exact_pool: where a hybrid's exact tokens compete: "head" (the top E of each KV head);
+        dimsplit only: "layer" (the top E x kv_heads of the layer's heads together, as KVzip's
+        layerwise budget) or "global" (the top E x kv_heads x layers of every layer and head,
+        as KVzip's default budget; exact_scorer='kvzip', whose scores come for all layers at
+        once). Every head's split keeps R rows' worth, so a layer (or, for "global", the model)
+        stores kvpress's budget; heads with more exact tokens leave fewer tokens to split.
     slot_fit: "mean" (slots are class means with log-count mass) or "probes" (attention-matched:
         each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
         the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
@@ -134,6 +166,7 @@ class FAEDKVPress(BasePress):
     slot_normalization: str = "mean"
     exact_share: float = 0.0
     exact_scorer: str = "expected_attention"
+    exact_pool: str = "head"
     slot_fit: str = "mean"
     fit_probes: int = 64
     dim_share: float = DIM_SHARE
@@ -152,9 +185,6 @@ class FAEDKVPress(BasePress):
         if self.variant == DIMSPLIT and self.plan is not None:
             raise ValueError("a FrequencyPlan chooses slot bins; variant='dimsplit' keeps the low band "
                              "the budget sizes: use plan=None with dimsplit")
-        if self.variant == DIMSPLIT and self.exact_share:
-            raise ValueError("variant='dimsplit' keeps exact head dims, not exact tokens: use "
-                             "exact_share=0 with dimsplit (dim_share sets its exact part)")
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
         for name in ("sink_tokens", "window"):
@@ -175,7 +205,17 @@ class FAEDKVPress(BasePress):
                              "(after the prefill) does not keep: use slot_fit='mean' with exact_scorer='kvzip'")
         if self.exact_share and (self.key_space == "pre_rope" or self.variant == "dct-iterative"):
             raise ValueError("a hybrid (exact_share > 0) keeps post-RoPE exact tokens and summarises "
-                             "the rest with iwdft or resample: use key_space='post_rope' and one of those")
+                             "the rest with iwdft, resample or dimsplit: use key_space='post_rope' and one of those")
+        if self.exact_pool not in EXACT_POOLS:
+            raise ValueError(f"exact_pool must be one of {', '.join(EXACT_POOLS)}, got {self.exact_pool!r}")
+        if self.exact_pool != "head" and (self.variant != DIMSPLIT or not self.exact_share):
+            raise ValueError(f"exact_pool={self.exact_pool!r} gives heads different numbers of exact tokens, "
+                             "which only the dimension split can store (every token keeps a row): use "
+                             "variant='dimsplit' with exact_share > 0, or exact_pool='head'")
+        if self.exact_pool == "global" and self.exact_scorer != "kvzip":
+            raise ValueError("exact_pool='global' ranks every layer's tokens together, so it needs every "
+                             "layer's scores before the first is compressed: use exact_scorer='kvzip' "
+                             "(or exact_pool='layer')")
         if self.slot_fit not in SLOT_FITS:
             raise ValueError(f"slot_fit must be one of {', '.join(SLOT_FITS)}, got {self.slot_fit!r}")
         if self.slot_fit == "probes" and (self.variant != "iwdft" or self.key_space != "post_rope"
@@ -185,7 +225,7 @@ class FAEDKVPress(BasePress):
         if isinstance(self.fit_probes, bool) or not isinstance(self.fit_probes, int) or self.fit_probes < 1:
             raise ValueError(f"fit_probes must be an integer >= 1, got {self.fit_probes!r}")
         self.scorer = None
-        self.layer_scores = {}
+        self.layer_scores, self.global_masks = {}, {}
         if self.exact_share and self.exact_scorer == "kvzip":
             from faedkv.kvzip import KVzipScores
 
@@ -221,7 +261,7 @@ class FAEDKVPress(BasePress):
             with self.scorer(model):
                 yield
         finally:
-            self.layer_scores = {}
+            self.layer_scores, self.global_masks = {}, {}
 
     def compress_scored(self, model, cache, scores: torch.Tensor) -> None:
         """Compress every layer of `cache` in place; scores (layers, 1, kv_heads, T) pick the
@@ -229,6 +269,8 @@ class FAEDKVPress(BasePress):
         from kvpress.utils import extract_keys_and_values
         from transformers import QuantizedCache
 
+        if self.exact_pool == "global":
+            self.global_masks = self.global_exact_masks(scores, self.layout(scores.shape[-1]))
         for decoder_layer in model.model.layers:
             module = decoder_layer.self_attn
             layer = module.layer_idx
@@ -271,7 +313,7 @@ class FAEDKVPress(BasePress):
         if kept.slots == 0:
             return keys, values
         if self.variant == DIMSPLIT:
-            return self.compress_dimsplit(module, keys, values, kwargs, kept, stats)
+            return self.compress_dimsplit(module, hidden_states, keys, values, attentions, kwargs, kept, stats)
         start, end = kept.sink, num_tokens - kept.window
         if kept.exact == 0 and self.fusable(keys, values):
             keys = fused_compress(keys, start, end, kept.slots, self.slot_normalization)
@@ -313,41 +355,80 @@ class FAEDKVPress(BasePress):
                             values[:, :, end:]], dim=2)
         return keys, values
 
-    def compress_dimsplit(self, module, keys, values, kwargs, kept: Layout, stats: dict):
+    def compress_dimsplit(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout,
+                          stats: dict):
         """The dimension split of the middle (faedkv.variants.compress_dimsplit) at kvpress's
-        budget: R = kept.slots rows' worth of numbers (B - S - W); every token keeps its row."""
+        budget: R = kept.slots rows' worth of numbers (B - S - W - E); every token keeps its row.
+        A hybrid (kept.exact = E > 0) first keeps the scorer's exact tokens whole (`exact_mask`)
+        and splits each head's other middle tokens (in time order, as if adjacent) within R."""
         num_tokens, dim = keys.shape[2], keys.shape[3]
         start, end = kept.sink, num_tokens - kept.window
         middle, rows = end - start, kept.slots
         mid_keys, mid_values = keys[:, :, start:end], values[:, :, start:end]
         if getattr(module, BIAS_ATTR, None) is not None:
             setattr(module, BIAS_ATTR, None)   # rows are tokens (mass 1): no log-count bias
-        pre_rope = self.key_space == "pre_rope"
-        space_keys = mid_keys
-        if pre_rope:
-            inv_freq, scaling = rope_parameters(module)
-            positions = token_positions(kwargs, num_tokens, keys.device)[start:end]
-            cos, sin = rope_cos_sin(positions, inv_freq, scaling)
-            space_keys = unrotate(mid_keys.float(), cos, sin, scaling)
-        new_keys, key_dims, key_numbers = compress_dimsplit(space_keys, rows, self.dim_share, pairs=pre_rope)
-        new_values, value_dims, value_numbers = compress_dimsplit(mid_values, rows, self.dim_share)
-        if pre_rope:   # back at each token's own position; the exact pairs are the cached ones
-            new_keys = rotate(new_keys, cos, sin)
-        new_keys = take_dims(new_keys.to(keys.dtype), mid_keys, key_dims)
-        new_values = take_dims(new_values.to(values.dtype), mid_values, value_dims)
-        stored = [middle * d.shape[-1] + m * (dim - d.shape[-1])
-                  for d, m in ((key_dims, key_numbers), (value_dims, value_numbers))]
-        stats.update(cache_len=num_tokens, slots=0, exact=0, middle=middle,
-                     equivalent_rows=kept.sink + kept.window + sum(stored) / (2 * dim),
-                     exact_dims=[key_dims.shape[-1], value_dims.shape[-1]],
-                     coefficients=[key_numbers, value_numbers],
-                     key_exact_dims=key_dims.tolist(), value_exact_dims=value_dims.tolist())
+        if kept.exact:
+            mask = self.exact_mask(module, hidden_states, keys, values, attentions, kwargs, kept)
+            new_keys, new_values, split = split_hybrid(mid_keys, mid_values, mask, rows, self.dim_share)
+        else:
+            pre_rope = self.key_space == "pre_rope"
+            space_keys = mid_keys
+            if pre_rope:
+                inv_freq, scaling = rope_parameters(module)
+                positions = token_positions(kwargs, num_tokens, keys.device)[start:end]
+                cos, sin = rope_cos_sin(positions, inv_freq, scaling)
+                space_keys = unrotate(mid_keys.float(), cos, sin, scaling)
+            new_keys, key_dims, key_numbers = compress_dimsplit(space_keys, rows, self.dim_share, pairs=pre_rope)
+            new_values, value_dims, value_numbers = compress_dimsplit(mid_values, rows, self.dim_share)
+            if pre_rope:   # back at each token's own position; the exact pairs are the cached ones
+                new_keys = rotate(new_keys, cos, sin)
+            new_keys = take_dims(new_keys.to(keys.dtype), mid_keys, key_dims)
+            new_values = take_dims(new_values.to(values.dtype), mid_values, value_dims)
+            split = {"exact_tokens": 0.0, "dims": [key_dims.tolist(), value_dims.tolist()],
+                     "exact_dims": [key_dims.shape[-1], value_dims.shape[-1]],
+                     "numbers": [middle * d.shape[-1] + m * (dim - d.shape[-1])
+                                 for d, m in ((key_dims, key_numbers), (value_dims, value_numbers))],
+                     "coefficients": [key_numbers, value_numbers]}
+        exact = split["exact_tokens"]
+        stats.update(cache_len=num_tokens, slots=0, middle=middle, exact=int(exact) if exact.is_integer() else exact,
+                     equivalent_rows=(kept.sink + kept.window + split["exact_tokens"]
+                                      + sum(split["numbers"]) / (2 * dim)),
+                     exact_dims=split["exact_dims"], coefficients=split["coefficients"],
+                     key_exact_dims=split["dims"][0], value_exact_dims=split["dims"][1])
         if self.record_errors:
             stats.update(self.errors(mid_keys.float(), mid_values.float(), new_keys.float(),
                                      new_values.float(), expanded=True))
         keys = torch.cat([keys[:, :, :start], new_keys, keys[:, :, end:]], dim=2)
         values = torch.cat([values[:, :, :start], new_values, values[:, :, end:]], dim=2)
         return keys, values
+
+    def exact_mask(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
+        """(batch, kv_heads, N) bool: the middle tokens a dimsplit hybrid keeps whole, by
+        `exact_pool`: the top E per head; the top E x heads of the layer; or, for "global", what
+        `global_exact_masks` chose across every layer before this one was compressed."""
+        if self.exact_pool == "global":
+            return self.global_masks[module.layer_idx]
+        scores = self.middle_scores(module, hidden_states, keys, values, attentions, kwargs, kept)
+        batch, heads, middle = scores.shape
+        if self.exact_pool == "layer":
+            top = scores.reshape(batch, heads * middle).topk(kept.exact * heads, dim=-1).indices
+            return torch.zeros(batch, heads * middle, dtype=torch.bool, device=scores.device).scatter_(
+                -1, top, True).view(batch, heads, middle)
+        top = scores.topk(kept.exact, dim=-1).indices
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+
+    def global_exact_masks(self, scores: torch.Tensor, kept: Layout) -> dict:
+        """{layer: (batch, kv_heads, N) bool}: the top E x kv_heads x layers middle tokens of
+        every layer and head together (KVzip's own budget is global in the same way); scores
+        (layers, batch, kv_heads, T)."""
+        start, end = kept.sink, kept.tokens - kept.window
+        middle_scores = scores[..., start:end].float().transpose(0, 1)     # (batch, layers, heads, N)
+        batch, layers, heads, middle = middle_scores.shape
+        flat = middle_scores.reshape(batch, -1)
+        top = flat.topk(kept.exact * heads * layers, dim=-1).indices
+        chosen = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device).scatter_(-1, top, True)
+        chosen = chosen.view(batch, layers, heads, middle)
+        return {layer: chosen[:, layer] for layer in range(layers)}
 
     def record_mass(self, module, slot_start: int, kept: Layout) -> None:
         if self.mass_correction:
@@ -356,14 +437,20 @@ class FAEDKVPress(BasePress):
     def exact_order(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
         """(batch, kv_heads, N) middle indices: the summarised ones first, then the E exact ones
         (the scorer's top E among the middle tokens), each group in time order."""
-        start, end = kept.sink, kept.tokens - kept.window
-        if self.exact_scorer == "kvzip":
-            scores = self.layer_scores[module.layer_idx][..., start:end]
-        else:
-            scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)[..., start:end]
-        top = scores.float().topk(kept.exact, dim=-1).indices
+        scores = self.middle_scores(module, hidden_states, keys, values, attentions, kwargs, kept)
+        top = scores.topk(kept.exact, dim=-1).indices
         is_exact = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device).scatter_(-1, top, 1)
         return torch.argsort(is_exact, dim=-1, stable=True)
+
+    def middle_scores(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
+        """(batch, kv_heads, N) float32 scores of the middle tokens: KVzip's (computed after the
+        prefill) or the kvpress scorer's."""
+        start, end = kept.sink, kept.tokens - kept.window
+        if self.exact_scorer == "kvzip":
+            scores = self.layer_scores[module.layer_idx]
+        else:
+            scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)
+        return scores[..., start:end].float()
 
     def fusable(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """The fused CUDA kernel computes exactly this press: iwdft, every bin, post-RoPE keys,

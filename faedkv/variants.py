@@ -301,6 +301,34 @@ def compress_dimsplit(x: torch.Tensor, rows: int, dim_share: float,
     return take_dims(low, x, dims), dims, numbers
 
 
+def compress_dimsplit_rest(x: torch.Tensor, exact: torch.Tensor, rows: int,
+                           dim_share: float) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]:
+    """A hybrid's split: x (batch, kv_heads, N, d), exact (batch, kv_heads, N) bool (tokens kept
+    whole; a different count per head is allowed) -> (x with each head's other tokens replaced by
+    `compress_dimsplit` of them taken in time order, in x.dtype, exact dims and exact tokens
+    bit-exact; the exact dims per head as nested lists (batch, kv_heads, d_e); the real numbers
+    each head's split stores (batch, kv_heads); M per head (batch, kv_heads)). A head whose other
+    tokens fit in `rows` keeps them whole (d_e = d)."""
+    batch, heads, _, dim = x.shape
+    out = x.clone()
+    dims = [[[] for _ in range(heads)] for _ in range(batch)]
+    numbers = torch.zeros(batch, heads, dtype=torch.long)
+    coefficients = torch.zeros(batch, heads, dtype=torch.long)
+    for b in range(batch):
+        for h in range(heads):
+            rest = (~exact[b, h]).nonzero().squeeze(-1)
+            if rest.numel() <= rows:
+                dims[b][h], numbers[b, h] = list(range(dim)), rest.numel() * dim
+                continue
+            tokens = x[b, h].index_select(0, rest)
+            low, kept_dims, count = compress_dimsplit(tokens, rows, dim_share)
+            out[b, h, rest] = take_dims(low.to(x.dtype), tokens, kept_dims)
+            dims[b][h] = kept_dims.tolist()
+            numbers[b, h] = rest.numel() * kept_dims.numel() + count * (dim - kept_dims.numel())
+            coefficients[b, h] = count
+    return out, dims, numbers, coefficients
+
+
 # --- one interface --------------------------------------------------------------------------
 def compress(variant: str, x: torch.Tensor, num_slots: int, keep: KeepFn = None,
              step: int = 64, normalization: str = "mean") -> torch.Tensor:

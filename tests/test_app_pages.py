@@ -830,6 +830,17 @@ def test_lab_dimension_split_sends_dim_share_and_no_plan():
     assert "plan" not in params and "exact_share" not in params and "slot_fit" not in params
     assert at.query_params["dim_share"] == "0.3"
     assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30%"
+    # the hybrid: exact tokens by KVzip ranked across the whole model, the split for the rest
+    assert at.selectbox(key="lab.exact_pool").disabled                 # no exact tokens yet
+    at.slider(key="lab.exact_share").set_value(0.5).run()
+    at.selectbox(key="lab.exact_scorer").set_value("kvzip").run()
+    at.selectbox(key="lab.exact_pool").set_value("global").run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    params = fake.called("generate")[-1][0]["method"]["params"]
+    assert (params["exact_share"], params["exact_scorer"], params["exact_pool"]) == (0.5, "kvzip", "global")
+    assert at.query_params["exact_pool"] == "global"
+    assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30% + 50% kvzip (global)"
 
 
 def test_lab_search_knobs_come_back_from_a_link():

@@ -119,6 +119,143 @@ def test_pre_rope_keys_split_rotate_half_pairs_and_copy_them():
                        full.layers[1].keys[:, :, start:end].gather(-1, index))
 
 
+class _KnormScores:
+    """A stand-in scorer: minus the key norm, as kvpress's KnormPress scores (deterministic)."""
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        return -keys.float().norm(dim=-1)
+
+
+@pytest.mark.parametrize("ratio, share", [(0.5, 0.5), (0.75, 0.9), (0.625, 0.25)])
+def test_hybrid_keeps_the_scorers_tokens_whole_and_splits_the_rest(ratio, share):
+    seed = random.randrange(10**6)
+    torch.manual_seed(seed)
+    tokens, d = 400, 16
+    keys, values = torch.randn(1, 2, tokens, d), torch.randn(1, 2, tokens, d)
+    press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, window=16,
+                        exact_share=share, exact_scorer="knorm")
+    press.scorer = _KnormScores()
+    out_k, out_v = _split(press, keys, values)
+    stats, kept = press.last_stats[0], press.layout(tokens)
+    start, end = kept.sink, tokens - kept.window
+    assert kept.exact > 0 and stats["exact"] == kept.exact and out_k.shape == keys.shape, seed
+    # the E middle tokens with the smallest key norm per head are bit-exact whole rows
+    chosen = (-keys[:, :, start:end].norm(dim=-1)).topk(kept.exact, dim=-1).indices
+    for out, x in ((out_k, keys), (out_v, values)):
+        index = chosen.unsqueeze(-1).expand(*chosen.shape, d)
+        assert torch.equal(out[:, :, start:end].gather(2, index), x[:, :, start:end].gather(2, index)), seed
+    # the others: the split of the N - E remaining tokens, taken as one sequence in time order
+    rest = torch.ones(1, 2, end - start, dtype=torch.bool).scatter(-1, chosen, False)
+    x_rest = keys[:, :, start:end][rest].view(1, 2, -1, d)
+    want, dims, numbers = compress_dimsplit(x_rest, kept.slots, 0.5)
+    got = out_k[:, :, start:end][rest].view(1, 2, -1, d)
+    assert torch.allclose(got, want, atol=1e-5), seed
+    assert stats["key_exact_dims"] == dims.tolist() and stats["coefficients"][0] == numbers
+    # bytes: S + W + E rows, plus (N - E) d_e + M (d - d_e) numbers, within kvpress's budget
+    split = (end - start - kept.exact) * dims.shape[-1] + numbers * (d - dims.shape[-1])
+    assert split <= kept.slots * d and stats["equivalent_rows"] <= kept_rows(tokens, ratio) + 1e-9, seed
+    assert torch.equal(out_k[:, :, :start], keys[:, :, :start]) and torch.equal(out_v[:, :, end:], values[:, :, end:])
+    assert x_rest.shape[-2] == end - start - kept.exact
+
+
+@pytest.mark.parametrize("scorer, pool", [("keydiff", "head"), ("keydiff", "layer"), ("kvzip", "global")])
+def test_hybrid_runs_in_a_model_through_the_registry(tiny_loaded, scorer, pool):
+    from analysis.harness import methods
+    from analysis.harness.generation import answer_details
+
+    spec = MethodSpec(name="faedkv", compression_ratio=0.75, params={
+        "variant": "dimsplit", "exact_share": 0.5, "exact_scorer": scorer, "exact_pool": pool, "window": 16})
+    press = methods.build_press(spec, tiny_loaded.model)
+    context = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(300))
+    a = answer_details(tiny_loaded, press, context, "Which word comes first?", max_new_tokens=3)
+    assert a.cache_lengths == [a.prompt_tokens] * 3 and a.text
+    stats = [press.last_stats[i] for i in range(3)]
+    budget = kept_rows(a.prompt_tokens, 0.75)
+    assert all(s["exact"] > 0 for s in stats)
+    if pool == "global":
+        assert sum(s["equivalent_rows"] for s in stats) <= 3 * budget + 1e-6
+        press.last_stats[0]["equivalent_rows"] += 3 * budget        # a model over its budget is refused
+        with pytest.raises(methods.CompressionError, match="over all layers"):
+            methods.check_cache_lengths(press, tiny_loaded.model, a.prompt_tokens, a.cache_lengths)
+    else:
+        assert all(s["equivalent_rows"] <= budget + 1e-9 for s in stats)
+
+
+def test_layer_pool_ranks_the_heads_together_and_keeps_the_layers_bytes():
+    seed = random.randrange(10**6)
+    torch.manual_seed(seed)
+    tokens, d = 300, 16
+    keys, values = torch.randn(1, 4, tokens, d), torch.randn(1, 4, tokens, d)
+    keys[:, 0] *= 0.2                      # head 0's keys are small: knorm's top tokens gather there
+    press = FAEDKVPress(compression_ratio=0.75, variant="dimsplit", window=16, exact_share=0.5,
+                        exact_scorer="knorm", exact_pool="layer")
+    press.scorer = _KnormScores()
+    out_k, out_v = _split(press, keys, values)
+    stats, kept = press.last_stats[0], press.layout(tokens)
+    start, end = kept.sink, tokens - kept.window
+    scores = -keys[:, :, start:end].norm(dim=-1)
+    top = scores.reshape(1, -1).topk(kept.exact * 4, dim=-1).indices
+    chosen = torch.zeros(1, 4 * (end - start), dtype=torch.bool).scatter(-1, top, True).view(1, 4, -1)
+    per_head = chosen.sum(-1)[0]
+    assert per_head[0] > kept.exact > per_head[1:].min() and per_head.sum() == kept.exact * 4, seed
+    assert torch.equal(out_k[:, :, start:end][chosen], keys[:, :, start:end][chosen]), seed
+    assert torch.equal(out_v[:, :, start:end][chosen], values[:, :, start:end][chosen]), seed
+    for h in range(4):   # each head's split has the same R rows for its other tokens
+        rest = keys[0, h, start:end][~chosen[0, h]]
+        want = compress_dimsplit(rest, kept.slots, 0.5)[0]
+        assert torch.allclose(out_k[0, h, start:end][~chosen[0, h]], want, atol=1e-5), (seed, h)
+    assert stats["exact"] == kept.exact and stats["equivalent_rows"] <= kept_rows(tokens, 0.75) + 1e-9, seed
+
+
+def test_global_pool_ranks_every_layer_and_keeps_the_models_bytes():
+    from analysis.harness.models import build_tiny_llama
+
+    seed = random.randrange(10**6)
+    torch.manual_seed(seed)
+    model = build_tiny_llama(seed=0, vocab_size=128, num_layers=3)
+    ids = torch.randint(0, 128, (1, 240))
+    full = prefill(model, ids)
+    cache = prefill(model, ids)
+    layers, heads = 3, full.layers[0].keys.shape[1]
+    scores = torch.rand(layers, 1, heads, 240)
+    scores[1] += 1                                     # layer 1 scores highest: it gets most exact tokens
+    press = FAEDKVPress(compression_ratio=0.75, variant="dimsplit", window=16, exact_share=0.5,
+                        exact_scorer="kvzip", exact_pool="global")
+    press.post_init_from_model(model)
+    press.compress_scored(model, cache, scores)
+    kept = press.layout(240)
+    exact = [press.last_stats[i]["exact"] for i in range(layers)]
+    assert exact[1] > kept.exact > min(exact[0], exact[2]), (seed, exact)
+    assert abs(sum(exact) - kept.exact * layers) < 1e-9, seed
+    stored = sum(press.last_stats[i]["equivalent_rows"] for i in range(layers))
+    assert stored <= kept_rows(240, 0.75) * layers + 1e-6, seed
+    assert press.last_stats[1]["equivalent_rows"] > kept_rows(240, 0.75)   # one layer above its share
+    start, end = kept.sink, 240 - kept.window
+    mid = scores[..., start:end].transpose(0, 1).reshape(1, -1)
+    top = mid.topk(kept.exact * heads * layers, dim=-1).indices
+    chosen = torch.zeros_like(mid, dtype=torch.bool).scatter(-1, top, True).view(1, layers, heads, -1)
+    for layer in range(layers):
+        mask = chosen[:, layer]
+        got = cache.layers[layer].keys[:, :, start:end]
+        assert got.shape[2] == end - start
+        assert torch.equal(got[mask], full.layers[layer].keys[:, :, start:end][mask]), (seed, layer)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"variant": "iwdft", "exact_share": 0.5, "exact_pool": "layer"}, "only the dimension split can store"),
+    ({"exact_pool": "layer"}, "exact_share > 0"),
+    ({"exact_share": 0.5, "exact_pool": "global", "exact_scorer": "keydiff"}, "use exact_scorer='kvzip'"),
+    ({"exact_share": 0.5, "exact_pool": "everywhere"}, "exact_pool must be one of head, layer, global"),
+])
+def test_bad_exact_pools(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        FAEDKVPress(compression_ratio=0.5, **{"variant": "dimsplit", **kwargs})
+    params = {"variant": "dimsplit", **{k: v for k, v in kwargs.items() if k != "exact_pool" or v != "everywhere"}}
+    if "exact_pool" in params:
+        with pytest.raises(ValueError, match="params.exact_pool"):
+            MethodSpec(name="faedkv", compression_ratio=0.5, params=params)
+
+
 def test_it_adds_no_mass_bias_and_leaves_an_eager_model_alone(tiny_lm):
     from faedkv.attention import BIAS_ATTR
 
@@ -137,7 +274,7 @@ def test_it_adds_no_mass_bias_and_leaves_an_eager_model_alone(tiny_lm):
     ({"dim_share": -0.1}, "dim_share must be in \\[0, 1\\)"),
     ({"dim_share": 0.3, "variant": "iwdft"}, "use variant='dimsplit' or leave dim_share out"),
     ({"plan": FrequencyPlan.low_pass(0.5, 3)}, "use plan=None with dimsplit"),
-    ({"exact_share": 0.25}, "use exact_share=0 with dimsplit"),
+    ({"exact_share": 0.25, "key_space": "pre_rope"}, "use key_space='post_rope'"),
 ])
 def test_bad_press_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -149,7 +286,6 @@ def test_bad_press_arguments(kwargs, needle):
     ({"dim_share": 0.3}, "set variant to 'dimsplit' or drop dim_share"),
     ({"variant": "dimsplit", "dim_share": 1.0}, "must be in \\[0, 0.999\\]"),
     ({"variant": "dimsplit", "plan": {"chunks": 4, "layers": [[0]]}}, "drop the plan"),
-    ({"variant": "dimsplit", "exact_share": 0.5}, "set exact_share to 0"),
 ])
 def test_bad_method_specs(params, needle):
     with pytest.raises(ValueError, match=needle):

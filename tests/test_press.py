@@ -377,6 +377,7 @@ def test_the_torch_free_option_lists_match_the_press():
 
     assert params.EXACT_SCORERS == press.EXACT_SCORERS
     assert params.SLOT_FITS == press.SLOT_FITS
+    assert params.EXACT_POOLS == press.EXACT_POOLS
     assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
     assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == press.PRESS_VARIANTS
     assert press.PRESS_VARIANTS[:len(VARIANTS)] == VARIANTS and params.DIM_SHARE == press.DIM_SHARE

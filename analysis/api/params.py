@@ -54,6 +54,8 @@ KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
 EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
+# where a dimsplit hybrid's exact tokens compete (faedkv.press.EXACT_POOLS; tested equal)
+EXACT_POOLS = ("head", "layer", "global")
 SLOT_FITS = ("mean", "probes")
 LAYER_RATIO_SLACK = 0.005
 QUERY_MODES = ("query_agnostic", "query_aware")
@@ -140,6 +142,8 @@ _FAEDKV_RULES = {
     # a share of the budget kept as exact middle tokens, chosen by a kvpress scorer
     "exact_share": Rule("float", 0.0, 0.999),
     "exact_scorer": Rule("choice", choices=EXACT_SCORERS),
+    # where a dimsplit hybrid's exact tokens compete: per head, across a layer, across the model
+    "exact_pool": Rule("choice", choices=EXACT_POOLS),
     # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
     "slot_fit": Rule("choice", choices=SLOT_FITS),
     "fit_probes": IntRule(1, 4096),
@@ -279,10 +283,15 @@ class MethodSpec(Strict):
             raise ValueError(f"params.plan of method {self.name!r} cannot apply to variant "
                              "'dimsplit' (it keeps the low band its budget sizes, not a plan's "
                              "bins): drop the plan (null)")
-        if variant == "dimsplit" and self.params.get("exact_share"):
-            raise ValueError(f"params.exact_share of method {self.name!r} cannot apply to variant "
-                             "'dimsplit' (it keeps exact head dims, not tokens; dim_share sets "
-                             "them): set exact_share to 0")
+        pool = self.params.get("exact_pool", "head")
+        if pool != "head" and (variant != "dimsplit" or not self.params.get("exact_share")):
+            raise ValueError(f"params.exact_pool {pool!r} of method {self.name!r} gives heads different "
+                             "numbers of exact tokens, which only the dimension split stores: set variant "
+                             "to 'dimsplit' and exact_share above 0, or exact_pool to 'head'")
+        if pool == "global" and self.params.get("exact_scorer") != "kvzip":
+            raise ValueError(f"params.exact_pool 'global' of method {self.name!r} ranks every layer's "
+                             "tokens together and needs them all scored first: set exact_scorer to "
+                             "'kvzip' (or exact_pool to 'layer')")
         ratios = self.params.get("layer_ratios")
         if ratios and abs(sum(ratios) / len(ratios) - self.compression_ratio) > LAYER_RATIO_SLACK:
             raise ValueError(f"params.layer_ratios of method {self.name!r} average "

@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), exact_pool (head; dimsplit hybrids: layer, or global with kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant and dim_share |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
@@ -71,7 +71,7 @@ class MethodEntry:
 
 _FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
                     "mass_correction": True, "slot_normalization": "mean", "exact_share": 0.0,
-                    "exact_scorer": "expected_attention", "slot_fit": "mean", "fit_probes": 64,
+                    "exact_scorer": "expected_attention", "exact_pool": "head", "slot_fit": "mean", "fit_probes": 64,
                     "plan": None, "layer_ratios": None, "dim_share": 0.5}
 
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
@@ -360,6 +360,13 @@ def _check_equivalent_rows(press, model, prompt_tokens: int) -> None:
     budgets = equivalent_budgets(press, model, prompt_tokens)
     stored = [inner.last_stats.get(i, {}).get("equivalent_rows") for i in range(len(budgets))]
     bad = [i for i, (got, want) in enumerate(zip(stored, budgets)) if got is None or got > want + 1e-9]
+    if inner.exact_pool == "global" and None not in stored:   # one budget for the whole model
+        if sum(stored) > sum(budgets) + 1e-6:
+            raise CompressionError(
+                f"FAEDKVPress (variant 'dimsplit', exact_pool 'global', compression_ratio "
+                f"{inner.compression_ratio}) stored {sum(stored):.1f} equivalent rows over all layers, "
+                f"kvpress's budget is {sum(budgets)}: the method did not apply its budget")
+        return
     if bad:
         raise CompressionError(
             f"FAEDKVPress (variant 'dimsplit', compression_ratio {inner.compression_ratio}) keeps "

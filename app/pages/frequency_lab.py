@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.api.params import (DIM_SHARE, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
+from analysis.api.params import (DIM_SHARE, EXACT_POOLS, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
                                  QUERY_MODES, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
                                  TaskPrompt)
 from analysis.api import plans  # noqa: E402
@@ -281,19 +281,24 @@ URL_NAMES = {"slot_normalization": "norm", "sink_tokens": "sink", "mass_correcti
 def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
     """FAEDKV's hybrid budget, slot fit and dimension split (issue 15): (the params to send,
     every knob's value for the URL). A knob that does nothing at the chosen setting (the scorer
-    without exact tokens, fit_probes without the probe fit, dim_share off dimsplit; the hybrid
-    and the fit with dimsplit, which has no slots) is not sent."""
-    c1, c2, c3, c4, c5 = st.columns(5)
+    without exact tokens, fit_probes without the probe fit, dim_share and the exact pool off
+    dimsplit; the fit with dimsplit, which has no slots) is not sent."""
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
     dimsplit = variant == "dimsplit"
     share = c1.slider("exact share", 0.0, 0.95, step=0.05, key=state.bind(
         PAGE, "exact_share", 0.0, float, lambda v: 0 <= v < 1),
         help="Hybrid budget: this fraction of the rows left after sink and window keeps exact "
              "middle tokens (picked by the scorer); the slots average every other middle token "
-             "in. 0: slots only.")
+             "in (with dimsplit, the split stores them). 0: no exact tokens.")
     scorer = c2.selectbox("exact-token scorer", EXACT_SCORERS, disabled=share == 0,
                           key=state.bind(PAGE, "exact_scorer", "expected_attention",
                                          valid=state.options_valid(EXACT_SCORERS)),
                           help="The kvpress scorer that picks the exact middle tokens.")
+    pool = c6.selectbox("exact pool", EXACT_POOLS, disabled=not (dimsplit and share > 0), key=state.bind(
+        PAGE, "exact_pool", "head", valid=state.options_valid(EXACT_POOLS)),
+        help="Where the exact tokens compete (dimsplit only): per KV head; across the layer's "
+             "heads (as KVzip's layerwise budget); or across every layer and head (global, as "
+             "KVzip's default; needs the kvzip scorer).")
     fit = c3.selectbox("slot fit", SLOT_FITS, format_func=FIT_LABEL.get, key=state.bind(
         PAGE, "slot_fit", "mean", valid=state.options_valid(SLOT_FITS)),
         help="class means: each slot is its class's mean with a log(count) mass. "
@@ -310,6 +315,8 @@ def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
              "their lowest frequencies along the tokens. 0: low-pass only.")
     if dimsplit:
         knobs = {"dim_share": float(dim_share)}
+        if share > 0:
+            knobs.update(exact_share=float(share), exact_scorer=scorer, exact_pool=pool)
     else:
         knobs = {"exact_share": float(share), "slot_fit": fit}
         if share > 0:
@@ -317,7 +324,7 @@ def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
         if fit == "probes":
             knobs["fit_probes"] = int(probes)
     return knobs, {"exact_share": float(share), "slot_fit": fit, "exact_scorer": scorer,
-                   "fit_probes": int(probes), "dim_share": float(dim_share), **knobs}
+                   "fit_probes": int(probes), "dim_share": float(dim_share), "exact_pool": pool, **knobs}
 
 
 # ----------------------------------------------------------------------------- history
@@ -354,9 +361,14 @@ def hybrid_summary(method: dict) -> str:
     if method.get("name") != "faedkv":
         return "—"
     params = method.get("params") or {}
-    if params.get("variant") == "dimsplit":
-        return f"dims {params.get('dim_share', DIM_SHARE):.0%}"
     share = params.get("exact_share") or 0.0
+    if params.get("variant") == "dimsplit":
+        dims = f"dims {params.get('dim_share', DIM_SHARE):.0%}"
+        if not share:
+            return dims
+        pool = params.get("exact_pool", "head")
+        return f"{dims} + {share:.0%} {params.get('exact_scorer', 'expected_attention')}" + (
+            f" ({pool})" if pool != "head" else "")
     return f"{share:.0%} {params.get('exact_scorer', 'expected_attention')}" if share else "0"
 
 

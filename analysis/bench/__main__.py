@@ -3,6 +3,7 @@
     python -m analysis.bench compress --lengths 8192 32768 --layers 8    # compress.py
     python -m analysis.bench tasks                                       # tasks.py (also: shipped)
     python -m analysis.bench gpu --parts compress decode                 # gpu.py (also: gpu-render)
+    python -m analysis.bench gpu --parts real-compress --model M         # real_compress.py (CPU too)
     python -m analysis.bench e2e --model M --device cuda                 # e2e.py
     python -m analysis.bench report                                      # report.py: BENCHMARKS.md
 """

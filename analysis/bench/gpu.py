@@ -12,6 +12,11 @@
    spent in the cache's update (an instrumented pass that synchronises around every update).
 3. needle: the SmolLM2 needle grid on the GPU up to 8K (`python -m analysis needle`), when the
    embedded model is available (package or FAEDKV_EMBEDDED_GGUF).
+4. real-compress: per-layer prefill compression of a real model's own cache (--model, at
+   --real-lengths): the shipped FAEDKV default, dimsplit, the KeyDiff hybrid, SnapKV, KeyDiff and
+   StreamingLLM on each layer's K/V, hidden states and attention kwargs captured from one prefill
+   of essay text (analysis/bench/real_compress.py). The one part that also runs on the CPU
+   (perf_counter, host copy bandwidth), for tests and dry runs.
 
 Everything goes to --out (gpu-bench.json with every row, gpu-bench.md with the tables, needle
 store under needle/); the tables are printed last.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import types
@@ -29,6 +35,9 @@ from pathlib import Path
 
 from analysis.bench.common import machine_description, write_fragment
 from analysis.bench.compress import compress_benchmark, llama3_layer
+from analysis.bench.real_compress import (DEFAULT_REAL_LENGTHS, REAL_METHODS, check_lengths,
+                                          copy_bandwidth_host, model_summary, real_compress_markdown,
+                                          real_compress_rows)
 from analysis.harness.models import LLAMA3_8B
 
 
@@ -91,6 +100,7 @@ def fused_agreement(lengths, ratio: float = 0.75) -> list[dict]:
     return rows
 
 
+DEFAULT_FRAGMENT = "benchmarks/gpu-h200.md"
 DECODE_KINDS = ("full", "snapkv", "faedkv", "faedkv-attn", "faedkv-torch", "faedkv-plan", "faedkv-attn-plan")
 DEFAULT_GPU_METHODS = ("iwdft", "iwdft-torch", "iwdft-lowpass", "resample", "snapkv", "streamingllm")
 
@@ -588,10 +598,22 @@ def tables(result: dict) -> str:
     gb = 1e9
     result.setdefault("parts", [p for p in ("compress", "decode", "needle") if result.get(p)])
     result["parts"] = ["needle grid" if p == "grid" else p for p in result["parts"]]
-    lines = [f"### GPU: {', '.join(result['parts'])} at Llama-3-8B scale ({result['date']})", "",
+    real_model = result.get("real_compress_model") or {}
+    where = []
+    if set(result["parts"]) - {"real-compress"}:
+        where.append("at Llama-3-8B scale")
+    if "real-compress" in result["parts"]:
+        where.append(f"on {real_model.get('name', 'a real model')}'s cache")
+    bandwidth = (f"{result['bandwidth'] / 1e12:.2f} TB/s" if result["bandwidth"] >= 1e11
+                 else f"{result['bandwidth'] / 1e9:.1f} GB/s")
+    # a CPU run of the real-compress part (tests, dry runs) says so in its heading
+    label = "CPU" if result["parts"] == ["real-compress"] and real_model.get("device") == "cpu" else "GPU"
+    lines = [f"### {label}: {', '.join(result['parts'])} {'; '.join(where)} ({result['date']})", "",
              f"Command: `python -m analysis.bench gpu {result['argv']}`", "",
              f"Machine: {result['machine']}. Copy bandwidth measured in the run: "
-             f"{result['bandwidth'] / 1e12:.2f} TB/s (read + write)."]
+             f"{bandwidth} (read + write)."]
+    if result.get("real_compress"):
+        lines.append(real_compress_markdown(result["real_compress"], real_model, result.get("real_compress_flush_l2")))
     if result["compress"]:
         lines += ["", f"Prefill compression per layer, ratio 0.75, median of {result['layers']} layers "
                   "(fresh bf16 draws each), CUDA events around the press's compress call (Python "
@@ -687,19 +709,45 @@ def tables(result: dict) -> str:
 def run_gpu(args) -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("python -m analysis.bench gpu needs a CUDA GPU (torch sees none)")
+    cuda = torch.cuda.is_available()
+    if not cuda and set(args.parts) - {"real-compress"}:
+        raise SystemExit("python -m analysis.bench gpu needs a CUDA GPU (torch sees none); only "
+                         "--parts real-compress also runs on the CPU")
+    device = "cuda" if cuda else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"date": datetime.date.today().isoformat(), "machine": machine_description("cuda"),
-              "layers": args.layers, "compress": [], "decode": [], "argv": " ".join(sys.argv[2:]),
+    result = {"date": datetime.date.today().isoformat(), "machine": machine_description(device),
+              "layers": args.layers, "compress": [], "decode": [], "argv": shlex.join(sys.argv[2:]),
               "parts": args.parts}
-    result["bandwidth"] = copy_bandwidth()
 
     def save():
         tmp = out / "gpu-bench.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out / "gpu-bench.json")
+
+    loaded = None
+    if "real-compress" in args.parts:   # first: the model's lengths are checked before anything runs
+        from analysis.harness.models import load_model
+
+        loaded = load_model(args.model, device=device)
+        try:
+            check_lengths(args.real_lengths, loaded)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    result["bandwidth"] = copy_bandwidth() if cuda else copy_bandwidth_host()
+    if loaded is not None:
+        result["real_compress_model"] = model_summary(loaded)
+        result["real_compress_flush_l2"] = args.flush_l2
+
+        def saved_rows(rows):
+            result["real_compress"] = rows
+            save()
+
+        real_compress_rows(loaded, args.real_lengths, result["bandwidth"], args.real_methods,
+                           args.real_repeats, flush_l2=args.flush_l2, on_length=saved_rows)
+        loaded = None   # free the model before the other parts
+        if cuda:
+            torch.cuda.empty_cache()
 
     if "compress" in args.parts:
         result["fused_check"] = fused_agreement(args.lengths)
@@ -726,7 +774,10 @@ def run_gpu(args) -> int:
         save()
     text = tables(result)
     (out / "gpu-bench.md").write_text(text)
-    if args.fragment:
+    if args.fragment and not cuda and args.fragment == DEFAULT_FRAGMENT:
+        print(f"(a CPU run: {DEFAULT_FRAGMENT} is the H200's fragment and was left alone; "
+              "--fragment PATH writes one)")
+    elif args.fragment:
         write_fragment(args.fragment, text)
     print(text)
     return 0
@@ -752,7 +803,16 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("gpu", help="compression + decoding at Llama-3-8B scale on a CUDA GPU")
     p.add_argument("--parts", nargs="+", default=["compress", "decode", "needle"],
-                   choices=["compress", "decode", "needle", "grid"])
+                   choices=["compress", "decode", "needle", "grid", "real-compress"],
+                   help="real-compress: prefill compression on --model's real cache (also on the CPU)")
+    p.add_argument("--model", default=None,
+                   help="real-compress: as every command's --model (default: the embedded model)")
+    p.add_argument("--real-lengths", type=int, nargs="+", default=list(DEFAULT_REAL_LENGTHS),
+                   help="real-compress: prompt lengths (refused above the model's max_position_embeddings)")
+    p.add_argument("--real-methods", nargs="+", default=list(REAL_METHODS), choices=REAL_METHODS)
+    p.add_argument("--real-repeats", type=int, default=3, help="real-compress: timed calls per layer")
+    p.add_argument("--no-l2-flush", dest="flush_l2", action="store_false",
+                   help="real-compress: do not flush the L2 cache before each timed call")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--layers", type=int, default=8, help="fresh-draw layers timed per length")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_GPU_METHODS),
@@ -774,6 +834,6 @@ def add_parser(sub) -> None:
                    choices=["query_agnostic", "query_aware"])
     p.add_argument("--needle-store", default=None, help="needle results store (default OUT/needle)")
     p.add_argument("--out", default="results/bench-gpu")
-    p.add_argument("--fragment", default="benchmarks/gpu-h200.md",
+    p.add_argument("--fragment", default=DEFAULT_FRAGMENT,
                    help="markdown fragment for BENCHMARKS.md ('' for none)")
     p.set_defaults(func=run_gpu)

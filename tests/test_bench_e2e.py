@@ -55,3 +55,178 @@ def test_the_dimsplit_cache_row_generates_and_is_reported():
     assert result["ms_per_token"] > 0 and result["ttft_s"] > 0
     text = e2e_markdown([result], "test machine", "cmd", loaded.info.name)
     assert "| 300 | dimsplit-cache | 0.5 |" in text and "dimsplit-cache = DimsplitCache" in text
+
+
+class FakeEvent:
+    """A kineto event as kernel_split reads it; `kind` None: a torch without `activity_type`."""
+
+    def __init__(self, name, device, start, duration=0, annotation=False, kind="kernel"):
+        from torch.autograd import DeviceType
+
+        self._name, self._start, self._duration, self._annotation = name, start, duration, annotation
+        self._device = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+        if kind is not None:
+            self.activity_type = lambda: kind
+
+    def name(self):
+        return self._name
+
+    def device_type(self):
+        return self._device
+
+    def start_ns(self):
+        return self._start
+
+    def duration_ns(self):
+        return self._duration
+
+    def is_user_annotation(self):
+        return self._annotation
+
+
+def marks(*times):
+    from analysis.bench.e2e import MARK
+
+    return [FakeEvent(MARK, "cpu", t, annotation=True, kind="user_annotation") for t in times]
+
+
+def test_kernel_split_sums_device_ops_by_the_token_marks_they_follow():
+    from analysis.bench.e2e import kernel_split
+
+    events = marks(100, 2000, 3000, 4000) + [              # the prompt, then 3 new tokens
+        FakeEvent("gemm", "cuda", 50, 10),                 # before the first token: its time
+        FakeEvent("Memcpy HtoD", "cuda", 1500, 20, kind="gpu_memcpy"),
+        FakeEvent("attn", "cuda", 2100, 5),                # decode: between the first and last token
+        FakeEvent("Memset", "cuda", 3100, 7, kind="gpu_memset"),
+        FakeEvent("old torch", "cuda", 3200, 11, kind=None),   # no activity_type: counted
+        FakeEvent("after the last token", "cuda", 4100, 1000),
+        FakeEvent("## Call CompiledFxGraph ##", "cuda", 2100, 500, annotation=True, kind="gpu_user_annotation"),
+        FakeEvent("range", "cuda", 2100, 300, kind="gpu_user_Annotation"),   # kineto's spelling
+        FakeEvent("aten::mm", "cpu", 2050, 400, kind="cpu_op"),
+    ]
+    split = kernel_split(events, new_tokens=3)
+    assert split["first_token_kernel_s"] == pytest.approx(30e-9)
+    assert split["kernel_ms_per_token"] == pytest.approx((5 + 7 + 11) / 1e6 / 2)   # N - 1 intervals
+    assert split["device_ops_per_token"] == 1.5
+
+
+def test_kernel_split_without_device_ops_reports_none_and_checks_the_marks():
+    from analysis.bench.e2e import kernel_split
+
+    cpu_only = marks(1, 2, 3) + [FakeEvent("aten::mm", "cpu", 2, 1, kind="cpu_op")]
+    assert kernel_split(cpu_only, new_tokens=2) == dict.fromkeys(
+        ("first_token_kernel_s", "kernel_ms_per_token", "device_ops_per_token"))
+    prefill_only = marks(1, 2, 3) + [FakeEvent("gemm", "cuda", 1, 4)]
+    assert kernel_split(prefill_only, new_tokens=2) == {
+        "first_token_kernel_s": 4e-9, "kernel_ms_per_token": None, "device_ops_per_token": None}
+    with pytest.raises(RuntimeError, match="2 token marks, expected 4"):
+        kernel_split(marks(1, 2), new_tokens=3)
+
+
+def test_profile_adds_the_device_columns_and_runs_on_cpu(tmp_path):
+    from analysis.bench.__main__ import main
+
+    fragment = tmp_path / "e2e.md"
+    assert main(["e2e", "--model", "tiny-random-llama", "--device", "cpu", "--lengths", "300", "--new-tokens", "3",
+                 "--repeats", "1", "--rows", "full", "faedkv-cache", "full-static", "--profile",
+                 "--fragment", str(fragment)]) == 0
+    text = fragment.read_text()
+    assert ("| GPU s to first token (kernels) | GPU ms / token (kernels) | device ops / token | host-bound share |"
+            in text)
+    for row in ("full", "faedkv-cache", "full-static"):   # CPU: the profiled call runs, no device ops
+        assert any(line.startswith(f"| 300 | {row} |") and line.endswith("| - | - | - | - |")
+                   for line in text.splitlines())
+    assert "Profile (`--profile`)" in text and "full-static = transformers' StaticCache" in text
+
+
+def test_the_profiled_rows_carry_the_device_times():
+    from analysis.bench.e2e import e2e_rows
+    from analysis.harness.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    (row,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.75, repeats=1, rows=["snapkv"], profile=True)
+    assert row["ms_per_token"] > 0
+    assert {k: row[k] for k in ("first_token_kernel_s", "kernel_ms_per_token", "device_ops_per_token",
+                                "host_bound")} == dict.fromkeys(("first_token_kernel_s", "kernel_ms_per_token",
+                                                                 "device_ops_per_token", "host_bound"))
+
+
+def test_the_full_static_row_runs_on_cpu_uncompiled_and_is_reported():
+    from analysis.bench.e2e import e2e_markdown, e2e_rows
+    from analysis.harness.models import load_model
+
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    (row,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.75, repeats=1, rows=["full-static"])
+    assert row["row"] == "full-static" and row["ratio"] == 0.0 and row["ms_per_token"] > 0
+    assert row["compiled"] is False and row["warmup_s"] > 0    # transformers compiles only on CUDA/XPU
+    assert not hasattr(loaded.model, "_cache")                 # the row released its static cache
+    text = e2e_markdown([row], "test machine", "cmd", loaded.info.name)
+    assert "| 300 | full-static | 0 |" in text and "run eagerly: transformers compiles" in text
+    assert "FAEDKVCache and DimsplitCache cannot run under transformers' compiled static-cache path" in text
+
+
+@pytest.mark.parametrize("model", ["tiny-random-llama", "tiny-random-qwen2"])
+def test_full_static_generates_the_full_rows_tokens_through_the_compiled_path(model):
+    """The row's generate kwargs are transformers' static cache and compiled decode step; compiled
+    (dynamo only, on CPU) with fullgraph=True, the forward traces as one graph with faedkv's and
+    kvpress's sdpa wrappers installed and FAEDKVCache handoffs posted, and decodes the full
+    cache's greedy tokens."""
+    import torch
+    from transformers import CompileConfig
+
+    from analysis.bench.e2e import row_cache, row_generate_kwargs
+    from analysis.harness.haystack import text_tokens
+    from analysis.harness.models import load_model
+    from faedkv.attention import restore_sdpa
+
+    kwargs = row_generate_kwargs("full-static", 0.75)
+    assert kwargs["cache_implementation"] == "static" and "past_key_values" not in kwargs
+    assert kwargs["compile_config"] == CompileConfig() and kwargs["compile_config"].mode == "reduce-overhead"
+
+    loaded = load_model(model, device="cpu", dtype="float32")
+    ids = torch.tensor([text_tokens(loaded.tokenizer, 300)])
+
+    def generate(**extra):
+        with torch.inference_mode():
+            return loaded.model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                         pad_token_id=loaded.tokenizer.eos_token_id, **extra)
+
+    full = generate(past_key_values=row_cache("full", 0.75))
+    generate(past_key_values=row_cache("faedkv-cache", 0.75))     # posts handoffs, switches the attention
+    restore_sdpa(loaded.model.config)
+    traced = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    traced._compile_all_devices = True                             # transformers' switch for compiling off CUDA
+    try:
+        static = generate(cache_implementation="static", compile_config=traced)
+        assert loaded.model._compiled_call is not None             # generate took the compiled path
+    finally:
+        torch.compiler.reset()
+    assert torch.equal(static, full)
+
+
+def test_static_rows_other_than_full_are_refused():
+    from analysis.bench.__main__ import main
+
+    for row in ("faedkv-cache-static", "dimsplit-cache-static"):
+        with pytest.raises(SystemExit, match=f"row '{row}': .*cannot run under transformers' compiled static-cache "
+                                             "path: .*Python-side state.*Triton kernels.*is_compileable"):
+            main(["e2e", "--model", "tiny-random-llama", "--rows", row])
+    with pytest.raises(SystemExit, match="row 'snapkv-static': only full-static runs through transformers' static"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "snapkv-static"])
+
+
+def test_a_compiled_profiled_static_row_is_rendered_as_a_cuda_run_would_be():
+    """The table and notes of what a CUDA run records (compiled static row, device times)."""
+    from analysis.bench.e2e import e2e_markdown
+
+    timed = {"tokens": 16384, "ratio": 0.0, "ttft_s": 0.141, "total_s": 9.9, "peak_gb": 1.56}
+    rows = [{**timed, "row": "full", "ms_per_token": 38.2, "first_token_kernel_s": 0.1234,
+             "kernel_ms_per_token": 1.91, "device_ops_per_token": 620.0, "host_bound": 1 - 1.91 / 38.2},
+            {**timed, "row": "full-static", "ms_per_token": 2.5, "first_token_kernel_s": 0.125,
+             "kernel_ms_per_token": 2.4, "device_ops_per_token": 301.0, "host_bound": 1 - 2.4 / 2.5,
+             "warmup_s": 71.25, "compiled": True}]
+    text = e2e_markdown(rows, "H200", "cmd", "m")
+    assert "| 16384 | full | 0 | 0.141 | 38.2 | 1.56 | 0.123 | 1.91 | 620 | 95% |" in text
+    assert "| 16384 | full-static | 0 | 0.141 | 2.5 | 1.56 | 0.125 | 2.40 | 301 | 4% |" in text
+    assert "Compile time is excluded" in text and "took 71.25 s at 16384 tokens" in text
+    assert "run eagerly" not in text and "GPU ms / token = those that start between" in text

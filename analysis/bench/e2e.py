@@ -12,8 +12,33 @@ compression + one step); ms per token = (last token's time - first token's) / (N
 median of `--repeats` calls on the same prompt (essay text), after one warm-up call. (Two calls
 of 1 and N tokens, subtracted, went negative when a press's prefill varies by more than the
 decode takes: KVzip's does.) Peak memory (CUDA only) is the allocator's peak during the call
-minus what was allocated before it (the weights and the input). Greedy decoding with
-min_new_tokens = max_new_tokens, so every row decodes the same count.
+minus what was allocated before the row's warm-up (the weights and the input). Greedy decoding with
+min_new_tokens = max_new_tokens, so every row decodes the same count. Every row starts on the
+model's sdpa (a FAEDKV row switches the config to faedkv_sdpa; the next row switches it back).
+
+full-static (STATIC_ROWS) is the full cache through transformers' own compiled path:
+`generate(cache_implementation="static", compile_config=CompileConfig())`, i.e. a StaticCache
+of prompt + new tokens rows and the one-token decode forward under torch.compile(mode=
+"reduce-overhead") (CUDA graphs); the prefill runs eagerly. transformers compiles only on
+CUDA/XPU, so on CPU the row is the static cache without compilation (the row says which). Its
+warm-up decodes as many tokens as the timed calls (a shorter one would size a smaller cache and
+the timed call would compile again), so compilation is excluded from the times and reported as
+the warm-up's seconds. The cache it allocates at the warm-up persists between calls
+(`model._cache`), hence the peak over what was allocated before the warm-up (it counts that
+cache), for every row. A static row starts and ends with `release_static_path`: its own cache
+and compilation, as in a fresh process. FAEDKVCache and DimsplitCache cannot run under that
+path (NOT_STATIC says why; their "-static" rows are refused).
+
+--profile: after the timed calls, one more call of N new tokens under torch.profiler (CPU
+activity, plus CUDA on a CUDA model), the streamer marking each token with a record_function
+range. At each mark the token has reached the host, so every device operation launched before
+it has finished: device operations (kernels, memcpy, memset: CUDA events that are not annotation
+ranges, the events torch's own device-time total sums) that start before the first token's mark
+are the first token's; those that start between the first and the last token's marks are the
+decode's, the window ms per token is clocked over. GPU ms / token = the sum of their durations /
+(N - 1): a sum, not the union, which equals busy time on one stream (generate uses one).
+host-bound share = 1 - GPU ms / token / the row's median ms / token: the wall time comes from the
+unprofiled calls, since the profiler slows the host, not the kernels. Off CUDA these are "-".
 """
 from __future__ import annotations
 
@@ -24,6 +49,22 @@ from analysis.bench.common import machine_description, write_fragment
 
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 CACHE_ROWS = ("faedkv-cache", "dimsplit-cache")       # rows whose cache compresses itself (no press)
+STATIC_ROWS = ("full-static",)                        # transformers' StaticCache, decode step compiled
+MARK = "e2e.token"                                    # the profiled call's record_function per token
+NOT_STATIC = ("FAEDKVCache and DimsplitCache cannot run under transformers' compiled static-cache path: their "
+              "layers keep Python-side state that changes every token (tokens seen; FAEDKVCache's folded count "
+              "and window head, passed as scalars to directly launched Triton kernels; DimsplitCache's exact rows, "
+              "one more each token) and hand attention their slot counts or store through a Python registry "
+              "(faedkv.decode.slots.post), so a CUDA graph would replay the first step's values; and transformers "
+              "compiles only caches whose layers are is_compileable (theirs are not), so it would run them eagerly")
+
+
+def static_refusal(row: str) -> str:
+    """Why a "<row>-static" other than full-static is not timed."""
+    if row[:-len("-static")] in CACHE_ROWS:
+        return f"{NOT_STATIC}; only full-static is timed this way"
+    return ("only full-static runs through transformers' static cache: a press shortens the cache "
+            "after the prefill, and a StaticCache keeps a fixed length")
 
 
 def row_cache(row: str, ratio: float):
@@ -40,15 +81,28 @@ def row_cache(row: str, ratio: float):
     return DynamicCache()
 
 
+def row_generate_kwargs(row: str, ratio: float) -> dict:
+    """What selects a row's cache in model.generate: transformers' static cache and its compiled
+    decode step (CompileConfig's defaults: mode "reduce-overhead", fullgraph False) for the
+    STATIC_ROWS, else the row's cache object."""
+    if row in STATIC_ROWS:
+        from transformers import CompileConfig
+
+        return {"cache_implementation": "static", "compile_config": CompileConfig()}
+    return {"past_key_values": row_cache(row, ratio)}
+
+
 def row_spec(row: str, ratio: float):
-    """The MethodSpec of a row (None for the CACHE_ROWS); ValueError for what this bench cannot
-    time. KVzip scores when its `with` block ends, and model.generate decodes inside the block,
-    so its rows (and FAEDKV hybrids scored by KVzip) would decode over the full cache."""
+    """The MethodSpec of a row (None for the CACHE_ROWS and STATIC_ROWS); ValueError for what this
+    bench cannot time. KVzip scores when its `with` block ends, and model.generate decodes inside
+    the block, so its rows (and FAEDKV hybrids scored by KVzip) would decode over the full cache."""
     from analysis.cli import parse_methods
     from analysis.harness.methods import method_params
 
-    if row in CACHE_ROWS:
+    if row in CACHE_ROWS or row in STATIC_ROWS:
         return None
+    if row.endswith("-static"):
+        raise ValueError(static_refusal(row))
     specs = parse_methods(row, [ratio])
     if len(specs) != 1:
         raise ValueError("one method per row")
@@ -62,8 +116,9 @@ def row_spec(row: str, ratio: float):
 
 
 def row_press(row: str, ratio: float, model):
-    """The press of a row: None for "full" and the CACHE_ROWS (their caches compress themselves),
-    else the registry press of the method spec `row` (e.g. "faedkv:exact_share=0.9") at `ratio`."""
+    """The press of a row: None for "full" and the CACHE_ROWS and STATIC_ROWS (their caches
+    compress themselves or not at all), else the registry press of the method spec `row` (e.g.
+    "faedkv:exact_share=0.9") at `ratio`."""
     from analysis.harness.methods import build_press
 
     spec = row_spec(row, ratio)
@@ -77,37 +132,66 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def allocated_bytes(device: str) -> int | None:
+    """Bytes the CUDA allocator holds now (None off CUDA)."""
+    import torch
+
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else None
+
+
+def release_static_path(model) -> None:
+    """Release the StaticCache generate keeps on the model between calls (`model._cache`), its
+    compiled forward (`model._compiled_call`) and what torch.compile built (`torch.compiler.reset()`:
+    dynamo's caches and the CUDA graph trees), so that a static row allocates, compiles and is
+    measured on its own, as in a fresh process (a second prompt length would otherwise recompile
+    with dynamic shapes)."""
+    import torch
+
+    for name in ("_cache", "_compiled_call"):   # generate's StaticCache; get_compiled_call's wrapper
+        if hasattr(model, name):
+            delattr(model, name)
+    torch.compiler.reset()
+
+
 class TokenClock:
     """A generate streamer that notes the time of each `put`: the prompt first, then every new
-    token (ids arrive on the host, so the step that made them is done)."""
+    token (ids arrive on the host, so the step that made them is done). mark: also open and close
+    a record_function range named MARK, for a profiler to place the tokens on its clock."""
 
-    def __init__(self):
+    def __init__(self, mark: bool = False):
         self.times: list[float] = []
+        self.mark = mark
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
+        if self.mark:
+            from torch.profiler import record_function
+
+            with record_function(MARK):
+                pass
 
     def end(self) -> None:
         pass
 
 
-def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> dict:
+def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start_bytes: int | None = None,
+                     clock: TokenClock | None = None) -> dict:
     """One generate call: {"total_s", "ttft_s", "ms_per_token" (None for one new token),
-    "peak_bytes" (over the start; None off CUDA)}."""
+    "peak_bytes" (the call's peak over `start_bytes`, default what is allocated when it starts;
+    None off CUDA)}."""
     import torch
 
     model, device = loaded.model, str(loaded.model.device)
     press = row_press(row, ratio, model)
-    cache = row_cache(row, ratio)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        start_bytes = torch.cuda.memory_allocated()
-    clock = TokenClock()
+        start_bytes = torch.cuda.memory_allocated() if start_bytes is None else start_bytes
+    clock = clock or TokenClock()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock, **row_generate_kwargs(row, ratio))
     synchronize(device)
     start = time.perf_counter()
-    kwargs = dict(past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock)
     with torch.inference_mode():
         if press is None:
             model.generate(ids, **kwargs)
@@ -124,10 +208,88 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int) -> di
             "peak_bytes": torch.cuda.max_memory_allocated() - start_bytes if cuda else None}
 
 
+def is_device_op(event) -> bool:
+    """A kernel, memcpy or memset of a profiler's kineto events: a CUDA event that is not an
+    annotation range (the events torch's own device-time total sums; `activity_type`, where the
+    torch version has it, must say so too)."""
+    from torch.autograd import DeviceType
+
+    if event.device_type() != DeviceType.CUDA or event.is_user_annotation():
+        return False
+    kind = getattr(event, "activity_type", None)
+    return kind is None or kind().lower() in ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_split(events, new_tokens: int) -> dict:
+    """The device time of one profiled generate call, split at its token marks (module doc):
+    {"first_token_kernel_s", "kernel_ms_per_token", "device_ops_per_token"}. The first is None
+    when no device operation precedes the first token, the other two when none falls between the
+    first and the last token: a CPU model, or a profiler that missed them (a decode step on a
+    CUDA model always runs some). events: kineto events (name, device_type, start_ns,
+    duration_ns, is_user_annotation)."""
+    from torch.autograd import DeviceType
+
+    marks = sorted(e.start_ns() for e in events if e.device_type() == DeviceType.CPU and e.name() == MARK)
+    if len(marks) != new_tokens + 1:
+        raise RuntimeError(f"the profile holds {len(marks)} token marks, expected {new_tokens + 1} "
+                           "(the prompt and every new token)")
+    first, last = marks[1], marks[-1]
+    ops = [e for e in events if is_device_op(e)]
+    before = [e.duration_ns() for e in ops if e.start_ns() < first]
+    decode = [e.duration_ns() for e in ops if first <= e.start_ns() < last]
+    steps = new_tokens - 1
+    return {"first_token_kernel_s": sum(before) / 1e9 if before else None,
+            "kernel_ms_per_token": sum(decode) / 1e6 / steps if decode else None,
+            "device_ops_per_token": len(decode) / steps if decode else None}
+
+
+def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int) -> dict:
+    """kernel_split of one more generate call under torch.profiler (CPU activity, and CUDA's on a
+    CUDA model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if str(loaded.model.device).startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        generate_seconds(loaded, ids, row, ratio, new_tokens, clock=TokenClock(mark=True))
+    return kernel_split(prof.profiler.kineto_results.events(), new_tokens)
+
+
+def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, profile: bool = False) -> dict:
+    """One row at one prompt: a warm-up call (N new tokens for a static row, else 2), then the
+    medians of `repeats` timed calls, the largest peak, and with `profile` the profiled call's
+    device times and the host-bound share. A static row adds "warmup_s" and "compiled" (whether
+    transformers compiled its decode step: its `get_compiled_call` keeps `model._compiled_call`)."""
+    from faedkv.attention import restore_sdpa
+
+    model = loaded.model
+    device, static = str(model.device), row in STATIC_ROWS
+    restore_sdpa(model.config)
+    if static:
+        release_static_path(model)
+    start_bytes = allocated_bytes(device)
+    warm = generate_seconds(loaded, ids, row, ratio, new_tokens if static else 2, start_bytes)
+    runs = [generate_seconds(loaded, ids, row, ratio, new_tokens, start_bytes) for _ in range(repeats)]
+    peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
+    out = {"row": row, "ratio": 0.0 if row in ("full", *STATIC_ROWS) else ratio,
+           **{k: statistics.median(r[k] for r in runs) for k in ("ttft_s", "ms_per_token", "total_s")},
+           "peak_gb": max(peaks) / 1e9 if peaks else None}
+    if static:
+        out.update(warmup_s=warm["total_s"], compiled=getattr(model, "_compiled_call", None) is not None)
+    if profile:
+        out.update(profiled_kernels(loaded, ids, row, ratio, new_tokens))
+        kernel_ms = out["kernel_ms_per_token"]
+        out["host_bound"] = None if kernel_ms is None else 1 - kernel_ms / out["ms_per_token"]
+    if static:
+        release_static_path(model)
+    return out
+
+
 def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=ROWS,
-             on_row=None) -> list[dict]:
-    """One dict per (length, row); `on_row(rows so far)` after each, so a run cut short by a
-    time limit keeps what it measured."""
+             on_row=None, profile: bool = False) -> list[dict]:
+    """One dict per (length, row) (e2e_row); `on_row(rows so far)` after each, so a run cut short
+    by a time limit keeps what it measured."""
     import torch
 
     from analysis.harness.haystack import text_tokens
@@ -136,33 +298,74 @@ def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=
     for tokens in lengths:
         ids = torch.tensor([text_tokens(loaded.tokenizer, tokens)], device=loaded.model.device)
         for row in rows:
-            generate_seconds(loaded, ids, row, ratio, 2)                      # warm-up
-            runs = [generate_seconds(loaded, ids, row, ratio, new_tokens) for _ in range(repeats)]
-            peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
-            out.append({"tokens": tokens, "row": row, "ratio": 0.0 if row == "full" else ratio,
-                        **{k: statistics.median(r[k] for r in runs) for k in ("ttft_s", "ms_per_token", "total_s")},
-                        "peak_gb": max(peaks) / 1e9 if peaks else None})
+            out.append({"tokens": tokens, **e2e_row(loaded, ids, row, ratio, new_tokens, repeats, profile)})
             if on_row is not None:
                 on_row(out)
     return out
 
 
+def optional(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+PROFILE_HEADER = " GPU s to first token (kernels) | GPU ms / token (kernels) | device ops / token | host-bound share |"
+
+
+def profile_cells(r: dict) -> str:
+    return (f" {optional(r['first_token_kernel_s'], '.3f')} | {optional(r['kernel_ms_per_token'], '.2f')} | "
+            f"{optional(r['device_ops_per_token'], '.0f')} | {optional(r['host_bound'], '.0%')} |")
+
+
+def profile_note() -> str:
+    return ("Profile (`--profile`): one more call per row under torch.profiler after the timed ones. GPU s to "
+            "first token = the summed durations of the device operations (kernels, memcpy, memset) that start "
+            "before the first new token reaches the host; GPU ms / token = those that start between the first "
+            "and the last new token's arrival, summed and divided by N - 1 (the window of ms / new token; each "
+            "arrival syncs, so every operation launched before it has finished); device ops / token counts "
+            "them (a CUDA graph's kernels count one by one, if the profiler saw them). host-bound share = "
+            "1 - GPU ms / token / ms / new token (the wall time of the unprofiled calls; the profiler slows the "
+            "host, not the kernels). \"-\": no device operations (a CPU run).")
+
+
+def static_note(rows: list[dict]) -> str:
+    static = [r for r in rows if r["row"] in STATIC_ROWS]
+    warmups = ", ".join(f"{r['warmup_s']:.2f} s at {r['tokens']} tokens" for r in static)
+    if all(r["compiled"] for r in static):
+        how = ("with the one-token decode forward compiled by transformers (`CompileConfig()`: torch.compile, "
+               "mode reduce-overhead, i.e. CUDA graphs; the prefill runs eagerly). Compile time is excluded: "
+               "the warm-up call (same prompt, same new tokens), which compiled and captured the graphs, took")
+    else:
+        how = ("run eagerly: transformers compiles generate's decode step only on CUDA/XPU. The warm-up call "
+               "(same prompt, same new tokens) took")
+    return (f"full-static = transformers' StaticCache (`generate(cache_implementation=\"static\")`: prompt + new "
+            f"tokens rows, all attended every step) {how} {warmups}. Its peak counts the static cache (allocated "
+            f"at the warm-up and kept between calls). {NOT_STATIC}.")
+
+
 def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> str:
     import datetime
 
+    profiled = any("kernel_ms_per_token" in r for r in rows)
     lines = [f"### End to end: {model} (`model.generate`, {datetime.date.today()})", "",
              f"Machine: {machine}. Command: `{command}`.", "",
-             "| prompt tokens | cache | ratio | time to first token (s) | ms / new token | peak over start (GB) |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| prompt tokens | cache | ratio | time to first token (s) | ms / new token | peak over start (GB) |"
+             + (PROFILE_HEADER if profiled else ""),
+             "|---:|---|---:|---:|---:|---:|" + ("---:|" * 4 if profiled else "")]
     for r in rows:
-        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['tokens']} | {r['row']} | {r['ratio']:g} | {r['ttft_s']:.3f} | "
-                     f"{r['ms_per_token']:.1f} | {peak} |")
+                     f"{r['ms_per_token']:.1f} | {optional(r['peak_gb'], '.2f')} |"
+                     + (profile_cells(r) if profiled else ""))
     lines += ["", "faedkv = FAEDKVPress (registry defaults) on the prefill, then a growing cache; "
-              "faedkv-cache = FAEDKVCache: the prefill compressed and a fixed budget while decoding."]
+              "faedkv-cache = FAEDKVCache: the prefill compressed and a fixed budget while decoding. "
+              "Peak over start: the CUDA allocator's peak during a timed call over what was allocated "
+              "before the row's warm-up."]
     if any(r["row"] == "dimsplit-cache" for r in rows):
         lines.append("dimsplit-cache = DimsplitCache (dim_share 0.5): the prefill's middle stored as exact "
                      "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
+    if any(r["row"] in STATIC_ROWS for r in rows):
+        lines.append(static_note(rows))
+    if profiled:
+        lines.append(profile_note())
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +379,9 @@ def run_e2e(args) -> int:
         try:
             row_spec(row, args.ratio)
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache or one --methods spec "
-                             "(full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, full-static "
+                             "or one --methods spec (full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, "
+                             "...)") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token is the time between the first and the last new token)")
     loaded = load_model(args.model, device=args.device)
@@ -191,7 +395,7 @@ def run_e2e(args) -> int:
         return text
 
     print(report(e2e_rows(loaded, args.lengths, args.new_tokens, args.ratio, args.repeats, args.rows,
-                          on_row=report)))
+                          on_row=report, profile=args.profile)))
     return 0
 
 
@@ -204,6 +408,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS),
-                   help=f"faedkv-cache, dimsplit-cache or method specs as --methods writes them (default: {' '.join(ROWS)})")
+                   help=f"faedkv-cache, dimsplit-cache, full-static (transformers' static cache, decode step "
+                        f"compiled on CUDA) or method specs as --methods writes them (default: {' '.join(ROWS)})")
+    p.add_argument("--profile", action="store_true",
+                   help="one more call per row under torch.profiler: GPU kernel time per token and the host-bound share")
     p.add_argument("--fragment", default="", help="also write a BENCHMARKS.md fragment here")
     p.set_defaults(func=run_e2e)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
-# PART: ppl | needle-main | needle-rest | speed | e2e | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit.
+# PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
@@ -36,13 +36,27 @@ case "$part" in
     timeout "$limit" python3 -m analysis.bench gpu --parts compress decode --lengths 32768 131072 --layers 4 \
       --methods iwdft resample snapkv --decode-lengths 32768 131072 --decode-kinds full faedkv faedkv-attn \
       --no-kernel-sweeps --steps 20 --out "$OUT/bench" --fragment '' > "$OUT/speed.log" 2>&1
-    echo "speed exit $?"; tail -40 "$OUT/speed.log" ;;
+    echo "speed exit $?"; tail -40 "$OUT/speed.log"
+    # the same on the real model's own cache (4K-32K: Qwen2.5-Coder-1.5B allows 32768 positions)
+    timeout "$limit" python3 -m analysis.bench gpu --parts real-compress --model "$MODEL" \
+      --real-lengths 4096 8192 16384 32768 --out "$OUT/bench-real" --fragment '' > "$OUT/real-compress.log" 2>&1
+    echo "real-compress exit $?"; tail -30 "$OUT/real-compress.log" ;;
   e2e)   # issue 18: time to first token, ms per token, peak memory through model.generate on the real model
     timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
       --new-tokens 256 --ratio 0.75 --repeats 2 \
       --rows full snapkv faedkv faedkv-cache faedkv:exact_share=0.9:exact_scorer=keydiff \
       --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
     echo "e2e exit $?"; tail -20 "$OUT/e2e.log" ;;
+  e2e-profile)   # issue 18: the same with the kernel time per token from torch.profiler (host-bound share)
+    timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
+      --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full snapkv faedkv-cache \
+      --fragment "$OUT/e2e-h200-qwen-profile.md" > "$OUT/e2e-profile.log" 2>&1
+    echo "e2e-profile exit $?"; tail -14 "$OUT/e2e-profile.log" ;;
+  e2e-static)   # issue 18: CUDA graphs through transformers' static cache + compiled decode step, against full
+    TORCH_LOGS=recompiles,graph_breaks timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda \
+      --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
+      --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
+    echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
   ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks), keys and values separately
     for target in keys values; do
       timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
@@ -83,6 +97,22 @@ case "$part" in
     timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.625,0.75 \
       --methods "faedkv:variant=dimsplit:dim_share=0.0,$D" > "$OUT/dimsplit-needle.log" 2>&1
     echo "dimsplit-needle exit $?"; tail -25 "$OUT/dimsplit-needle.log" ;;
+  hybrid-split)   # issue 15, round 3: exact tokens by KVzip (ranked per model / per layer) or KeyDiff, the split for the rest; KVzip layerwise and 0.625 baselines
+    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
+      --methods "kvzip:layerwise=true,$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9" \
+      > "$OUT/hybrid-split-075.log" 2>&1; echo "hybrid-split 0.75 exit $?"; tail -12 "$OUT/hybrid-split-075.log" ;;
+  hybrid-split-0625)   # ratio 0.625: the KVzip/KeyDiff baselines the grid lacked, and the KVzip-ranked split
+    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
+      --methods "kvzip,keydiff,$KZ=global:exact_share=0.9" \
+      > "$OUT/hybrid-split-0625.log" 2>&1; echo "hybrid-split 0.625 exit $?"; tail -12 "$OUT/hybrid-split-0625.log" ;;
+  hybrid-split-ppl)
+    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+      --num-texts 3 --ratios 0.5,0.625,0.75 \
+      --methods "$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
+      > "$OUT/hybrid-split-ppl.log" 2>&1; echo "hybrid-split-ppl exit $?"; tail -30 "$OUT/hybrid-split-ppl.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

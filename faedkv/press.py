@@ -436,11 +436,10 @@ class FAEDKVPress(BasePress):
 
     def exact_order(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
         """(batch, kv_heads, N) middle indices: the summarised ones first, then the E exact ones
-        (the scorer's top E among the middle tokens), each group in time order."""
-        scores = self.middle_scores(module, hidden_states, keys, values, attentions, kwargs, kept)
-        top = scores.topk(kept.exact, dim=-1).indices
-        is_exact = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device).scatter_(-1, top, 1)
-        return torch.argsort(is_exact, dim=-1, stable=True)
+        (the scorer's top E among the middle tokens: `exact_mask`, pool "head"), each group in
+        time order."""
+        is_exact = self.exact_mask(module, hidden_states, keys, values, attentions, kwargs, kept)
+        return torch.argsort(is_exact.to(torch.int8), dim=-1, stable=True)
 
     def middle_scores(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
         """(batch, kv_heads, N) float32 scores of the middle tokens: KVzip's (computed after the

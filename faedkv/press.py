@@ -33,7 +33,8 @@ from faedkv.budget import Layout, layout
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
 from faedkv.variants import (DIMSPLIT, SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress,
-                             compress_dimsplit, compress_dimsplit_rest, expand, plan_keep, slot_mass, slot_positions, take_dims)
+                             compress_dimsplit, compress_dimsplit_rest, expand, plan_keep, slot_mass, slot_positions, split_numbers,
+                             take_dims)
 
 KEY_SPACES = ("post_rope", "pre_rope")
 # the slot variants (faedkv.variants.VARIANTS) and the dimension split, which keeps every row
@@ -81,6 +82,12 @@ def split_exact(x: torch.Tensor, order: torch.Tensor, exact: int) -> tuple[torch
     gathered = x.gather(-2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
     cut = order.shape[-1] - exact
     return gathered[..., :cut, :], gathered[..., cut:, :]
+
+
+def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A bool mask of scores' shape marking the `count` highest along the last dim."""
+    top = scores.topk(count, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
 
 
 def head_mean(values) -> float | int:
@@ -386,13 +393,12 @@ class FAEDKVPress(BasePress):
             new_values = take_dims(new_values.to(values.dtype), mid_values, value_dims)
             split = {"exact_tokens": 0.0, "dims": [key_dims.tolist(), value_dims.tolist()],
                      "exact_dims": [key_dims.shape[-1], value_dims.shape[-1]],
-                     "numbers": [middle * d.shape[-1] + m * (dim - d.shape[-1])
+                     "numbers": [split_numbers(middle, d.shape[-1], m, dim)
                                  for d, m in ((key_dims, key_numbers), (value_dims, value_numbers))],
                      "coefficients": [key_numbers, value_numbers]}
         exact = split["exact_tokens"]
         stats.update(cache_len=num_tokens, slots=0, middle=middle, exact=int(exact) if exact.is_integer() else exact,
-                     equivalent_rows=(kept.sink + kept.window + split["exact_tokens"]
-                                      + sum(split["numbers"]) / (2 * dim)),
+                     equivalent_rows=kept.sink + kept.window + exact + sum(split["numbers"]) / (2 * dim),
                      exact_dims=split["exact_dims"], coefficients=split["coefficients"],
                      key_exact_dims=split["dims"][0], value_exact_dims=split["dims"][1])
         if self.record_errors:
@@ -411,11 +417,8 @@ class FAEDKVPress(BasePress):
         scores = self.middle_scores(module, hidden_states, keys, values, attentions, kwargs, kept)
         batch, heads, middle = scores.shape
         if self.exact_pool == "layer":
-            top = scores.reshape(batch, heads * middle).topk(kept.exact * heads, dim=-1).indices
-            return torch.zeros(batch, heads * middle, dtype=torch.bool, device=scores.device).scatter_(
-                -1, top, True).view(batch, heads, middle)
-        top = scores.topk(kept.exact, dim=-1).indices
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+            return top_mask(scores.reshape(batch, heads * middle), kept.exact * heads).view(batch, heads, middle)
+        return top_mask(scores, kept.exact)
 
     def global_exact_masks(self, scores: torch.Tensor, kept: Layout) -> dict:
         """{layer: (batch, kv_heads, N) bool}: the top E x kv_heads x layers middle tokens of
@@ -424,9 +427,7 @@ class FAEDKVPress(BasePress):
         start, end = kept.sink, kept.tokens - kept.window
         middle_scores = scores[..., start:end].float().transpose(0, 1)     # (batch, layers, heads, N)
         batch, layers, heads, middle = middle_scores.shape
-        flat = middle_scores.reshape(batch, -1)
-        top = flat.topk(kept.exact * heads * layers, dim=-1).indices
-        chosen = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device).scatter_(-1, top, True)
+        chosen = top_mask(middle_scores.reshape(batch, -1), kept.exact * heads * layers)
         chosen = chosen.view(batch, layers, heads, middle)
         return {layer: chosen[:, layer] for layer in range(layers)}
 

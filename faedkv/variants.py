@@ -270,6 +270,11 @@ def dimsplit_sizes(num_tokens: int, rows: int, head_dim: int, dim_share: float,
     return exact, bins, lowpass_numbers(num_tokens, bins)
 
 
+def split_numbers(num_tokens: int, exact: int, numbers: int, head_dim: int) -> int:
+    """Real numbers the split of N tokens stores: N d_e exact values plus M per compressed dim."""
+    return num_tokens * exact + numbers * (head_dim - exact)
+
+
 def exact_dims(x: torch.Tensor, low: torch.Tensor, count: int, pairs: bool = False) -> torch.Tensor:
     """(..., count) sorted head dims of x (..., N, d) whose energy lies most outside the kept band
     (sum over tokens of (x - low)^2, low = lowpass(x)): what a low-pass summary would lose most.
@@ -320,11 +325,10 @@ def compress_dimsplit_rest(x: torch.Tensor, exact: torch.Tensor, rows: int,
             if rest.numel() <= rows:
                 dims[b][h], numbers[b, h] = list(range(dim)), rest.numel() * dim
                 continue
-            tokens = x[b, h].index_select(0, rest)
-            low, kept_dims, count = compress_dimsplit(tokens, rows, dim_share)
-            out[b, h, rest] = take_dims(low.to(x.dtype), tokens, kept_dims)
+            split, kept_dims, count = compress_dimsplit(x[b, h].index_select(0, rest), rows, dim_share)
+            out[b, h, rest] = split.to(x.dtype)   # the exact dims are x's own values, exact in any dtype
             dims[b][h] = kept_dims.tolist()
-            numbers[b, h] = rest.numel() * kept_dims.numel() + count * (dim - kept_dims.numel())
+            numbers[b, h] = split_numbers(rest.numel(), kept_dims.numel(), count, dim)
             coefficients[b, h] = count
     return out, dims, numbers, coefficients
 

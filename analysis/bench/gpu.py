@@ -36,7 +36,7 @@ from pathlib import Path
 from analysis.bench.common import machine_description, write_fragment
 from analysis.bench.compress import compress_benchmark, llama3_layer
 from analysis.bench.real_compress import (DEFAULT_REAL_LENGTHS, REAL_METHODS, check_lengths,
-                                          copy_bandwidth_host, model_summary, real_compress_markdown,
+                                          copy_bandwidth_host, floor_bytes, model_summary, real_compress_markdown,
                                           real_compress_rows)
 from analysis.harness.models import LLAMA3_8B
 
@@ -73,7 +73,7 @@ def compress_rows(lengths, layers: int, bandwidth: float, methods) -> list[dict]
     rows = compress_benchmark(lengths, layers=layers, device="cuda", methods=methods)
     for row in rows:
         # K and V of 8 heads x 128 dims in bf16: read all tokens, write the kept rows.
-        moved = 2 * 8 * 128 * 2 * (row["tokens"] + row["cache_len"])
+        moved = floor_bytes(8 * 128 * 2, row["tokens"], row["cache_len"])
         row["floor_ms"] = moved / bandwidth * 1000
         row["vs_floor"] = row["median_ms"] / row["floor_ms"]
     return rows

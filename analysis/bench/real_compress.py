@@ -26,6 +26,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from analysis.harness.capture import decoder_layers
+
 REAL_METHODS = ("faedkv", "faedkv-dimsplit", "faedkv-hybrid", "snapkv", "keydiff", "streamingllm")
 DEFAULT_REAL_LENGTHS = (4096, 8192, 16384, 32768)
 RATIO = 0.75
@@ -93,12 +95,6 @@ def check_lengths(lengths, loaded) -> None:
     if short:
         raise ValueError(f"--real-lengths {' '.join(map(str, short))} too short: SnapKV scores with "
                          f"the last {SNAPKV_WINDOW} queries, give lengths above {2 * SNAPKV_WINDOW}")
-
-
-def decoder_layers(model):
-    """The decoder layers, as kvpress finds them."""
-    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    return inner.layers
 
 
 def hidden_on_host(model, tokens: int) -> bool:
@@ -205,12 +201,16 @@ class Timer:
         return out, start.elapsed_time(end), torch.cuda.max_memory_allocated() - before
 
 
-def floor_bytes(keys, stored_rows: float) -> float:
-    """Read K and V once, write `stored_rows` rows of each (batch x KV heads x head_dim numbers
-    of keys' dtype per row)."""
-    batch, heads, tokens, dim = keys.shape
-    per_row = batch * heads * dim * keys.element_size()
-    return 2 * per_row * (tokens + stored_rows)
+def floor_bytes(row_bytes: int, tokens: int, stored_rows: float) -> float:
+    """The bytes a layer's compression must move: read K and V once (`tokens` rows of each) and
+    write `stored_rows` rows of each; a row is batch x KV heads x head_dim numbers."""
+    return 2 * row_bytes * (tokens + stored_rows)
+
+
+def row_bytes(keys) -> int:
+    """Bytes of one row of keys (batch, kv_heads, tokens, head_dim) across batch and heads."""
+    batch, heads, _, dim = keys.shape
+    return batch * heads * dim * keys.element_size()
 
 
 def model_summary(loaded) -> dict:
@@ -299,7 +299,7 @@ def real_compress_rows(loaded, lengths=DEFAULT_REAL_LENGTHS, bandwidth: float | 
             length_rows = []
             for method in methods:
                 stored_rows = max(stored[method])
-                floor_ms = 1e3 * floor_bytes(keys0, stored_rows) / bandwidth
+                floor_ms = 1e3 * floor_bytes(row_bytes(keys0), keys0.shape[2], stored_rows) / bandwidth
                 median = statistics.median(per_layer[method])
                 length_rows.append({
                     "tokens": tokens, "method": method, "ratio": ratio,

@@ -2,12 +2,12 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl.
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5 [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 OUT=${OUT:-/tmp/out}
@@ -113,6 +113,41 @@ case "$part" in
       --num-texts 3 --ratios 0.5,0.625,0.75 \
       --methods "$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
       > "$OUT/hybrid-split-ppl.log" 2>&1; echo "hybrid-split-ppl exit $?"; tail -30 "$OUT/hybrid-split-ppl.log" ;;
+  grid5)   # issue 15's deliverable grid: >= 5 samples a cell, 4K + 16K x 5 depths, ratios 0.5/0.625/0.75, every
+    # registry baseline and FAEDKV's default and best split; the suite at 4K (10 a task) and NLL on 8 texts at 0.5
+    # and 0.75. One process per group on the one GPU (eager decoding is host-bound, so processes overlap), each
+    # with its own store (results/g*): a killed group resumes from its finished cells on the next call.
+    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
+    grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
+    R=0.5,0.625,0.75
+    jobs=(
+      "needle ${grid[*]} --ratios 0.5 --methods kvzip"
+      "needle ${grid[*]} --ratios 0.625 --methods kvzip"
+      "needle ${grid[*]} --ratios 0.75 --methods kvzip"
+      "needle ${grid[*]} --ratios 0.5 --methods $KZ=0.9"
+      "needle ${grid[*]} --ratios 0.625 --methods $KZ=0.9"
+      "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.9"
+      "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
+      "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
+      "needle ${grid[*]} --ratios $R --methods streaming_llm,expected_attention"
+      "needle ${grid[*]} --ratios $R --methods keydiff,knorm,tova"
+      "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
+      "needle ${grid[*]} --ratios $R --methods pyramidkv"
+      "needle ${grid[*]} --ratios $R --methods h2o"
+      "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods kvzip"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods faedkv,snapkv,keydiff,expected_attention,streaming_llm"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $KZ=0.9,$KZ=0.95,$KZ=0.75,kvzip,snapkv,keydiff,expected_attention,faedkv"
+    )
+    for i in "${!jobs[@]}"; do
+      ( OMP_NUM_THREADS=1 timeout "$limit" python3 -m analysis ${jobs[$i]} --model "$MODEL" --device cuda \
+          --out results/g$i --no-progress > "$OUT/grid5-$i.log" 2>&1; echo "group $i exit $?: ${jobs[$i]}" ) &
+    done
+    wait
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+    for i in "${!jobs[@]}"; do tail -3 "$OUT/grid5-$i.log" | cut -c1-200; done
+    rm -rf results/runs && mkdir -p results/runs && cp -r results/g*/runs/* results/runs/ ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

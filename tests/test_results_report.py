@@ -35,7 +35,7 @@ def test_report_has_a_summary_row_per_configuration_and_every_run(store, tmp_pat
                  "--fragment", str(tmp_path / "frag.md"), "--machine", "test"]) == 0
     text = out.read_text()
     assert text.index("Hand-written.") < text.index("every configuration tried")
-    summary = text.split("every configuration tried")[1].split("### Tables from the store")[0]
+    summary = text.split("every configuration tried")[1].split("Needle found per depth")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| faedkv-iwdft |") or line.startswith("| snapkv |")]
     assert len(rows) == 2
     # 2 needle cells per method (depths 0 and 100) and an NLL increase at 0.5
@@ -93,3 +93,54 @@ def test_nll_summary_keeps_to_one_set_of_texts(store, tmp_path):
     name = held_out if held_out.startswith("ppl-") else f"ppl-{held_out}"
     assert f"`{name}`" in after.split("### Tables from the store")[0]
     assert f"#### Continuation NLL: {name}" in after
+
+
+def test_a_sample_two_runs_share_counts_once(store, tmp_path):
+    """A rerun with more samples shares its first samples' seeds with the old run: the summary
+    counts each (configuration, length, depth, seed) once, so n is the distinct samples."""
+    import shutil
+
+    from analysis.bench.results_report import report
+    from analysis.harness.models import load_model
+    from analysis.tasks.needle import run_needle
+
+    root, model = store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".lock", "index.sqlite"))
+    writer = ResultsStore(copy)
+    run_needle(load_model("tiny-random-llama", dtype="float32"), writer,
+               NeedleParams(methods=[MethodSpec(name="snapkv", compression_ratio=0.5)], lengths=[256],
+                            depths=[0, 100], samples=2, max_new_tokens=2), show_progress=False)
+    writer.release()
+    summary = report(str(copy), [model], None).split("### Tables from the store")[0]
+    snapkv = next(line for line in summary.splitlines() if line.startswith("| snapkv |"))
+    full = next(line for line in summary.splitlines() if line.startswith("| full (ratio 0) |"))
+    # 2 depths x 2 samples, of which the old run's 2 (sample 0) are the same samples
+    assert " of 4 " in snapkv, snapkv
+    assert "/4 found" in full, full
+    depth_rows = [line for line in summary.splitlines() if line.startswith("| snapkv | 0.5 |")]
+    assert len(depth_rows) == 1 and depth_rows[0].count("/2)") == 2, depth_rows
+
+
+def test_suite_runs_get_a_summary_per_context_length(store, tmp_path):
+    import shutil
+
+    from analysis.api.params import SuiteParams
+    from analysis.bench.results_report import report
+    from analysis.harness.models import load_model
+    from analysis.tasks.suite import run_suite
+
+    root, model = store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".lock", "index.sqlite"))
+    writer = ResultsStore(copy)
+    run = run_suite(load_model("tiny-random-llama", dtype="float32"), writer,
+                    SuiteParams(methods=[MethodSpec(name="snapkv", compression_ratio=0.5)], tasks=["multikey_niah"],
+                                context_length=256, samples=2, max_new_tokens=2), show_progress=False)
+    writer.release()
+    text = report(str(copy), [model], None)
+    section = text.split("### Suite at 256 tokens: every configuration tried")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| snapkv |") or line.startswith("| full |")]
+    assert len(rows) == 2 and all(row.rstrip(" |").endswith("| 2") for row in rows), rows
+    name = run if run.startswith("suite-") else f"suite-{run}"
+    assert f"#### Suite: {name}" in text

@@ -1,11 +1,16 @@
-"""docs/RESULTS.md from a results store: the needle grids and the continuation NLL of every run of
-one model, with the configurations tried and their commands.
+"""docs/RESULTS.md from a results store: the needle grids, the continuation NLL and the suite of every
+run of one model, with the configurations tried and their commands.
 
     python -m analysis.bench.results_report --store assets/results --model /tmp/m/model \\
         --model <the 0.5B GGUF path> --findings docs/results-findings.md --out docs/RESULTS.md
 
 The findings (what the numbers say, written by a person) come first and stay hand-written; every
 table after them is computed here from the stored cells (unfinished runs included, marked so).
+
+The summary pools a configuration's samples over every run that holds it. Samples are seeded by
+(base seed, needle or task, length, sample index), not by run, so two runs share their first
+samples: a sample counts once (the newest run's cell), or a grid rerun with more samples would
+count its first ones twice and narrow the intervals falsely.
 """
 from __future__ import annotations
 
@@ -15,11 +20,12 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from analysis.api.params import NeedleParams, PplParams
+from analysis.api.params import NeedleParams, PplParams, SuiteParams
 from analysis.bench.common import write_fragment
 from analysis.results.store import ResultsStore
 from analysis.tasks.needle import needle_markdown, needle_metrics
 from analysis.tasks.ppl import ppl_metrics
+from analysis.tasks.suite import suite_markdown, suite_metrics
 
 
 def model_runs(store: ResultsStore, kind: str, model: str | None) -> list:
@@ -34,6 +40,8 @@ def run_metrics(run, kind: str) -> dict:
     name = config.get("model", {}).get("name", "")
     if kind == "needle":
         return needle_metrics(run.records(), NeedleParams(**config["params"]), name)
+    if kind == "suite":
+        return suite_metrics(run.records(), SuiteParams(**config["params"]), name)
     return ppl_metrics(run.records(), PplParams(**config["params"]), name)
 
 
@@ -95,24 +103,53 @@ def nll_against_ratio(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def summary_table(needles: list[dict], ppls: list[dict]) -> str:
+def base_label(label: str) -> str:
+    """A configuration's label without its ratio ("kvzip@0.75" -> "kvzip")."""
+    return label.rsplit("@", 1)[0]
+
+
+def distinct_samples(runs: list, key) -> list[dict]:
+    """The cells of `runs` (oldest first), one per sample: key(record) names a sample, and a newer
+    run's cell replaces an older one's (see the module docstring)."""
+    kept: dict = {}
+    for run in runs:
+        for record in run.records():
+            kept[key(record)] = record
+    return list(kept.values())
+
+
+def needle_sample(record: dict) -> tuple:
+    return (record["label"], record["length"], float(record["depth"]), record["seed"], record.get("needle"),
+            record.get("query_mode"))
+
+
+def suite_sample(record: dict) -> tuple:
+    return (record["label"], record["task"], record["seed"], record.get("context_tokens"), record.get("query_mode"))
+
+
+def found_by_config(needle_records: list[dict], *extra: str) -> dict:
+    """(configuration, ratio, *extra fields) -> [found, samples] over the records."""
+    found: dict = defaultdict(lambda: [0.0, 0])
+    for r in needle_records:
+        cell = found[(base_label(r["label"]), r["ratio"], *(r[k] for k in extra))]
+        cell[0] += r["exact"]
+        cell[1] += 1
+    return found
+
+
+def summary_table(needle_records: list[dict], ppls: list[dict]) -> str:
     """One row per configuration: needle found [95% CI] and NLL increase at each ratio, from
-    every needle and ppl run given (a configuration's cells pooled across runs)."""
+    the distinct needle samples of every run and the given ppl runs' metrics."""
     from analysis.tasks.scoring import wilson_interval
 
-    found: dict = defaultdict(lambda: [0.0, 0])
+    found = found_by_config(needle_records)
     nll: dict = {}
-    for metrics in needles:
-        for m in metrics["by_method"]:
-            cell = found[(m["label"].rsplit("@", 1)[0], m["ratio"])]
-            cell[0] += m["correct"]
-            cell[1] += m["n"]
     for metrics in ppls:
         for m in metrics["by_method"]:
-            nll[(m["label"].rsplit("@", 1)[0], m["ratio"])] = m["delta_nll"]
+            nll[(base_label(m["label"]), m["ratio"])] = m["delta_nll"]
     needle_ratios = sorted({r for _, r in found if r})
     nll_ratios = sorted({r for _, r in nll if r})
-    configs = list(dict.fromkeys([c for c, _ in found] + [c for c, _ in nll]))
+    configs = list(dict.fromkeys(["full"] + [c for c, _ in found] + [c for c, _ in nll]))
     head = (["configuration"] + [f"needle @{r:g}" for r in needle_ratios]
             + [f"NLL - full @{r:g}" for r in nll_ratios])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
@@ -135,6 +172,43 @@ def summary_table(needles: list[dict], ppls: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def depth_summary(needle_records: list[dict]) -> str:
+    """Found / samples per depth (lengths pooled), one row per configuration and ratio, over the
+    distinct samples of every run: the position-agnostic claim for every configuration at once."""
+    found = found_by_config(needle_records, "depth")
+    depths = sorted({d for *_, d in found})
+    rows = sorted({(c, r) for c, r, _ in found}, key=lambda row: (row[0] != "full", row))
+    lines = ["| configuration | ratio | " + " | ".join(f"depth {d:g}%" for d in depths) + " |",
+             "|---|---:|" + "---|" * len(depths)]
+    for config, ratio in rows:
+        cells = [found.get((config, ratio, d)) for d in depths]
+        lines.append(f"| {config} | {ratio:g} | " + " | ".join(
+            f"{100 * c[0] / c[1]:.0f}% ({c[0]:g}/{c[1]})" if c and c[1] else "-" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def suite_summary(suite_records: list[dict]) -> str:
+    """Mean score per task and over all samples (95% interval), one row per configuration and
+    ratio, over the distinct samples of every suite run of one context length."""
+    from analysis.tasks.scoring import mean_interval
+
+    scores: dict = defaultdict(list)
+    for r in suite_records:
+        scores[(base_label(r["label"]), r["ratio"], r["task"])].append(r["score"])
+    tasks = list(dict.fromkeys(t for *_, t in scores))
+    rows = list(dict.fromkeys((c, ratio) for c, ratio, _ in scores))
+    lines = ["| configuration | ratio | " + " | ".join(tasks) + " | all samples [95% CI] | n |",
+             "|---|---:|" + "---:|" * len(tasks) + "---|---:|"]
+    for config, ratio in rows:
+        per_task = [scores.get((config, ratio, t), []) for t in tasks]
+        every = [x for task_scores in per_task for x in task_scores]
+        mean, low, high = mean_interval(every)
+        lines.append(f"| {config} | {ratio:g} | " + " | ".join(
+            f"{sum(v) / len(v):.2f}" if v else "-" for v in per_task)
+            + f" | {mean:.2f} [{low:.2f}, {high:.2f}] | {len(every)} |")
+    return "\n".join(lines)
+
+
 def run_header(run, metrics: dict) -> str:
     cells, total = metrics["cells"], run.cells_total
     state = "complete" if total is None or cells >= total else f"UNFINISHED: {cells} of {total} cells"
@@ -144,9 +218,10 @@ def run_header(run, metrics: dict) -> str:
             + ", ".join(f"{k}={v}" for k, v in params.items() if k != "methods"))
 
 
-SUMMARY_NOTE = ("Needle: found / samples pooled over every stored run of the configuration (lengths and "
-                "depths), Wilson 95% interval; NLL: mean increase over the full cache, continuation after a "
-                "compressed prefix (the ppl run's parameters below). '-': not run.")
+SUMMARY_NOTE = ("Needle: found / samples over every stored run of the configuration (lengths and depths "
+                "pooled; a sample shared by two runs counts once), Wilson 95% interval; NLL: mean increase over "
+                "the full cache, continuation after a compressed prefix (the ppl run's parameters below). "
+                "'-': not run.")
 
 
 def report(store_root: str, models: list[str | None], findings: str | None) -> str:
@@ -159,12 +234,30 @@ def report(store_root: str, models: list[str | None], findings: str | None) -> s
     return "\n\n".join(parts) + "\n"
 
 
+def suite_sections(suites: list) -> list[str]:
+    """The suite summary per context length (scores compare only at one length)."""
+    parts = []
+    for length in sorted({SuiteParams(**run.config["params"]).context_length for run in suites}):
+        runs = [run for run in suites if SuiteParams(**run.config["params"]).context_length == length]
+        parts += [f"### Suite at {length} tokens: every configuration tried",
+                  f"Mean score of the suite's tasks over every stored run at {length} tokens (a sample shared by "
+                  f"two runs counts once), and over all samples with a normal 95% interval; runs: "
+                  + ", ".join(f"`{run.name}`" for run in runs) + ".",
+                  suite_summary(distinct_samples(runs, suite_sample))]
+    return parts
+
+
 def model_section(store: ResultsStore, model: str | None) -> list[str]:
-    needles = [(run, run_metrics(run, "needle")) for run in model_runs(store, "needle", model)]
+    needle_runs = model_runs(store, "needle", model)
+    needles = [(run, run_metrics(run, "needle")) for run in needle_runs]
     ppls = [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)]
+    suites = model_runs(store, "suite", model)
     reference, note = reference_ppls(ppls)
+    samples = distinct_samples(needle_runs, needle_sample)
     parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE + (" " + note if note else ""),
-             summary_table([m for _, m in needles], [m for _, m in reference]), "### Tables from the store"]
+             summary_table(samples, [m for _, m in reference]),
+             "Needle found per depth, every configuration (lengths pooled, distinct samples of every run):",
+             depth_summary(samples), *suite_sections(suites), "### Tables from the store"]
     for run, metrics in needles:
         parts += [f"#### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
                   "Accuracy per depth (both lengths):", depth_profile(metrics)]
@@ -173,18 +266,22 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
                   f"NLL of {metrics['continuation_tokens']} tokens after a {metrics['prefix_tokens']}-token "
                   f"compressed prefix; full cache {metrics['nll_full']:.4f}. Increase over full, mean of "
                   f"{PplParams(**run.config['params']).num_texts} texts:", nll_against_ratio(metrics)]
+    for run in suites:
+        parts += [f"#### Suite: {run.name}", run_header(run, run_metrics(run, "suite")),
+                  suite_markdown(run_metrics(run, "suite"))]
     return parts
 
 
 def fragment(store_root: str, model: str | None, machine: str, path: str) -> None:
     store = ResultsStore(store_root, read_only=True)
-    needles = [run_metrics(run, "needle") for run in model_runs(store, "needle", model)]
+    samples = distinct_samples(model_runs(store, "needle", model), needle_sample)
     reference, note = reference_ppls([(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)])
     write_fragment(path, "\n\n".join([
         f"### Quality on a real model: {model or 'every model'} ({datetime.date.today()})",
         f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
         "lists each run with its command), tables by `python -m analysis.bench.results_report`.",
-        SUMMARY_NOTE + (" " + note if note else ""), summary_table(needles, [m for _, m in reference])]) + "\n")
+        SUMMARY_NOTE + (" " + note if note else ""), summary_table(samples, [m for _, m in reference]),
+        *suite_sections(model_runs(store, "suite", model))]) + "\n")
 
 
 def main(argv=None) -> int:

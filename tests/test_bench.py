@@ -34,7 +34,9 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     result = {"date": "2026-11-28", "machine": "test box", "argv": "--parts compress decode",
               "bandwidth": 4.2e12, "layers": 8,
               "compress": [{"tokens": 32768, "method": "iwdft", "cache_len": 8192, "median_ms": 0.08,
-                            "vs_snapkv": 0.04, "floor_ms": 0.04, "vs_floor": 2.0}],
+                            "vs_snapkv": 0.04, "floor_ms": 0.04, "vs_floor": 2.0},
+                           {"tokens": 131072, "method": "iwdft", "cache_len": 32768, "median_ms": 0.5,
+                            "vs_snapkv": 0.1, "floor_ms": 0.16, "vs_floor": 3.125, "host_ms": 0.45, "kernel_ms": 0.24}],
               "fused_check": [{"tokens": 32768, "fused_used": True, "max_rel_diff": 0.0}],
               "decode": [{"tokens": 32768, "cache": "faedkv", "ms_per_token": 30.0, "speed_vs_full": 2.0,
                           "kv_bytes": 1.07e9, "kv_vs_full": 0.25, "peak_over_weights": 1.1e9,
@@ -48,7 +50,9 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     fragment = tmp_path / "gpu.md"
     assert bench_main(["gpu-render", str(path), "--fragment", str(fragment)]) == 0
     text = fragment.read_text()
-    assert "| 32768 | iwdft | 8192 | 0.080 | 2.56 | 0.040 | 2.00 | 0.04 |" in text
+    assert "| 32768 | iwdft | 8192 | 0.080 | 2.56 | 0.040 | 2.00 | 0.04 | - | - | - |" in text
+    # host-bound calls show: host time, GPU-busy time and its ratio to the floor (0.24 / 0.16)
+    assert "| 131072 | iwdft | 32768 | 0.500 | 16.00 | 0.160 | 3.12 | 0.10 | 0.450 | 0.240 | 1.50 |" in text
     assert "| 32768 | faedkv | 30.00 | 2.00 | 1.07 | 0.250 | 1.10 | 18.7% |" in text
     assert "fused kernel used: True" in text
     assert "| 32768 | faedkv-attn-plan | 20.00 | 3.00 | 1.07 | 0.250 | 1.10 | 4.0% | 8.00 | 1.0% |" in text

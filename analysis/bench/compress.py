@@ -66,7 +66,11 @@ def compress_benchmark(lengths=(8192, 32768), layers: int = 32, repeats: int = 1
                        methods=METHODS, progress: bool = True) -> list[dict]:
     """Median per-layer compression time (ms) per (length, method), fresh random draws per layer.
 
-    Returns rows {"tokens", "method", "median_ms", "vs_snapkv", "cache_len", "samples"}."""
+    Returns rows {"tokens", "method", "median_ms", "vs_snapkv", "cache_len", "samples", "host_ms",
+    "kernel_ms"}: on CUDA median_ms is CUDA events around the call (the GPU's time from the call's
+    start to its last kernel's end, so a host slower than the kernels shows in it), host_ms the
+    median time the host took to return from the call, kernel_ms the GPU-busy time of a call under
+    the profiler (`kernel_ms`); None off CUDA."""
     import torch
     from tqdm import tqdm
 
@@ -84,6 +88,7 @@ def compress_benchmark(lengths=(8192, 32768), layers: int = 32, repeats: int = 1
         kwargs = {"position_embeddings": (cos, sin), "cache_position": positions,
                   "position_ids": positions.unsqueeze(0)}
         timings = {m: [] for m in methods}
+        host = {m: [] for m in methods}   # CUDA: the host's time to return from the call (launches, Python)
         lengths_out = {}
         calls = {m: compress_call(m, presses[m]) for m in methods}
         # Untimed warm-up (first-call allocations, kernels) on a short prefix: cheap even for
@@ -117,9 +122,11 @@ def compress_benchmark(lengths=(8192, 32768), layers: int = 32, repeats: int = 1
                     with torch.no_grad():
                         if cuda:
                             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            launched = time.perf_counter()
                             start.record()
                             out_keys, _ = calls[method](module, hidden, keys, values, None, kwargs)
                             end.record()
+                            host[method].append((time.perf_counter() - launched) * 1000)
                             end.synchronize()
                             timings[method].append(start.elapsed_time(end))
                         else:
@@ -133,9 +140,28 @@ def compress_benchmark(lengths=(8192, 32768), layers: int = 32, repeats: int = 1
             median = statistics.median(timings[method])
             rows.append({"tokens": tokens, "method": method, "median_ms": median,
                          "vs_snapkv": median / snap if snap else None,
-                         "cache_len": lengths_out[method], "samples": len(timings[method])})
+                         "cache_len": lengths_out[method], "samples": len(timings[method]),
+                         "host_ms": statistics.median(host[method]) if cuda else None,
+                         "kernel_ms": (kernel_ms(calls[method], module, hidden, keys, values, kwargs)
+                                       if cuda else None)})
     bar.close()
     return rows
+
+
+def kernel_ms(call, module, hidden, keys, values, kwargs, calls: int = 3) -> float:
+    """GPU-busy ms of one compress call on CUDA: the device operations' durations (kernels,
+    memcpy, memset) under torch.profiler, summed over `calls` calls and divided by them. With the
+    events' median and the host's time it separates the GPU's work from host-bound launching."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from analysis.bench.e2e import is_device_op
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call(module, hidden, keys, values, None, kwargs)
+        torch.cuda.synchronize()
+    return sum(e.duration_ns() for e in prof.events() if is_device_op(e)) / 1e6 / calls
 
 
 def compress_table(rows: list[dict], device: str, layers: int, repeats: int) -> str:

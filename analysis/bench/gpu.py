@@ -618,12 +618,19 @@ def tables(result: dict) -> str:
         lines += ["", f"Prefill compression per layer, ratio 0.75, median of {result['layers']} layers "
                   "(fresh bf16 draws each), CUDA events around the press's compress call (Python "
                   "included); floor = (read K,V + write kept rows) / bandwidth.", "",
-                  "| tokens | method | cache rows | median ms / layer | ms for 32 layers | floor ms | x floor | x SnapKV |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| tokens | method | cache rows | median ms / layer | ms for 32 layers | floor ms | x floor | x SnapKV "
+                  "| host ms / call | GPU-busy ms / call | GPU-busy x floor |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["compress"]:
             snap = f"{r['vs_snapkv']:.2f}" if r["vs_snapkv"] is not None else "-"
+            busy = r.get("kernel_ms")
             lines.append(f"| {r['tokens']} | {r['method']} | {r['cache_len']} | {r['median_ms']:.3f} | "
-                         f"{32 * r['median_ms']:.2f} | {r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {snap} |")
+                         f"{32 * r['median_ms']:.2f} | {r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {snap} | "
+                         + (f"{r['host_ms']:.3f} | {busy:.3f} | {busy / r['floor_ms']:.2f} |" if busy is not None
+                            else "- | - | - |"))
+        lines.append("\nhost ms: the host's median time to return from the call (Python and launches); GPU-busy: "
+                     "the device operations' time per call under torch.profiler (3 calls). Events near the host "
+                     "time and far above GPU-busy mean the call is bound by the host, not by the GPU.")
         for c in result.get("fused_check", []):
             lines.append(f"\nFused vs torch path at {c['tokens']} tokens: fused kernel used: "
                          f"{c['fused_used']}, max relative difference {c['max_rel_diff']:.1e}.")

@@ -16,6 +16,7 @@ _LAZY = {
     "FAEDKVPress": "faedkv.press", "FAEDKVScorerPress": "faedkv.press",
     "FrequencyFilterPress": "faedkv.filter_press",
     "FAEDKVCache": "faedkv.decode.cache", "DimsplitCache": "faedkv.decode.dimsplit",
+    "StaticFAEDKVCache": "faedkv.decode.static",
     "FAEDKV_SDPA": "faedkv.attention", "use_faedkv_attention": "faedkv.attention",
 }
 

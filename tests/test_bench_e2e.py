@@ -128,12 +128,13 @@ def test_profile_adds_the_device_columns_and_runs_on_cpu(tmp_path):
 
     fragment = tmp_path / "e2e.md"
     assert main(["e2e", "--model", "tiny-random-llama", "--device", "cpu", "--lengths", "300", "--new-tokens", "3",
-                 "--repeats", "1", "--rows", "full", "faedkv-cache", "full-static", "--profile",
+                 "--repeats", "1", "--rows", "full", "faedkv-cache", "full-static", "faedkv-cache-static", "--profile",
                  "--fragment", str(fragment)]) == 0
     text = fragment.read_text()
     assert ("| GPU s to first token (kernels) | GPU ms / token (kernels) | device ops / token | host-bound share |"
             in text)
-    for row in ("full", "faedkv-cache", "full-static"):   # CPU: the profiled call runs, no device ops
+    # CPU: the profiled call runs, no device ops
+    for row in ("full", "faedkv-cache", "full-static", "faedkv-cache-static"):
         assert any(line.startswith(f"| 300 | {row} |") and line.endswith("| - | - | - | - |")
                    for line in text.splitlines())
     assert "Profile (`--profile`)" in text and "full-static = transformers' StaticCache" in text
@@ -162,7 +163,36 @@ def test_the_full_static_row_runs_on_cpu_uncompiled_and_is_reported():
     assert not hasattr(loaded.model, "_cache")                 # the row released its static cache
     text = e2e_markdown([row], "test machine", "cmd", loaded.info.name)
     assert "| 300 | full-static | 0 |" in text and "run eagerly: transformers compiles" in text
-    assert "FAEDKVCache and DimsplitCache cannot run under transformers' compiled static-cache path" in text
+    assert "DimsplitCache cannot run under transformers' compiled static-cache path" in text
+
+
+def test_the_faedkv_cache_static_row_runs_on_cpu_uncompiled_with_one_cache_and_is_reported(monkeypatch):
+    """StaticFAEDKVCache through generate's compiled path (CompileConfig's defaults, as full-static;
+    transformers compiles only on CUDA/XPU, so eagerly here): one cache for the warm-up, the timed
+    calls and the profiled one, released with the row."""
+    from transformers import CompileConfig
+
+    from analysis.bench import e2e
+    from analysis.harness.models import load_model
+    from faedkv import StaticFAEDKVCache
+
+    kwargs = e2e.row_generate_kwargs("faedkv-cache-static", 0.75)
+    cache = kwargs["past_key_values"]
+    assert isinstance(cache, StaticFAEDKVCache) and cache.compression_ratio == 0.75
+    assert kwargs["compile_config"] == CompileConfig() and "cache_implementation" not in kwargs
+    made = []
+    row_cache = e2e.row_cache
+    monkeypatch.setattr(e2e, "row_cache", lambda row, ratio: made.append(row) or row_cache(row, ratio))
+    loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
+    (row,) = e2e.e2e_rows(loaded, [300], new_tokens=3, ratio=0.75, repeats=2, rows=["faedkv-cache-static"],
+                          profile=True)
+    assert made == ["faedkv-cache-static"]                    # one cache for all the row's calls
+    assert row["row"] == "faedkv-cache-static" and row["ratio"] == 0.75 and row["ms_per_token"] > 0
+    assert row["compiled"] is False and row["warmup_s"] > 0 and row["kernel_ms_per_token"] is None
+    assert not hasattr(loaded.model, "_compiled_call")
+    text = e2e.e2e_markdown([row], "test machine", "cmd", loaded.info.name)
+    assert "| 300 | faedkv-cache-static | 0.75 |" in text and "faedkv-cache-static = StaticFAEDKVCache" in text
+    assert "run eagerly: transformers compiles" in text and "full-static =" not in text
 
 
 @pytest.mark.parametrize("model", ["tiny-random-llama", "tiny-random-qwen2"])
@@ -204,14 +234,15 @@ def test_full_static_generates_the_full_rows_tokens_through_the_compiled_path(mo
     assert torch.equal(static, full)
 
 
-def test_static_rows_other_than_full_are_refused():
+def test_static_rows_other_than_the_static_caches_are_refused():
     from analysis.bench.__main__ import main
 
-    for row in ("faedkv-cache-static", "dimsplit-cache-static"):
-        with pytest.raises(SystemExit, match=f"row '{row}': .*cannot run under transformers' compiled static-cache "
-                                             "path: .*Python-side state.*Triton kernels.*is_compileable"):
-            main(["e2e", "--model", "tiny-random-llama", "--rows", row])
-    with pytest.raises(SystemExit, match="row 'snapkv-static': only full-static runs through transformers' static"):
+    with pytest.raises(SystemExit, match="row 'dimsplit-cache-static': DimsplitCache cannot run under transformers' "
+                                         "compiled static-cache path: its exact rows grow.*Python-side state.*"
+                                         "is_compileable.*only full-static and faedkv-cache-static are timed"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "dimsplit-cache-static"])
+    with pytest.raises(SystemExit, match="row 'snapkv-static': only full-static and faedkv-cache-static run "
+                                         "through transformers' static-cache path"):
         main(["e2e", "--model", "tiny-random-llama", "--rows", "snapkv-static"])
 
 
@@ -224,9 +255,15 @@ def test_a_compiled_profiled_static_row_is_rendered_as_a_cuda_run_would_be():
              "kernel_ms_per_token": 1.91, "device_ops_per_token": 620.0, "host_bound": 1 - 1.91 / 38.2},
             {**timed, "row": "full-static", "ms_per_token": 2.5, "first_token_kernel_s": 0.125,
              "kernel_ms_per_token": 2.4, "device_ops_per_token": 301.0, "host_bound": 1 - 2.4 / 2.5,
-             "warmup_s": 71.25, "compiled": True}]
+             "warmup_s": 71.25, "compiled": True},
+            {**timed, "row": "faedkv-cache-static", "ratio": 0.75, "ms_per_token": 2.0, "first_token_kernel_s": 0.13,
+             "kernel_ms_per_token": 1.8, "device_ops_per_token": 290.0, "host_bound": 1 - 1.8 / 2.0,
+             "warmup_s": 40.5, "compiled": True}]
     text = e2e_markdown(rows, "H200", "cmd", "m")
     assert "| 16384 | full | 0 | 0.141 | 38.2 | 1.56 | 0.123 | 1.91 | 620 | 95% |" in text
     assert "| 16384 | full-static | 0 | 0.141 | 2.5 | 1.56 | 0.125 | 2.40 | 301 | 4% |" in text
-    assert "Compile time is excluded" in text and "took 71.25 s at 16384 tokens" in text
+    assert "| 16384 | faedkv-cache-static | 0.75 | 0.141 | 2.0 | 1.56 | 0.130 | 1.80 | 290 | 10% |" in text
+    assert "Compile time is excluded" in text
+    assert "took 71.25 s at 16384 tokens (full-static), 40.50 s at 16384 tokens (faedkv-cache-static)" in text
+    assert "full-static = transformers' StaticCache" in text and "faedkv-cache-static = StaticFAEDKVCache" in text
     assert "run eagerly" not in text and "GPU ms / token = those that start between" in text

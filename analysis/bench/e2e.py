@@ -1,6 +1,7 @@
 """End to end on a real model: time to first token, ms per new token and peak memory of
 `model.generate` for the full cache, kvpress presses and FAEDKV (as a press, as FAEDKVCache
-with a fixed budget while decoding, and as DimsplitCache: the dimension split stored physically).
+with a fixed budget while decoding, as StaticFAEDKVCache: the same decoded by a compiled step, and
+as DimsplitCache: the dimension split stored physically).
 
     python -m analysis.bench e2e --model /tmp/m/model --device cuda --lengths 16384 32768 \\
         --new-tokens 256 --ratio 0.75 --fragment benchmarks/e2e-h200-qwen.md
@@ -14,20 +15,26 @@ of 1 and N tokens, subtracted, went negative when a press's prefill varies by mo
 decode takes: KVzip's does.) Peak memory (CUDA only) is the allocator's peak during the call
 minus what was allocated before the row's warm-up (the weights and the input). Greedy decoding with
 min_new_tokens = max_new_tokens, so every row decodes the same count. Every row starts on the
-model's sdpa (a FAEDKV row switches the config to faedkv_sdpa; the next row switches it back).
+model's sdpa (a FAEDKV row switches the config to faedkv_sdpa or faedkv_static_sdpa; the next
+row switches it back).
 
-full-static (STATIC_ROWS) is the full cache through transformers' own compiled path:
-`generate(cache_implementation="static", compile_config=CompileConfig())`, i.e. a StaticCache
-of prompt + new tokens rows and the one-token decode forward under torch.compile(mode=
-"reduce-overhead") (CUDA graphs); the prefill runs eagerly. transformers compiles only on
-CUDA/XPU, so on CPU the row is the static cache without compilation (the row says which). Its
-warm-up decodes as many tokens as the timed calls (a shorter one would size a smaller cache and
-the timed call would compile again), so compilation is excluded from the times and reported as
-the warm-up's seconds. The cache it allocates at the warm-up persists between calls
-(`model._cache`), hence the peak over what was allocated before the warm-up (it counts that
-cache), for every row. A static row starts and ends with `release_static_path`: its own cache
-and compilation, as in a fresh process. FAEDKVCache and DimsplitCache cannot run under that
-path (NOT_STATIC says why; their "-static" rows are refused).
+The STATIC_ROWS decode through transformers' own compiled path: the one-token decode forward
+under torch.compile(mode="reduce-overhead") (CUDA graphs), the prefill eagerly. full-static is
+the full cache, `generate(cache_implementation="static", compile_config=CompileConfig())`, i.e.
+a StaticCache of prompt + new tokens rows; faedkv-cache-static is faedkv-cache's budget and math
+as a fixed-shape decode step, `generate(past_key_values=StaticFAEDKVCache(...),
+compile_config=CompileConfig())` (faedkv.decode.static), which generate compiles the same way
+because the cache is `is_compileable`. transformers compiles only on CUDA/XPU, so on CPU these
+rows run without compilation (the row says which). Their warm-up decodes as many tokens as the
+timed calls (a shorter one would size a smaller StaticCache and the timed call would compile
+again), so compilation is excluded from the times and reported as the warm-up's seconds. The
+cache a static row allocates at the warm-up persists between its calls (full-static: generate
+keeps it as `model._cache`; faedkv-cache-static: the row keeps one StaticFAEDKVCache and resets it
+before each call, so its buffers keep their addresses and the compiled step and its CUDA graphs
+are reused), hence the peak over what was allocated before the warm-up (it counts that cache),
+for every row. A static row starts and ends with `release_static_path`: its own cache and
+compilation, as in a fresh process. DimsplitCache cannot run under that path (NOT_STATIC says
+why; dimsplit-cache-static is refused).
 
 --profile: after the timed calls, one more call of N new tokens under torch.profiler (CPU
 activity, plus CUDA on a CUDA model), the streamer marking each token with a record_function
@@ -49,47 +56,52 @@ from analysis.bench.common import machine_description, write_fragment
 
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 CACHE_ROWS = ("faedkv-cache", "dimsplit-cache")       # rows whose cache compresses itself (no press)
-STATIC_ROWS = ("full-static",)                        # transformers' StaticCache, decode step compiled
+STATIC_ROWS = ("full-static", "faedkv-cache-static")  # static caches, decode step compiled (on CUDA)
 MARK = "e2e.token"                                    # the profiled call's record_function per token
-NOT_STATIC = ("FAEDKVCache and DimsplitCache cannot run under transformers' compiled static-cache path: their "
-              "layers keep Python-side state that changes every token (tokens seen; FAEDKVCache's folded count "
-              "and window head, passed as scalars to directly launched Triton kernels; DimsplitCache's exact rows, "
-              "one more each token) and hand attention their slot counts or store through a Python registry "
+NOT_STATIC = ("DimsplitCache cannot run under transformers' compiled static-cache path: its exact rows grow by one "
+              "each token (a shape that changes every step), its layers keep Python-side state that changes every "
+              "token (tokens seen) and hand attention their store through a Python registry "
               "(faedkv.decode.slots.post), so a CUDA graph would replay the first step's values; and transformers "
-              "compiles only caches whose layers are is_compileable (theirs are not), so it would run them eagerly")
+              "compiles only caches whose layers are is_compileable (DimsplitCache's are not), so it would run it "
+              "eagerly. FAEDKVCache's static form is StaticFAEDKVCache (faedkv-cache-static)")
 
 
 def static_refusal(row: str) -> str:
-    """Why a "<row>-static" other than full-static is not timed."""
+    """Why a "<row>-static" other than the STATIC_ROWS is not timed."""
     if row[:-len("-static")] in CACHE_ROWS:
-        return f"{NOT_STATIC}; only full-static is timed this way"
-    return ("only full-static runs through transformers' static cache: a press shortens the cache "
-            "after the prefill, and a StaticCache keeps a fixed length")
+        return f"{NOT_STATIC}; only {' and '.join(STATIC_ROWS)} are timed this way"
+    return (f"only {' and '.join(STATIC_ROWS)} run through transformers' static-cache path: a press shortens "
+            "the cache after the prefill, and a StaticCache keeps a fixed length")
 
 
 def row_cache(row: str, ratio: float):
-    """The cache a row generates with: FAEDKVCache, DimsplitCache (dim_share 0.5, the press's
-    default sink and window) or a DynamicCache."""
+    """The cache a row generates with: FAEDKVCache, StaticFAEDKVCache, DimsplitCache (dim_share
+    0.5; all with the press's default sink and window) or a DynamicCache."""
     from transformers import DynamicCache
 
-    from faedkv import DimsplitCache, FAEDKVCache
+    from faedkv import DimsplitCache, FAEDKVCache, StaticFAEDKVCache
 
     if row == "faedkv-cache":
         return FAEDKVCache(compression_ratio=ratio)
+    if row == "faedkv-cache-static":
+        return StaticFAEDKVCache(compression_ratio=ratio)
     if row == "dimsplit-cache":
         return DimsplitCache(compression_ratio=ratio, dim_share=0.5)
     return DynamicCache()
 
 
-def row_generate_kwargs(row: str, ratio: float) -> dict:
-    """What selects a row's cache in model.generate: transformers' static cache and its compiled
-    decode step (CompileConfig's defaults: mode "reduce-overhead", fullgraph False) for the
-    STATIC_ROWS, else the row's cache object."""
-    if row in STATIC_ROWS:
-        from transformers import CompileConfig
+def row_generate_kwargs(row: str, ratio: float, cache=None) -> dict:
+    """What selects a row's cache in model.generate: for full-static transformers' static cache,
+    else the row's cache object (`cache`, or a fresh `row_cache`); for the STATIC_ROWS with
+    generate's compiled decode step (CompileConfig's defaults: mode "reduce-overhead", fullgraph False)."""
+    from transformers import CompileConfig
 
+    if row == "full-static":
         return {"cache_implementation": "static", "compile_config": CompileConfig()}
-    return {"past_key_values": row_cache(row, ratio)}
+    kwargs = {"past_key_values": cache if cache is not None else row_cache(row, ratio)}
+    if row in STATIC_ROWS:
+        kwargs["compile_config"] = CompileConfig()
+    return kwargs
 
 
 def row_spec(row: str, ratio: float):
@@ -175,10 +187,11 @@ class TokenClock:
 
 
 def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start_bytes: int | None = None,
-                     clock: TokenClock | None = None) -> dict:
+                     clock: TokenClock | None = None, cache=None) -> dict:
     """One generate call: {"total_s", "ttft_s", "ms_per_token" (None for one new token),
     "peak_bytes" (the call's peak over `start_bytes`, default what is allocated when it starts;
-    None off CUDA)}."""
+    None off CUDA)}. cache: a cache the row keeps for all its calls (reset here), else the row's
+    generate kwargs bring a fresh one."""
     import torch
 
     model, device = loaded.model, str(loaded.model.device)
@@ -188,8 +201,11 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated() if start_bytes is None else start_bytes
     clock = clock or TokenClock()
+    if cache is not None:
+        cache.reset()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock, **row_generate_kwargs(row, ratio))
+                  pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock,
+                  **row_generate_kwargs(row, ratio, cache))
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -243,16 +259,16 @@ def kernel_split(events, new_tokens: int) -> dict:
             "device_ops_per_token": len(decode) / steps if decode else None}
 
 
-def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int) -> dict:
+def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int, cache=None) -> dict:
     """kernel_split of one more generate call under torch.profiler (CPU activity, and CUDA's on a
-    CUDA model)."""
+    CUDA model); cache as generate_seconds takes it."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if str(loaded.model.device).startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
-        generate_seconds(loaded, ids, row, ratio, new_tokens, clock=TokenClock(mark=True))
+        generate_seconds(loaded, ids, row, ratio, new_tokens, clock=TokenClock(mark=True), cache=cache)
     return kernel_split(prof.profiler.kineto_results.events(), new_tokens)
 
 
@@ -261,24 +277,26 @@ def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, 
     medians of `repeats` timed calls, the largest peak, and with `profile` the profiled call's
     device times and the host-bound share. A static row adds "warmup_s" and "compiled" (whether
     transformers compiled its decode step: its `get_compiled_call` keeps `model._compiled_call`)."""
-    from faedkv.attention import restore_sdpa
+    from faedkv.decode.static import restore_sdpa
 
     model = loaded.model
     device, static = str(model.device), row in STATIC_ROWS
     restore_sdpa(model.config)
     if static:
         release_static_path(model)
+    # as generate keeps full-static's StaticCache, faedkv-cache-static keeps one cache for all its calls
+    cache = row_cache(row, ratio) if row == "faedkv-cache-static" else None
     start_bytes = allocated_bytes(device)
-    warm = generate_seconds(loaded, ids, row, ratio, new_tokens if static else 2, start_bytes)
-    runs = [generate_seconds(loaded, ids, row, ratio, new_tokens, start_bytes) for _ in range(repeats)]
+    warm = generate_seconds(loaded, ids, row, ratio, new_tokens if static else 2, start_bytes, cache=cache)
+    runs = [generate_seconds(loaded, ids, row, ratio, new_tokens, start_bytes, cache=cache) for _ in range(repeats)]
     peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
-    out = {"row": row, "ratio": 0.0 if row in ("full", *STATIC_ROWS) else ratio,
+    out = {"row": row, "ratio": 0.0 if row in ("full", "full-static") else ratio,
            **{k: statistics.median(r[k] for r in runs) for k in ("ttft_s", "ms_per_token", "total_s")},
            "peak_gb": max(peaks) / 1e9 if peaks else None}
     if static:
         out.update(warmup_s=warm["total_s"], compiled=getattr(model, "_compiled_call", None) is not None)
     if profile:
-        out.update(profiled_kernels(loaded, ids, row, ratio, new_tokens))
+        out.update(profiled_kernels(loaded, ids, row, ratio, new_tokens, cache))
         kernel_ms = out["kernel_ms_per_token"]
         out["host_bound"] = None if kernel_ms is None else 1 - kernel_ms / out["ms_per_token"]
     if static:
@@ -327,9 +345,19 @@ def profile_note() -> str:
             "host, not the kernels). \"-\": no device operations (a CPU run).")
 
 
+STATIC_NAMES = {
+    "full-static": "full-static = transformers' StaticCache (`generate(cache_implementation=\"static\")`: prompt + "
+                   "new tokens rows, all attended every step)",
+    "faedkv-cache-static": "faedkv-cache-static = StaticFAEDKVCache (`generate(past_key_values="
+                           "StaticFAEDKVCache(...), compile_config=CompileConfig())`: faedkv-cache's rows and math "
+                           "as a fixed-shape decode step; the row keeps one cache and resets it before each call)",
+}
+
+
 def static_note(rows: list[dict]) -> str:
     static = [r for r in rows if r["row"] in STATIC_ROWS]
-    warmups = ", ".join(f"{r['warmup_s']:.2f} s at {r['tokens']} tokens" for r in static)
+    described = "; ".join(text for row, text in STATIC_NAMES.items() if any(r["row"] == row for r in static))
+    warmups = ", ".join(f"{r['warmup_s']:.2f} s at {r['tokens']} tokens ({r['row']})" for r in static)
     if all(r["compiled"] for r in static):
         how = ("with the one-token decode forward compiled by transformers (`CompileConfig()`: torch.compile, "
                "mode reduce-overhead, i.e. CUDA graphs; the prefill runs eagerly). Compile time is excluded: "
@@ -337,9 +365,8 @@ def static_note(rows: list[dict]) -> str:
     else:
         how = ("run eagerly: transformers compiles generate's decode step only on CUDA/XPU. The warm-up call "
                "(same prompt, same new tokens) took")
-    return (f"full-static = transformers' StaticCache (`generate(cache_implementation=\"static\")`: prompt + new "
-            f"tokens rows, all attended every step) {how} {warmups}. Its peak counts the static cache (allocated "
-            f"at the warm-up and kept between calls). {NOT_STATIC}.")
+    return (f"{described}, {how} {warmups}. The peak counts the static cache (allocated at the warm-up and kept "
+            f"between calls). {NOT_STATIC}.")
 
 
 def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> str:
@@ -379,9 +406,9 @@ def run_e2e(args) -> int:
         try:
             row_spec(row, args.ratio)
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, full-static "
-                             "or one --methods spec (full, snapkv, faedkv:exact_share=0.9:exact_scorer=keydiff, "
-                             "...)") from None
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, full-static, "
+                             "faedkv-cache-static or one --methods spec (full, snapkv, "
+                             "faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (ms per token is the time between the first and the last new token)")
     loaded = load_model(args.model, device=args.device)
@@ -409,7 +436,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS),
                    help=f"faedkv-cache, dimsplit-cache, full-static (transformers' static cache, decode step "
-                        f"compiled on CUDA) or method specs as --methods writes them (default: {' '.join(ROWS)})")
+                        f"compiled on CUDA), faedkv-cache-static (StaticFAEDKVCache, the same compiled path) or "
+                        f"method specs as --methods writes them (default: {' '.join(ROWS)})")
     p.add_argument("--profile", action="store_true",
                    help="one more call per row under torch.profiler: GPU kernel time per token and the host-bound share")
     p.add_argument("--fragment", default="", help="also write a BENCHMARKS.md fragment here")

@@ -10,9 +10,12 @@ set -uo pipefail
 part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|speed2 [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
+# DEVICE=cpu MODEL=tiny-random-qwen2 PYTHON=.venv/bin/python dry-runs a part's plumbing on a CPU machine
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-common=(--model "$MODEL" --device cuda --out results --no-progress)
+common=(--model "$MODEL" --device "$DEVICE" --out results --no-progress)
 # FAEDKV configurations of the search (issue 15); every one is a plain --methods spec
 # hybrids of the second search round: exact tokens by KVzip's or KeyDiff's scores, the rest summarised
 HYBRIDS="faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff,faedkv:exact_share=0.75:exact_scorer=keydiff"
@@ -20,106 +23,106 @@ needle_grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 3)
 FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
 case "$part" in
   ppl)
-    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+    timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.05,0.25,0.5,0.75 \
       --methods "$FAEDKV,faedkv:mass_correction=false,faedkv:slot_normalization=sum:mass_correction=false,faedkv:variant=resample:mass_correction=false,snapkv,streaming_llm,expected_attention,kvzip" \
       > "$OUT/ppl.log" 2>&1; echo "ppl exit $?"; tail -40 "$OUT/ppl.log" ;;
   needle-main)
-    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
       --samples 3 --ratios 0.5,0.75 --methods "$FAEDKV,kvzip,expected_attention,snapkv,keydiff,streaming_llm" \
       > "$OUT/needle-main.log" 2>&1; echo "needle-main exit $?"; tail -45 "$OUT/needle-main.log" ;;
   needle-rest)
-    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" --lengths 4096,16384 --depths 0,25,50,75,100 \
       --samples 2 --ratios 0.5,0.75 --methods "tova,knorm,pyramidkv,lagkv,compactor,merging,dct_iterative" \
       > "$OUT/needle-rest.log" 2>&1; echo "needle-rest exit $?"; tail -30 "$OUT/needle-rest.log" ;;
   speed)
-    timeout "$limit" python3 -m analysis.bench gpu --parts compress decode --lengths 32768 131072 --layers 4 \
+    timeout "$limit" $PYTHON -m analysis.bench gpu --parts compress decode --lengths 32768 131072 --layers 4 \
       --methods iwdft resample snapkv --decode-lengths 32768 131072 --decode-kinds full faedkv faedkv-attn \
       --no-kernel-sweeps --steps 20 --out "$OUT/bench" --fragment '' > "$OUT/speed.log" 2>&1
     echo "speed exit $?"; tail -40 "$OUT/speed.log"
     # the same on the real model's own cache (4K-32K: Qwen2.5-Coder-1.5B allows 32768 positions)
-    timeout "$limit" python3 -m analysis.bench gpu --parts real-compress --model "$MODEL" \
+    timeout "$limit" $PYTHON -m analysis.bench gpu --parts real-compress --model "$MODEL" \
       --real-lengths 4096 8192 16384 32768 --out "$OUT/bench-real" --fragment '' > "$OUT/real-compress.log" 2>&1
     echo "real-compress exit $?"; tail -30 "$OUT/real-compress.log" ;;
   e2e)   # issue 18: time to first token, ms per token, peak memory through model.generate on the real model
-    timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
+    timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" --lengths 16384 32768 \
       --new-tokens 256 --ratio 0.75 --repeats 2 \
       --rows full snapkv faedkv faedkv-cache faedkv:exact_share=0.9:exact_scorer=keydiff \
       --fragment "$OUT/e2e-h200-qwen.md" > "$OUT/e2e.log" 2>&1
     echo "e2e exit $?"; tail -20 "$OUT/e2e.log" ;;
   e2e-profile)   # issue 18: the same with the kernel time per token from torch.profiler (host-bound share)
-    timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda --lengths 16384 32768 \
+    timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" --lengths 16384 32768 \
       --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full snapkv faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-profile.md" > "$OUT/e2e-profile.log" 2>&1
     echo "e2e-profile exit $?"; tail -14 "$OUT/e2e-profile.log" ;;
   e2e-static)   # issue 18: CUDA graphs through transformers' static cache + compiled decode step, against full
-    TORCH_LOGS=recompiles,graph_breaks timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda \
+    TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
   speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static and SnapKV, then
     # the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
-    TORCH_LOGS=recompiles,graph_breaks timeout "$limit" python3 -m analysis.bench e2e --model "$MODEL" --device cuda \
+    TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
       --lengths 16384 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
       --rows full full-static faedkv-cache faedkv-cache-static snapkv \
       --fragment "$OUT/e2e-h200-qwen-static-faedkv.md" > "$OUT/e2e-static-faedkv.log" 2>&1
     echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log"
-    timeout 240 python3 -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
+    timeout 240 $PYTHON -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
       --methods iwdft resample snapkv --no-kernel-sweeps --out "$OUT/bench-fold" --fragment '' > "$OUT/fold.log" 2>&1
     echo "fold exit $?"; tail -20 "$OUT/fold.log" ;;
   ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks), keys and values separately
     for target in keys values; do
-      timeout "$limit" python3 -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
+      timeout "$limit" $PYTHON -m analysis ablate "${common[@]}" --chunks 22 --num-texts 3 --prefix-tokens 4096 \
         --continuation-tokens 256 --needle-samples 2 --target $target > "$OUT/ablate-$target.log" 2>&1
       echo "ablate $target exit $?"; tail -5 "$OUT/ablate-$target.log"
     done ;;
   layer-budget)   # after ablate: per-layer budgets from both runs, then needle + NLL (held-out texts) with them
     keys=$(ls -t results/runs | grep '^ablate-' | head -2 | sed 's/^/--ablation /' | tr '\n' ' ')
-    for r in 0.5 0.75; do python3 -m analysis layer-budget --model "$MODEL" --device cuda --out results $keys \
+    for r in 0.5 0.75; do $PYTHON -m analysis layer-budget --model "$MODEL" --device "$DEVICE" --out results $keys \
       --ratio $r --write "$OUT/layer-ratios-$r.json" > "$OUT/layer-budget-$r.log" 2>&1; done
     budget="faedkv:compression_ratio=0.5:layer_ratios=@$OUT/layer-ratios-0.5.json,faedkv:compression_ratio=0.75:layer_ratios=@$OUT/layer-ratios-0.75.json"
-    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+    timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --seed 100 --ratios 0.5,0.75 --methods "faedkv,$budget,snapkv" > "$OUT/layer-budget-ppl.log" 2>&1
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
       --methods "$budget" > "$OUT/layer-budget-needle.log" 2>&1
     echo "layer-budget exit $?"; tail -20 "$OUT/layer-budget-ppl.log" ;;
   needle-next)   # what this grid lacked: h2o (4K), attention-matched slots, ratio 0.625
-    timeout "$limit" python3 -m analysis needle "${common[@]}" --lengths 4096 --depths 0,25,50,75,100 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" --lengths 4096 --depths 0,25,50,75,100 \
       --samples 3 --ratios 0.5,0.625,0.75 --methods "h2o,faedkv:slot_fit=probes,faedkv:variant=resample,kvzip" \
       > "$OUT/needle-next.log" 2>&1; echo "needle-next exit $?"; tail -30 "$OUT/needle-next.log" ;;
   search-a)   # issue 15, round 2: the hybrids at 0.5 and 0.75
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.75 \
       --methods "$HYBRIDS" > "$OUT/search-a.log" 2>&1; echo "search-a exit $?"; tail -25 "$OUT/search-a.log" ;;
   search-b)   # kvzip with one budget per layer (as the hybrids have), then ratio 0.625
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
       --methods "kvzip:layerwise=true" > "$OUT/search-b1.log" 2>&1; echo "search-b1 exit $?"
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
       --methods "kvzip,keydiff,faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff" \
       > "$OUT/search-b2.log" 2>&1; echo "search-b2 exit $?"; tail -25 "$OUT/search-b2.log" ;;
   search-ppl)
-    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+    timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.25,0.5,0.625,0.75 --methods "$HYBRIDS,kvzip:layerwise=true,kvzip,keydiff" \
       > "$OUT/search-ppl.log" 2>&1; echo "search-ppl exit $?"; tail -40 "$OUT/search-ppl.log" ;;
   dimsplit)   # issue 15 item 5: exact head dims + low-pass for the rest (FourierAttention), dim_share swept
     D="faedkv:variant=dimsplit:dim_share=0.25,faedkv:variant=dimsplit:dim_share=0.5,faedkv:variant=dimsplit:dim_share=0.8"
-    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+    timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.5,0.625,0.75 --methods "$D" > "$OUT/dimsplit-ppl.log" 2>&1; echo "dimsplit-ppl exit $?"
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.625,0.75 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.5,0.625,0.75 \
       --methods "faedkv:variant=dimsplit:dim_share=0.0,$D" > "$OUT/dimsplit-needle.log" 2>&1
     echo "dimsplit-needle exit $?"; tail -25 "$OUT/dimsplit-needle.log" ;;
   hybrid-split)   # issue 15, round 3: exact tokens by KVzip (ranked per model / per layer) or KeyDiff, the split for the rest; KVzip layerwise and 0.625 baselines
     KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
       --methods "kvzip:layerwise=true,$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9" \
       > "$OUT/hybrid-split-075.log" 2>&1; echo "hybrid-split 0.75 exit $?"; tail -12 "$OUT/hybrid-split-075.log" ;;
   hybrid-split-0625)   # ratio 0.625: the KVzip/KeyDiff baselines the grid lacked, and the KVzip-ranked split
     KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
-    timeout "$limit" python3 -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
+    timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
       --methods "kvzip,keydiff,$KZ=global:exact_share=0.9" \
       > "$OUT/hybrid-split-0625.log" 2>&1; echo "hybrid-split 0.625 exit $?"; tail -12 "$OUT/hybrid-split-0625.log" ;;
   hybrid-split-ppl)
     KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
-    timeout "$limit" python3 -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
+    timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.5,0.625,0.75 \
       --methods "$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
       > "$OUT/hybrid-split-ppl.log" 2>&1; echo "hybrid-split-ppl exit $?"; tail -30 "$OUT/hybrid-split-ppl.log" ;;
@@ -151,11 +154,11 @@ case "$part" in
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $KZ=0.9,$KZ=0.95,$KZ=0.75,kvzip,snapkv,keydiff,expected_attention,faedkv"
     )
     for i in "${!jobs[@]}"; do
-      ( OMP_NUM_THREADS=1 timeout "$limit" python3 -m analysis ${jobs[$i]} --model "$MODEL" --device cuda \
+      ( OMP_NUM_THREADS=1 timeout "$limit" $PYTHON -m analysis ${jobs[$i]} --model "$MODEL" --device "$DEVICE" \
           --out results/g$i --no-progress > "$OUT/grid5-$i.log" 2>&1; echo "group $i exit $?: ${jobs[$i]}" ) &
     done
     wait
-    nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used,memory.total --format=csv
     for i in "${!jobs[@]}"; do tail -3 "$OUT/grid5-$i.log" | cut -c1-200; done
     rm -rf results/runs && mkdir -p results/runs && cp -r results/g*/runs/* results/runs/ ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

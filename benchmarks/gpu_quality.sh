@@ -2,12 +2,12 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | speed2.
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | speed2 | fold.
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|speed2 [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|speed2|fold [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 # DEVICE=cpu MODEL=tiny-random-qwen2 PYTHON=.venv/bin/python dry-runs a part's plumbing on a CPU machine
@@ -60,14 +60,15 @@ case "$part" in
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
-  speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static and SnapKV, then
-    # the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
+  speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV and
+    # DimsplitCache; 32K first and the rows in order of interest, so a run cut at the limit keeps what matters
     TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
-      --lengths 16384 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
-      --rows full full-static faedkv-cache faedkv-cache-static snapkv \
+      --lengths 32768 16384 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
+      --rows full full-static faedkv-cache-static faedkv-cache snapkv dimsplit-cache \
       --fragment "$OUT/e2e-h200-qwen-static-faedkv.md" > "$OUT/e2e-static-faedkv.log" 2>&1
-    echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log"
-    timeout 240 $PYTHON -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
+    echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log" ;;
+  fold)   # issue 18: the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
+    timeout "$limit" $PYTHON -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
       --methods iwdft resample snapkv --no-kernel-sweeps --out "$OUT/bench-fold" --fragment '' > "$OUT/fold.log" 2>&1
     echo "fold exit $?"; tail -20 "$OUT/fold.log" ;;
   ablate)   # issue 15: the per-layer frequency ablation (every layer x 22 chunks), keys and values separately

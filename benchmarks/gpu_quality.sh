@@ -129,8 +129,9 @@ case "$part" in
       > "$OUT/hybrid-split-ppl.log" 2>&1; echo "hybrid-split-ppl exit $?"; tail -30 "$OUT/hybrid-split-ppl.log" ;;
   grid5)   # issue 15's deliverable grid: >= 5 samples a cell, 4K + 16K x 5 depths, ratios 0.5/0.625/0.75, every
     # registry baseline and FAEDKV's default and best split; the suite at 4K (10 a task) and NLL on 8 texts at 0.5
-    # and 0.75. One process per group on the one GPU (eager decoding is host-bound, so processes overlap), each
-    # with its own store (results/g*): a killed group resumes from its finished cells on the next call.
+    # and 0.75; attention-matched slots and the split's other exact shares on the needle. One process per group on
+    # the one GPU (eager decoding is host-bound, so processes overlap), each with its own store (results/g*): a
+    # killed group resumes from its finished cells on the next call.
     KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
     grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
     R=0.5,0.625,0.75
@@ -152,6 +153,8 @@ case "$part" in
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods kvzip"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods faedkv,snapkv,keydiff,expected_attention,streaming_llm"
+      "needle ${grid[*]} --ratios 0.5,0.75 --methods faedkv:slot_fit=probes"
+      "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $KZ=0.9,$KZ=0.95,$KZ=0.75,kvzip,snapkv,keydiff,expected_attention,faedkv"
     )
     for i in "${!jobs[@]}"; do

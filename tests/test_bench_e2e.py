@@ -267,3 +267,18 @@ def test_a_compiled_profiled_static_row_is_rendered_as_a_cuda_run_would_be():
     assert "took 71.25 s at 16384 tokens (full-static), 40.50 s at 16384 tokens (faedkv-cache-static)" in text
     assert "full-static = transformers' StaticCache" in text and "faedkv-cache-static = StaticFAEDKVCache" in text
     assert "run eagerly" not in text and "GPU ms / token = those that start between" in text
+
+
+def test_compile_cpu_sets_transformers_switch_and_the_note_says_so():
+    """--compile-cpu: the static rows' CompileConfig compiles on every device (transformers' own
+    switch); the note then says the step was compiled on the CPU, without CUDA graphs."""
+    from analysis.bench.e2e import e2e_markdown, row_generate_kwargs
+
+    for row in ("full-static", "faedkv-cache-static"):
+        assert row_generate_kwargs(row, 0.75, compile_cpu=True)["compile_config"]._compile_all_devices is True
+        assert not getattr(row_generate_kwargs(row, 0.75)["compile_config"], "_compile_all_devices", False)
+    row = {"tokens": 2048, "row": "faedkv-cache-static", "ratio": 0.75, "ttft_s": 0.5, "ms_per_token": 12.0,
+           "total_s": 1.0, "peak_gb": None, "warmup_s": 40.0, "compiled": True}
+    text = e2e_markdown([row], "test machine", "cmd", "m", cpu=True)
+    assert "compiled by transformers on the CPU (`--compile-cpu`" in text and "CUDA graphs;" not in text
+    assert "40.00 s at 2048 tokens (faedkv-cache-static)" in text

@@ -25,7 +25,9 @@ a StaticCache of prompt + new tokens rows; faedkv-cache-static is faedkv-cache's
 as a fixed-shape decode step, `generate(past_key_values=StaticFAEDKVCache(...),
 compile_config=CompileConfig())` (faedkv.decode.static), which generate compiles the same way
 because the cache is `is_compileable`. transformers compiles only on CUDA/XPU, so on CPU these
-rows run without compilation (the row says which). Their warm-up decodes as many tokens as the
+rows run without compilation (the row says which), unless --compile-cpu sets transformers' own
+switch to compile on every device (inductor on the CPU: no CUDA graphs, but one fused graph per
+step instead of Python dispatch). Their warm-up decodes as many tokens as the
 timed calls (a shorter one would size a smaller StaticCache and the timed call would compile
 again), so compilation is excluded from the times and reported as the warm-up's seconds. The
 cache a static row allocates at the warm-up persists between its calls (full-static: generate
@@ -90,17 +92,21 @@ def row_cache(row: str, ratio: float):
     return DynamicCache()
 
 
-def row_generate_kwargs(row: str, ratio: float, cache=None) -> dict:
+def row_generate_kwargs(row: str, ratio: float, cache=None, compile_cpu: bool = False) -> dict:
     """What selects a row's cache in model.generate: for full-static transformers' static cache,
     else the row's cache object (`cache`, or a fresh `row_cache`); for the STATIC_ROWS with
-    generate's compiled decode step (CompileConfig's defaults: mode "reduce-overhead", fullgraph False)."""
+    generate's compiled decode step (CompileConfig's defaults: mode "reduce-overhead", fullgraph False).
+    compile_cpu: compile it on any device (transformers' own switch; by default it compiles only on
+    CUDA/XPU), so a CPU run times the compiled step too (inductor; no CUDA graphs there)."""
     from transformers import CompileConfig
 
+    config = CompileConfig()
+    config._compile_all_devices = compile_cpu
     if row == "full-static":
-        return {"cache_implementation": "static", "compile_config": CompileConfig()}
+        return {"cache_implementation": "static", "compile_config": config}
     kwargs = {"past_key_values": cache if cache is not None else row_cache(row, ratio)}
     if row in STATIC_ROWS:
-        kwargs["compile_config"] = CompileConfig()
+        kwargs["compile_config"] = config
     return kwargs
 
 
@@ -187,11 +193,11 @@ class TokenClock:
 
 
 def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start_bytes: int | None = None,
-                     clock: TokenClock | None = None, cache=None) -> dict:
+                     clock: TokenClock | None = None, cache=None, compile_cpu: bool = False) -> dict:
     """One generate call: {"total_s", "ttft_s", "ms_per_token" (None for one new token),
     "peak_bytes" (the call's peak over `start_bytes`, default what is allocated when it starts;
     None off CUDA)}. cache: a cache the row keeps for all its calls (reset here), else the row's
-    generate kwargs bring a fresh one."""
+    generate kwargs bring a fresh one; compile_cpu as row_generate_kwargs takes it."""
     import torch
 
     model, device = loaded.model, str(loaded.model.device)
@@ -205,7 +211,7 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start
         cache.reset()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock,
-                  **row_generate_kwargs(row, ratio, cache))
+                  **row_generate_kwargs(row, ratio, cache, compile_cpu))
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -259,7 +265,8 @@ def kernel_split(events, new_tokens: int) -> dict:
             "device_ops_per_token": len(decode) / steps if decode else None}
 
 
-def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int, cache=None) -> dict:
+def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int, cache=None,
+                     compile_cpu: bool = False) -> dict:
     """kernel_split of one more generate call under torch.profiler (CPU activity, and CUDA's on a
     CUDA model); cache as generate_seconds takes it."""
     from torch.profiler import ProfilerActivity, profile
@@ -268,11 +275,13 @@ def profiled_kernels(loaded, ids, row: str, ratio: float, new_tokens: int, cache
     if str(loaded.model.device).startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
-        generate_seconds(loaded, ids, row, ratio, new_tokens, clock=TokenClock(mark=True), cache=cache)
+        generate_seconds(loaded, ids, row, ratio, new_tokens, clock=TokenClock(mark=True), cache=cache,
+                         compile_cpu=compile_cpu)
     return kernel_split(prof.profiler.kineto_results.events(), new_tokens)
 
 
-def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, profile: bool = False) -> dict:
+def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, profile: bool = False,
+            compile_cpu: bool = False) -> dict:
     """One row at one prompt: a warm-up call (N new tokens for a static row, else 2), then the
     medians of `repeats` timed calls, the largest peak, and with `profile` the profiled call's
     device times and the host-bound share. A static row adds "warmup_s" and "compiled" (whether
@@ -287,8 +296,10 @@ def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, 
     # as generate keeps full-static's StaticCache, faedkv-cache-static keeps one cache for all its calls
     cache = row_cache(row, ratio) if row == "faedkv-cache-static" else None
     start_bytes = allocated_bytes(device)
-    warm = generate_seconds(loaded, ids, row, ratio, new_tokens if static else 2, start_bytes, cache=cache)
-    runs = [generate_seconds(loaded, ids, row, ratio, new_tokens, start_bytes, cache=cache) for _ in range(repeats)]
+    warm = generate_seconds(loaded, ids, row, ratio, new_tokens if static else 2, start_bytes, cache=cache,
+                            compile_cpu=compile_cpu)
+    runs = [generate_seconds(loaded, ids, row, ratio, new_tokens, start_bytes, cache=cache, compile_cpu=compile_cpu)
+            for _ in range(repeats)]
     peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
     out = {"row": row, "ratio": 0.0 if row in ("full", "full-static") else ratio,
            **{k: statistics.median(r[k] for r in runs) for k in ("ttft_s", "ms_per_token", "total_s")},
@@ -296,7 +307,7 @@ def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, 
     if static:
         out.update(warmup_s=warm["total_s"], compiled=getattr(model, "_compiled_call", None) is not None)
     if profile:
-        out.update(profiled_kernels(loaded, ids, row, ratio, new_tokens, cache))
+        out.update(profiled_kernels(loaded, ids, row, ratio, new_tokens, cache, compile_cpu))
         kernel_ms = out["kernel_ms_per_token"]
         out["host_bound"] = None if kernel_ms is None else 1 - kernel_ms / out["ms_per_token"]
     if static:
@@ -305,7 +316,7 @@ def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, 
 
 
 def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=ROWS,
-             on_row=None, profile: bool = False) -> list[dict]:
+             on_row=None, profile: bool = False, compile_cpu: bool = False) -> list[dict]:
     """One dict per (length, row) (e2e_row); `on_row(rows so far)` after each, so a run cut short
     by a time limit keeps what it measured."""
     import torch
@@ -316,7 +327,8 @@ def e2e_rows(loaded, lengths, new_tokens: int, ratio: float, repeats: int, rows=
     for tokens in lengths:
         ids = torch.tensor([text_tokens(loaded.tokenizer, tokens)], device=loaded.model.device)
         for row in rows:
-            out.append({"tokens": tokens, **e2e_row(loaded, ids, row, ratio, new_tokens, repeats, profile)})
+            out.append({"tokens": tokens, **e2e_row(loaded, ids, row, ratio, new_tokens, repeats, profile,
+                                                    compile_cpu)})
             if on_row is not None:
                 on_row(out)
     return out
@@ -354,22 +366,27 @@ STATIC_NAMES = {
 }
 
 
-def static_note(rows: list[dict]) -> str:
+def static_note(rows: list[dict], cpu: bool = False) -> str:
     static = [r for r in rows if r["row"] in STATIC_ROWS]
     described = "; ".join(text for row, text in STATIC_NAMES.items() if any(r["row"] == row for r in static))
     warmups = ", ".join(f"{r['warmup_s']:.2f} s at {r['tokens']} tokens ({r['row']})" for r in static)
-    if all(r["compiled"] for r in static):
+    if all(r["compiled"] for r in static) and cpu:
+        how = ("with the one-token decode forward compiled by transformers on the CPU (`--compile-cpu`: "
+               "torch.compile's inductor, mode reduce-overhead, which captures no graphs off CUDA; the prefill "
+               "runs eagerly). Compile time is excluded: the warm-up call (same prompt, same new tokens), which "
+               "compiled, took")
+    elif all(r["compiled"] for r in static):
         how = ("with the one-token decode forward compiled by transformers (`CompileConfig()`: torch.compile, "
                "mode reduce-overhead, i.e. CUDA graphs; the prefill runs eagerly). Compile time is excluded: "
                "the warm-up call (same prompt, same new tokens), which compiled and captured the graphs, took")
     else:
-        how = ("run eagerly: transformers compiles generate's decode step only on CUDA/XPU. The warm-up call "
-               "(same prompt, same new tokens) took")
+        how = ("run eagerly: transformers compiles generate's decode step only on CUDA/XPU (`--compile-cpu` "
+               "compiles it on the CPU too). The warm-up call (same prompt, same new tokens) took")
     return (f"{described}, {how} {warmups}. The peak counts the static cache (allocated at the warm-up and kept "
             f"between calls). {NOT_STATIC}.")
 
 
-def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> str:
+def e2e_markdown(rows: list[dict], machine: str, command: str, model: str, cpu: bool = False) -> str:
     import datetime
 
     profiled = any("kernel_ms_per_token" in r for r in rows)
@@ -390,7 +407,7 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str) -> st
         lines.append("dimsplit-cache = DimsplitCache (dim_share 0.5): the prefill's middle stored as exact "
                      "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
     if any(r["row"] in STATIC_ROWS for r in rows):
-        lines.append(static_note(rows))
+        lines.append(static_note(rows, cpu))
     if profiled:
         lines.append(profile_note())
     return "\n".join(lines) + "\n"
@@ -416,13 +433,13 @@ def run_e2e(args) -> int:
     command = "python -m analysis.bench e2e " + " ".join(sys.argv[2:])
 
     def report(rows: list[dict]) -> str:
-        text = e2e_markdown(rows, machine, command, loaded.info.name)
+        text = e2e_markdown(rows, machine, command, loaded.info.name, str(loaded.model.device) == "cpu")
         if args.fragment:
             write_fragment(args.fragment, text)
         return text
 
     print(report(e2e_rows(loaded, args.lengths, args.new_tokens, args.ratio, args.repeats, args.rows,
-                          on_row=report, profile=args.profile)))
+                          on_row=report, profile=args.profile, compile_cpu=args.compile_cpu)))
     return 0
 
 
@@ -440,5 +457,8 @@ def add_parser(sub) -> None:
                         f"method specs as --methods writes them (default: {' '.join(ROWS)})")
     p.add_argument("--profile", action="store_true",
                    help="one more call per row under torch.profiler: GPU kernel time per token and the host-bound share")
+    p.add_argument("--compile-cpu", action="store_true",
+                   help="compile the static rows' decode step on the CPU too (transformers compiles only on "
+                        "CUDA/XPU by default); the compile time is the warm-up's, excluded from the times")
     p.add_argument("--fragment", default="", help="also write a BENCHMARKS.md fragment here")
     p.set_defaults(func=run_e2e)

@@ -36,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from faedkv.decode.slots import posted
 
 FAEDKV_SDPA = "faedkv_sdpa"
+FAEDKV_STATIC_SDPA = "faedkv_static_sdpa"   # StaticFAEDKVCache's (faedkv.decode.static registers it)
 BIAS_ATTR = "faedkv_column_bias"
 
 
@@ -145,8 +146,8 @@ def use_faedkv_attention(config) -> None:
 
 
 def restore_sdpa(config) -> None:
-    """Undo `use_faedkv_attention`."""
-    if getattr(config, "_attn_implementation", None) == FAEDKV_SDPA:
+    """Undo `use_faedkv_attention`, or a StaticFAEDKVCache's switch to faedkv_static_sdpa."""
+    if getattr(config, "_attn_implementation", None) in (FAEDKV_SDPA, FAEDKV_STATIC_SDPA):
         config._attn_implementation = "sdpa"
 
 

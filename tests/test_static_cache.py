@@ -9,8 +9,9 @@ from transformers import CompileConfig
 
 from conftest import TINY_ARCHS, make_tiny, make_tiny_llama
 from faedkv import FAEDKVCache, FrequencyPlan, StaticFAEDKVCache
+from faedkv.attention import FAEDKV_STATIC_SDPA, restore_sdpa
 from faedkv.budget import kept_rows
-from faedkv.decode.static import FAEDKV_STATIC_SDPA, StaticFAEDKVLayer, restore_sdpa
+from faedkv.decode.static import StaticFAEDKVLayer
 
 VOCAB = 128
 

@@ -286,7 +286,7 @@ def e2e_row(loaded, ids, row: str, ratio: float, new_tokens: int, repeats: int, 
     medians of `repeats` timed calls, the largest peak, and with `profile` the profiled call's
     device times and the host-bound share. A static row adds "warmup_s" and "compiled" (whether
     transformers compiled its decode step: its `get_compiled_call` keeps `model._compiled_call`)."""
-    from faedkv.decode.static import restore_sdpa
+    from faedkv.attention import restore_sdpa
 
     model = loaded.model
     device, static = str(model.device), row in STATIC_ROWS

@@ -267,8 +267,8 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
                   f"compressed prefix; full cache {metrics['nll_full']:.4f}. Increase over full, mean of "
                   f"{PplParams(**run.config['params']).num_texts} texts:", nll_against_ratio(metrics)]
     for run in suites:
-        parts += [f"#### Suite: {run.name}", run_header(run, run_metrics(run, "suite")),
-                  suite_markdown(run_metrics(run, "suite"))]
+        metrics = run_metrics(run, "suite")
+        parts += [f"#### Suite: {run.name}", run_header(run, metrics), suite_markdown(metrics)]
     return parts
 
 

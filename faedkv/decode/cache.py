@@ -93,6 +93,19 @@ def ring_counts(tokens: int, num_rows: int, device=None) -> torch.Tensor:
     return laps + (torch.arange(num_rows, device=device) < filled).long()
 
 
+def refuse_padding(attention_mask: torch.Tensor | None, cache_name: str) -> None:
+    """ValueError if a call's mask (batch, 1, q, columns) hides a column from its last query:
+    padding hides a column from every query, and the last one sees every column of an unpadded
+    batch causally. None is sdpa's 'causal, no padding'."""
+    if attention_mask is None:
+        return
+    last = attention_mask[..., -1, :]
+    visible = last if last.dtype == torch.bool else last == 0
+    if not bool(visible.all()):
+        raise ValueError(f"{cache_name} serves unpadded batches only (every row the same length, no "
+                         "attention-mask padding): run the prompts one at a time or of equal length")
+
+
 def half_spectrum_mask(keep: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Bin mask (M,) or (kv_heads, M) -> the rfft half (kv_heads or 1, M//2 + 1, 1),
     conjugate-symmetric."""

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache
 
 from faedkv.attention import FAEDKV_SDPA
 from faedkv.budget import layout
-from faedkv.decode.cache import ExactLayer, FAEDKVLayerBase
+from faedkv.decode.cache import ExactLayer, FAEDKVLayerBase, refuse_padding
 from faedkv.decode.slots import Handoff, post
 from faedkv.variants import dimsplit_sizes, exact_dims, lowpass_band
 
@@ -156,22 +156,6 @@ def dimsplit_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
 
 
-def check_unpadded(attention_mask: torch.Tensor | None, past: int) -> None:
-    """The mask a DimsplitCache call gets spans every position 0..seen + q - 1 (get_mask_sizes):
-    the `past` positions before the call must all be visible to every query, and the call's own
-    tokens causally (a padded batch hides some); None is sdpa's 'causal, no padding'."""
-    if attention_mask is None:
-        return
-    visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    length, columns = visible.shape[-2], visible.shape[-1]
-    causal = (torch.arange(columns, device=visible.device)
-              <= torch.arange(length, device=visible.device).unsqueeze(-1) + (columns - length))
-    causal[..., :past] = True
-    if bool((causal & ~visible).any()):
-        raise ValueError("DimsplitCache serves unpadded batches only (every row the same length, "
-                         "no attention-mask padding): run the prompts one at a time or of equal length")
-
-
 class DimsplitLayer(FAEDKVLayerBase):
     """One layer's sink + window + tail rows (exact, `exact_keys`/`exact_values`, growing) and
     the prefill's middle as a `DimsplitMiddle`."""
@@ -185,7 +169,6 @@ class DimsplitLayer(FAEDKVLayerBase):
         self.asked = (sink_tokens, window)
         self.sink_tokens, self.window = sink_tokens, window   # as used (a short prefill shrinks them)
         self.seen = 0
-        self.past = 0                 # positions before the current call (its mask check)
         self.middle = None            # DimsplitMiddle once prefilled
         self.exact_keys = self.exact_values = None   # (batch, kv_heads, S + W + tail, d)
         self.keys = self.values = None                # not a plain cache: kvpress's slicing must fail
@@ -200,7 +183,7 @@ class DimsplitLayer(FAEDKVLayerBase):
         exact rows with the stored middle by `dimsplit_attention`; a padded mask raises."""
         if kwargs.get("dropout") or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
             raise ValueError("DimsplitCache's attention has no dropout, sliding window or logit softcap")
-        check_unpadded(attention_mask, self.past)
+        refuse_padding(attention_mask, "DimsplitCache")
         if key is not self.exact_keys:          # the prefill's own keys: exact attention
             from faedkv import attention
 
@@ -211,7 +194,6 @@ class DimsplitLayer(FAEDKVLayerBase):
 
     # --- CacheLayerMixin ------------------------------------------------------------------
     def update(self, key_states, value_states, cache_kwargs=None):
-        self.past = self.seen
         self.seen += key_states.shape[-2]
         if self.middle is None:
             self.lazy_initialization(key_states, value_states)

@@ -31,8 +31,8 @@ hands sdpa the layer's `bias` as its float mask whenever the keys it gets are th
 any other keys go to faedkv_sdpa. The mask transformers built is not read: one new token of an
 unpadded batch sees every row. Eager (or flash) attention would drop the bias, and a cache
 prefilled later on the same model takes its attention modules over: the first decode call of
-the cache left without its bias raises instead. `restore_sdpa(config)` switches a model back to
-sdpa.
+the cache left without its bias raises instead. `faedkv.attention.restore_sdpa(config)` switches a model
+back to sdpa.
 
 `model.generate(ids, past_key_values=StaticFAEDKVCache(...), compile_config=CompileConfig())`
 compiles the one-token forward as it does for transformers' StaticCache: the cache is
@@ -62,13 +62,12 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from faedkv import attention
-from faedkv.attention import faedkv_sdpa_attention, log_mass
+from faedkv.attention import FAEDKV_STATIC_SDPA, faedkv_sdpa_attention, log_mass
 from faedkv.budget import layout
-from faedkv.decode.cache import FAEDKVLayerBase, ring_counts, ring_means
+from faedkv.decode.cache import FAEDKVLayerBase, refuse_padding, ring_counts, ring_means
 from faedkv.decode.slots import Handoff, post
 from faedkv.iwdft import compute_dtype
 
-FAEDKV_STATIC_SDPA = "faedkv_static_sdpa"
 LAYER_ATTR = "faedkv_static_layer"   # on an attention module: weakref to the StaticFAEDKVLayer it reads
 
 
@@ -85,25 +84,6 @@ def static_sdpa_attention(module, query, key, value, attention_mask, *args, **kw
 
 AttentionInterface.register(FAEDKV_STATIC_SDPA, static_sdpa_attention)
 AttentionMaskInterface.register(FAEDKV_STATIC_SDPA, sdpa_mask)
-
-
-def restore_sdpa(config) -> None:
-    """Switch a model config back to sdpa from faedkv_static_sdpa (or faedkv_sdpa)."""
-    if getattr(config, "_attn_implementation", None) == FAEDKV_STATIC_SDPA:
-        config._attn_implementation = "sdpa"
-    attention.restore_sdpa(config)
-
-
-def check_unpadded_prompt(attention_mask: torch.Tensor | None) -> None:
-    """The prefill's mask (batch, 1, T, T): its last query sees every prompt token unless the
-    batch is padded (padding hides a column from every query); None is sdpa's 'causal, no padding'."""
-    if attention_mask is None:
-        return
-    last = attention_mask[..., -1, :]
-    visible = last if last.dtype == torch.bool else last == 0
-    if not bool(visible.all()):
-        raise ValueError("StaticFAEDKVCache serves unpadded batches only (every row the same length, no "
-                         "attention-mask padding): run the prompts one at a time or of equal length")
 
 
 def shortest_prefill(compression_ratio: float, sink_tokens: int, window: int) -> int:
@@ -146,7 +126,7 @@ class StaticFAEDKVLayer(FAEDKVLayerBase):
         then `module` reads this layer through faedkv_static_sdpa."""
         if kwargs.get("sliding_window") is not None:
             raise ValueError("StaticFAEDKVCache serves full-attention layers only, not a sliding window")
-        check_unpadded_prompt(attention_mask)
+        refuse_padding(attention_mask, "StaticFAEDKVCache")
         setattr(module, LAYER_ATTR, weakref.ref(self))
         self.module = weakref.ref(module)
         module.config._attn_implementation = FAEDKV_STATIC_SDPA

@@ -60,11 +60,12 @@ case "$part" in
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
-  speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV and
-    # DimsplitCache; 32K first and the rows in order of interest, so a run cut at the limit keeps what matters
+  speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
+    # DimsplitCache and the KVzip-ranked split stored physically (kvzip-split-cache); 32K first and the rows in
+    # order of interest, so a run cut at the limit keeps what matters
     TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
       --lengths 32768 16384 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
-      --rows full full-static faedkv-cache-static faedkv-cache snapkv dimsplit-cache \
+      --rows full full-static faedkv-cache-static faedkv-cache snapkv dimsplit-cache kvzip-split-cache \
       --fragment "$OUT/e2e-h200-qwen-static-faedkv.md" > "$OUT/e2e-static-faedkv.log" 2>&1
     echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log" ;;
   fold)   # issue 18: the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)

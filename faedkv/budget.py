@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+# where a hybrid's exact tokens compete: per KV head, across a layer's heads, or across every
+# layer and head (KVzip's own budget is global; its layerwise option is "layer")
+EXACT_POOLS = ("head", "layer", "global")
+
 
 def kept_rows(num_tokens: int, compression_ratio: float) -> int:
     """Rows kvpress keeps of a num_tokens prefill: max(1, int(T * (1 - ratio))) (same formula
@@ -105,3 +111,36 @@ def layer_ratios(sensitivity, compression_ratio: float, share: float = 0.5) -> l
         for i in free:
             kept[i] += excess * (weights[i] / mass if mass > 0 else 1 / len(free))
     return [1 - k for k in kept]
+
+
+def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A bool mask of scores' shape marking the `count` highest along the last dim."""
+    top = scores.topk(count, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+
+
+def exact_token_masks(scores: torch.Tensor, kept: Layout, pool: str) -> torch.Tensor:
+    """(layers, batch, kv_heads, N) bool: the middle tokens a hybrid keeps whole, from scores
+    (layers, batch, kv_heads, T) of a T-token prefill laid out as `kept` (N = kept.middle).
+    pool "head": the top E of each head; "layer": the top E x kv_heads of each layer, heads
+    together; "global": the top E x kv_heads x layers of every layer and head together (KVzip's
+    own budget is global in the same way). The total is E per head on average in every pool."""
+    if pool not in EXACT_POOLS:
+        raise ValueError(f"exact_pool must be one of {', '.join(EXACT_POOLS)}, got {pool!r}")
+    middle = scores[..., kept.sink:kept.tokens - kept.window].float()
+    layers, batch, heads, tokens = middle.shape
+    if pool == "head":
+        return top_mask(middle, kept.exact)
+    if pool == "layer":
+        return top_mask(middle.reshape(layers, batch, heads * tokens), kept.exact * heads).view(middle.shape)
+    chosen = top_mask(middle.transpose(0, 1).reshape(batch, -1), kept.exact * heads * layers)
+    return chosen.view(batch, layers, heads, tokens).transpose(0, 1)
+
+
+def split_exact(x: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (batch, kv_heads, N, d) and exact (batch, kv_heads, N) bool, the same count E in every
+    head -> (the others (..., N - E, d), the exact ones (..., E, d)), each group in time order."""
+    order = torch.argsort(exact.to(torch.int8), dim=-1, stable=True)
+    gathered = x.gather(-2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
+    cut = order.shape[-1] - int(exact[(0,) * (exact.dim() - 1)].sum())
+    return gathered[..., :cut, :], gathered[..., cut:, :]

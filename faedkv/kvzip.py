@@ -4,7 +4,8 @@ KVzip (arXiv 2505.23416; kvpress's KVzipPress) scores every cached pair by the l
 it receives while the model is asked to repeat the context, after the prefill; kvpress then masks
 the pairs that score lowest. `KVzipScores` runs the same scoring and hands the scores, shape
 (layers, batch=1, kv_heads, tokens), to a callback instead of masking: FAEDKVPress keeps the top
-E middle tokens per head exact and summarises the others into slots.
+E middle tokens per head exact and summarises the others into slots; `kvzip_prefill` hands
+them, with the prefilled cache, to a physical store (`DimsplitCache.prefill_from`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import dataclasses
 import logging
 from typing import Callable
 
+import torch
 from kvpress import KVzipPress
+from transformers import DynamicCache
 
 
 def template_head_ids(tokenizer) -> list[int]:
@@ -62,3 +65,20 @@ class KVzipScores(TemplateAwareKVzip):
         if self.on_scores is None:
             raise ValueError("KVzipScores needs on_scores: the press that compresses with the scores")
         self.on_scores(model, self._cache, self.score_val)
+
+
+def kvzip_prefill(model, context_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill context_ids (1, T) into a DynamicCache and run KVzip's scoring passes over it (2-3
+    prefills' worth of extra work; batch size 1, the tokenizer loaded from
+    model.config.name_or_path as kvpress's KVzipPress loads it) -> (the cache, holding the T
+    tokens' keys and values unchanged, and KVzip's scores (layers, 1, kv_heads, T) float32)."""
+    if context_ids.dim() != 2 or context_ids.shape[0] != 1:
+        raise ValueError(f"KVzip scores one sequence: context_ids must be (1, tokens), got shape "
+                         f"{tuple(context_ids.shape)}")
+    found = {}
+    # Any ratio > 0 makes kvpress run its passes; the scores do not depend on it.
+    scorer = KVzipScores(compression_ratio=0.5, on_scores=lambda _model, cache, scores: found.update(
+        cache=cache, scores=scores.float()))
+    with torch.no_grad(), scorer(model):
+        model.model(input_ids=context_ids.to(model.device), past_key_values=DynamicCache())
+    return found["cache"], found["scores"]

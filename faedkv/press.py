@@ -29,7 +29,7 @@ from torch import nn
 from faedkv import fused
 from faedkv.attention import BIAS_ATTR, record_fitted_bias, record_slot_bias, use_faedkv_attention
 from faedkv.fit import class_members, fit_slots, probe_queries
-from faedkv.budget import Layout, layout
+from faedkv.budget import EXACT_POOLS, Layout, exact_token_masks, layout, split_exact
 from faedkv.plans import FrequencyPlan
 from faedkv.rope import rope_cos_sin, rope_parameters, rotate, token_positions, unrotate
 from faedkv.variants import (DIMSPLIT, SLOT_NORMALIZATIONS, VARIANTS, check_normalization, compress,
@@ -54,9 +54,6 @@ SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "Knor
                   "keydiff": "KeyDiffPress", "snapkv": "SnapKVPress", "tova": "TOVAPress"}
 # ... and KVzip's reconstruction scores (faedkv.kvzip), computed after the prefill
 EXACT_SCORERS = (*SCORER_PRESSES, "kvzip")
-# where a dimsplit hybrid's exact tokens compete: per KV head, across a layer's heads, or across
-# every layer and head (KVzip's own budget is global; its layerwise option is "layer")
-EXACT_POOLS = ("head", "layer", "global")
 
 
 def check_fraction(name: str, value, meaning: str) -> None:
@@ -74,20 +71,6 @@ def fused_compress(x: torch.Tensor, start: int, end: int, num_slots: int, normal
     fused.fold_into(out[:, :, start:start + num_slots], x[:, :, start:end], num_slots,
                     mean=normalization == "mean")
     return out
-
-
-def split_exact(x: torch.Tensor, order: torch.Tensor, exact: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (batch, kv_heads, N, d) and order (batch, kv_heads, N) (summarised indices first, then the
-    exact ones, each in time order) -> (summarised (..., N - E, d), exact (..., E, d))."""
-    gathered = x.gather(-2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
-    cut = order.shape[-1] - exact
-    return gathered[..., :cut, :], gathered[..., cut:, :]
-
-
-def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """A bool mask of scores' shape marking the `count` highest along the last dim."""
-    top = scores.topk(count, dim=-1).indices
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
 
 
 def head_mean(values) -> float | int:
@@ -232,7 +215,7 @@ class FAEDKVPress(BasePress):
         if isinstance(self.fit_probes, bool) or not isinstance(self.fit_probes, int) or self.fit_probes < 1:
             raise ValueError(f"fit_probes must be an integer >= 1, got {self.fit_probes!r}")
         self.scorer = None
-        self.layer_scores, self.global_masks = {}, {}
+        self.layer_scores, self.global_masks = {}, None
         if self.exact_share and self.exact_scorer == "kvzip":
             from faedkv.kvzip import KVzipScores
 
@@ -268,16 +251,16 @@ class FAEDKVPress(BasePress):
             with self.scorer(model):
                 yield
         finally:
-            self.layer_scores, self.global_masks = {}, {}
+            self.layer_scores, self.global_masks = {}, None
 
     def compress_scored(self, model, cache, scores: torch.Tensor) -> None:
         """Compress every layer of `cache` in place; scores (layers, 1, kv_heads, T) pick the
-        exact tokens (exact_order)."""
+        exact tokens (exact_mask)."""
         from kvpress.utils import extract_keys_and_values
         from transformers import QuantizedCache
 
         if self.exact_pool == "global":
-            self.global_masks = self.global_exact_masks(scores, self.layout(scores.shape[-1]))
+            self.global_masks = exact_token_masks(scores, self.layout(scores.shape[-1]), "global")
         for decoder_layer in model.model.layers:
             module = decoder_layer.self_attn
             layer = module.layer_idx
@@ -331,9 +314,9 @@ class FAEDKVPress(BasePress):
         mid_keys, mid_values = keys[:, :, start:end], values[:, :, start:end]
         exact_keys = exact_values = keys[:, :, :0]
         if kept.exact:
-            order = self.exact_order(module, hidden_states, keys, values, attentions, kwargs, kept)
-            mid_keys, exact_keys = split_exact(mid_keys, order, kept.exact)
-            mid_values, exact_values = split_exact(mid_values, order, kept.exact)
+            is_exact = self.exact_mask(module, hidden_states, keys, values, attentions, kwargs, kept)
+            mid_keys, exact_keys = split_exact(mid_keys, is_exact)
+            mid_values, exact_values = split_exact(mid_values, is_exact)
         if self.key_space == "pre_rope":
             inv_freq, scaling = rope_parameters(module)
             positions = token_positions(kwargs, num_tokens, keys.device)[start:end]
@@ -410,47 +393,23 @@ class FAEDKVPress(BasePress):
 
     def exact_mask(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
         """(batch, kv_heads, N) bool: the middle tokens a dimsplit hybrid keeps whole, by
-        `exact_pool`: the top E per head; the top E x heads of the layer; or, for "global", what
-        `global_exact_masks` chose across every layer before this one was compressed."""
+        `exact_pool` (faedkv.budget.exact_token_masks); for "global", what was chosen across
+        every layer before this one was compressed."""
         if self.exact_pool == "global":
             return self.global_masks[module.layer_idx]
-        scores = self.middle_scores(module, hidden_states, keys, values, attentions, kwargs, kept)
-        batch, heads, middle = scores.shape
-        if self.exact_pool == "layer":
-            return top_mask(scores.reshape(batch, heads * middle), kept.exact * heads).view(batch, heads, middle)
-        return top_mask(scores, kept.exact)
-
-    def global_exact_masks(self, scores: torch.Tensor, kept: Layout) -> dict:
-        """{layer: (batch, kv_heads, N) bool}: the top E x kv_heads x layers middle tokens of
-        every layer and head together (KVzip's own budget is global in the same way); scores
-        (layers, batch, kv_heads, T)."""
-        start, end = kept.sink, kept.tokens - kept.window
-        middle_scores = scores[..., start:end].float().transpose(0, 1)     # (batch, layers, heads, N)
-        batch, layers, heads, middle = middle_scores.shape
-        chosen = top_mask(middle_scores.reshape(batch, -1), kept.exact * heads * layers)
-        chosen = chosen.view(batch, layers, heads, middle)
-        return {layer: chosen[:, layer] for layer in range(layers)}
+        scores = self.token_scores(module, hidden_states, keys, values, attentions, kwargs)
+        return exact_token_masks(scores[None], kept, self.exact_pool)[0]
 
     def record_mass(self, module, slot_start: int, kept: Layout) -> None:
         if self.mass_correction:
             record_slot_bias(module, slot_start, slot_mass(self.variant, kept.summarised, kept.slots))
 
-    def exact_order(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
-        """(batch, kv_heads, N) middle indices: the summarised ones first, then the E exact ones
-        (the scorer's top E among the middle tokens: `exact_mask`, pool "head"), each group in
-        time order."""
-        is_exact = self.exact_mask(module, hidden_states, keys, values, attentions, kwargs, kept)
-        return torch.argsort(is_exact.to(torch.int8), dim=-1, stable=True)
-
-    def middle_scores(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout) -> torch.Tensor:
-        """(batch, kv_heads, N) float32 scores of the middle tokens: KVzip's (computed after the
+    def token_scores(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        """(batch, kv_heads, T) scores of the prefill's tokens: KVzip's (computed after the
         prefill) or the kvpress scorer's."""
-        start, end = kept.sink, kept.tokens - kept.window
         if self.exact_scorer == "kvzip":
-            scores = self.layer_scores[module.layer_idx]
-        else:
-            scores = self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)
-        return scores[..., start:end].float()
+            return self.layer_scores[module.layer_idx]
+        return self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)
 
     def fusable(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """The fused CUDA kernel computes exactly this press: iwdft, every bin, post-RoPE keys,

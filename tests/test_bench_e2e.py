@@ -45,16 +45,27 @@ def test_bad_rows_and_token_counts_are_refused():
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])
 
 
-def test_the_dimsplit_cache_row_generates_and_is_reported():
-    from analysis.bench.e2e import e2e_markdown, e2e_rows
+@pytest.mark.parametrize("row", ["dimsplit-cache", "kvzip-split-cache"])
+def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
+    from analysis.bench import e2e
     from analysis.harness.models import load_model
+    from faedkv import DimsplitCache
 
     loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
-    (result,) = e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=["dimsplit-cache"])
-    assert result["row"] == "dimsplit-cache" and result["ratio"] == 0.5
+    built = []
+    store = e2e.kvzip_split_cache
+    monkeypatch.setattr(e2e, "kvzip_split_cache", lambda *args: built.append(store(*args)) or built[-1])
+    (result,) = e2e.e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=[row])
+    assert result["row"] == row and result["ratio"] == 0.5
     assert result["ms_per_token"] > 0 and result["ttft_s"] > 0
-    text = e2e_markdown([result], "test machine", "cmd", loaded.info.name)
-    assert "| 300 | dimsplit-cache | 0.5 |" in text and "dimsplit-cache = DimsplitCache" in text
+    text = e2e.e2e_markdown([result], "test machine", "cmd", loaded.info.name)
+    assert f"| 300 | {row} | 0.5 |" in text and f"{row} = " in text
+    if row == "kvzip-split-cache":   # the warm-up and the timed call each scored and stored their prompt
+        assert len(built) == 2 and all(isinstance(c, DimsplitCache) and c.exact_masks is not None for c in built)
+        assert built[-1].get_seq_length() == 300 + 3 - 1     # the prompt, then 2 decoded tokens fed back
+        assert sum(int(m.sum()) for m in built[-1].exact_masks) > 0
+    else:
+        assert not built
 
 
 class FakeEvent:

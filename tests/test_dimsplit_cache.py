@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from conftest import make_tiny, next_logits, prefill
 from faedkv import DimsplitCache, FAEDKVPress
 from faedkv.budget import kept_rows, layout
-from faedkv.decode.dimsplit import DimsplitLayer, DimsplitMiddle, bin_weights, dimsplit_attention
+from faedkv.decode.dimsplit import DimsplitLayer, DimsplitMiddle, MiddleGroup, bin_weights, dimsplit_attention
 from faedkv.variants import compress_dimsplit
 
 VOCAB = 128
@@ -21,6 +21,13 @@ VOCAB = 128
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def whole(middle: DimsplitMiddle) -> MiddleGroup:
+    """A plain split of every KV head as the one stored group (no whole tokens)."""
+    batch, heads, dim = middle.exact.shape[1], middle.exact.shape[2], middle.order.shape[-1]
+    empty = torch.zeros(batch, heads, 0, dim)
+    return MiddleGroup(slice(0, heads), middle, empty, empty)
 
 
 def press_rows_attention(query, middle_keys, middle_values, keys, values, rows, share, scaling):
@@ -53,7 +60,7 @@ def test_attention_over_the_store_equals_sdpa_over_the_press_rows(tokens, share)
         assert numbers == middle.coefficients.shape[-2] == 2 * middle.bins - 1
         torch.testing.assert_close(rebuilt[index], rows_press, rtol=0, atol=1e-6)
     scaling = 1 / math.sqrt(dim)
-    out = dimsplit_attention(query, keys, values, middle, scaling)
+    out = dimsplit_attention(query, keys, values, [whole(middle)], scaling)
     ref = press_rows_attention(query, middle_keys, middle_values, keys, values, rows, share, scaling)
     assert out.shape == ref.shape == (batch, q_len, kv_heads * groups, dim)
     assert rel(out, ref) < 1e-5
@@ -83,7 +90,7 @@ def test_every_bin_kept_attends_the_original_rows(tokens):
     query = torch.randn(1, 4, 2, 8)
     middle = DimsplitMiddle.compress(middle_keys, middle_values, tokens, 0.5)
     assert middle.bins == tokens // 2 + 1
-    out = dimsplit_attention(query, keys, values, middle, 0.3)
+    out = dimsplit_attention(query, keys, values, [whole(middle)], 0.3)
     all_k = torch.cat([middle_keys, keys], dim=2).repeat_interleave(2, dim=1)
     all_v = torch.cat([middle_values, values], dim=2).repeat_interleave(2, dim=1)
     mask = torch.arange(tokens + 3) <= torch.arange(2).unsqueeze(-1) + tokens + 1
@@ -120,9 +127,12 @@ def test_generation_matches_the_press_end_to_end(tiny_lm, ratio, share):
     kept = layout(ids.shape[1], ratio, 4, 8)
     for index, layer in enumerate(cache.layers):
         stats = press.last_stats[index]
-        assert layer.middle.order[0][..., :layer.middle.exact_dims].tolist() == stats["key_exact_dims"]
-        assert layer.middle.order[1][..., :layer.middle.exact_dims].tolist() == stats["value_exact_dims"]
-        assert layer.middle.tokens == kept.middle
+        (group,) = layer.groups
+        middle = group.split
+        assert group.keys.shape[-2] == 0 and group.heads == slice(0, middle.order.shape[2])
+        assert middle.order[0][..., :middle.exact_dims].tolist() == stats["key_exact_dims"]
+        assert middle.order[1][..., :middle.exact_dims].tolist() == stats["value_exact_dims"]
+        assert middle.tokens == kept.middle
     assert cache.stored_lengths() == [kept.sink + kept.window + 23] * 3
     assert cache.get_seq_length() == ids.shape[1] + 23
 
@@ -164,7 +174,7 @@ def test_memory_is_kvpress_budget_plus_the_dim_indices(tiny_lm, ratio):
     assert cache.memory_bytes() > 0.9 * budget          # the budget is spent, not left unused
     for index, layer in enumerate(cache.layers):
         assert layer.equivalent_rows() == pytest.approx(press.last_stats[index]["equivalent_rows"])
-        middle_bytes = sum(t.numel() * t.element_size() for t in (layer.middle.exact, layer.middle.coefficients))
+        middle_bytes = sum(t.numel() * t.element_size() for t in (layer.groups[0].split.exact, layer.groups[0].split.coefficients))
         kept = layout(tokens, ratio, 4, 16)
         assert middle_bytes <= kept.slots * row_bytes < 0.5 * kept.middle * row_bytes
     full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))

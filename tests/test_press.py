@@ -373,11 +373,11 @@ def test_fused_kernel_is_not_used_on_cpu():
 def test_the_torch_free_option_lists_match_the_press():
     """analysis.api.params (what the app and the CLI validate against) names the press's options."""
     from analysis.api import params
-    from faedkv import press, variants
+    from faedkv import budget, press, variants
 
     assert params.EXACT_SCORERS == press.EXACT_SCORERS
     assert params.SLOT_FITS == press.SLOT_FITS
-    assert params.EXACT_POOLS == press.EXACT_POOLS
+    assert params.EXACT_POOLS == budget.EXACT_POOLS
     assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
     assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == press.PRESS_VARIANTS
     assert press.PRESS_VARIANTS[:len(VARIANTS)] == VARIANTS and params.DIM_SHARE == press.DIM_SHARE

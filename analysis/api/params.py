@@ -54,7 +54,7 @@ KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
 EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
-# where a dimsplit hybrid's exact tokens compete (faedkv.press.EXACT_POOLS; tested equal)
+# where a dimsplit hybrid's exact tokens compete (faedkv.budget.EXACT_POOLS; tested equal)
 EXACT_POOLS = ("head", "layer", "global")
 SLOT_FITS = ("mean", "probes")
 LAYER_RATIO_SLACK = 0.005

@@ -21,6 +21,12 @@ middle's output on the compressed dims is (1/N) sum_k a_k Re(D_k conj(P_k)), P =
 middle's probabilities (a_k = 1 for bin 0 and a kept Nyquist bin, else 2: irfft's Hermitian
 extension), scattered back into head_dim order with the exact dims' p . v_e.
 
+The hybrid (exact_share > 0, scores given up front) keeps some middle tokens whole and splits
+each head's others, as the press's `compress_dimsplit_rest` does. A per-layer or global pool
+(KVzip's ranking) gives heads different numbers of whole tokens, so the middle is stored as
+`MiddleGroup`s (all heads together when their counts agree, else one per head, batch 1), each
+with its own split length, and attention joins the parts by one log-sum-exp per query.
+
 Each update posts a `faedkv.decode.slots.Handoff` (in_place) for the keys it returns (the prefill's
 own keys, then the exact rows [sink | window | tail]); faedkv_sdpa (faedkv.attention; an sdpa
 model is switched to it by those keys) hands the call to the layer's `attend`. Eager attention
@@ -37,7 +43,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from faedkv.attention import FAEDKV_SDPA
-from faedkv.budget import layout
+from faedkv.budget import exact_token_masks, layout, split_exact
 from faedkv.decode.cache import ExactLayer, FAEDKVLayerBase, refuse_padding
 from faedkv.decode.slots import Handoff, post
 from faedkv.variants import dimsplit_sizes, exact_dims, lowpass_band
@@ -121,55 +127,147 @@ def bin_weights(tokens: int, bins: int, device) -> torch.Tensor:
     return weights
 
 
+@dataclass(eq=False)
+class MiddleGroup:
+    """The middle of some KV heads (`heads`, a slice of the layer's): the dimension split of the
+    tokens it summarises (`split`, over those heads; None when every middle token is kept whole)
+    and the middle tokens kept whole, `keys` and `values` (batch, heads in the slice, E, d), E >= 0.
+    Attention is order-free over stored rows, so the summarised tokens are split as if adjacent
+    (in time order) and the whole ones stand apart."""
+    heads: slice
+    split: DimsplitMiddle | None
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def summarised(self) -> int:
+        return 0 if self.split is None else self.split.tokens
+
+    def tensors(self) -> list[torch.Tensor]:
+        return ([] if self.split is None else self.split.tensors()) + [self.keys, self.values]
+
+    def numbers(self) -> int:
+        """Values and coefficients stored, keys and values together (indices not counted)."""
+        return (0 if self.split is None else self.split.numbers()) + self.keys.numel() + self.values.numel()
+
+
+def split_group(keys: torch.Tensor, values: torch.Tensor, exact: torch.Tensor, rows: int, dim_share: float,
+                heads: slice) -> MiddleGroup:
+    """keys, values (batch, h, N, d), exact (batch, h, N) bool with the same count E in every head:
+    the E tokens whole, the others split within `rows` rows (all whole if they fit, as the
+    press's `faedkv.variants.compress_dimsplit_rest` keeps them)."""
+    rest_keys, exact_keys = split_exact(keys, exact)
+    rest_values, exact_values = split_exact(values, exact)
+    if rest_keys.shape[-2] <= rows:
+        return MiddleGroup(heads, None, keys.clone(), values.clone())
+    split = DimsplitMiddle.compress(rest_keys, rest_values, rows, dim_share)
+    # copies: views would hold the gathered middle's storage (memory_bytes counts storages)
+    return MiddleGroup(heads, split, exact_keys.clone(), exact_values.clone())
+
+
+def split_middle(keys: torch.Tensor, values: torch.Tensor, rows: int, dim_share: float,
+                 exact: torch.Tensor | None = None) -> list[MiddleGroup]:
+    """A layer's middle (batch, kv_heads, N, d) as stored groups: without `exact`, one dimension
+    split of every token at `rows` rows (the press's plain split); with exact (batch, kv_heads, N)
+    bool (a hybrid's tokens kept whole), one group when every head keeps the same count, else one
+    group per head (batch size 1: a per-layer or global pool gives heads different counts)."""
+    heads = keys.shape[1]
+    if exact is None:
+        split = DimsplitMiddle.compress(keys, values, rows, dim_share)
+        none = keys.new_zeros(keys.shape[0], heads, 0, keys.shape[-1])
+        return [MiddleGroup(slice(0, heads), split, none, none)]
+    counts = exact.sum(-1)
+    if bool((counts == counts.flatten()[0]).all()):
+        return [split_group(keys, values, exact, rows, dim_share, slice(0, heads))]
+    if keys.shape[0] != 1:
+        raise ValueError("exact tokens in different numbers per head (exact_pool 'layer' or 'global') are stored "
+                         "for batch size 1 only (KVzip's scores are for one sequence): run one prompt at a time "
+                         "or use exact_pool='head'")
+    return [split_group(keys[:, h:h + 1], values[:, h:h + 1], exact[:, h:h + 1], rows, dim_share, slice(h, h + 1))
+            for h in range(heads)]
+
+
+def split_logits(query: torch.Tensor, middle: DimsplitMiddle) -> torch.Tensor:
+    """query (batch, h, n, d) float32 -> (batch, h, n, N) q . k for the split's N rows, without
+    them: q_e . k_e(n) + irfft(q_c . C, n=N)(n)."""
+    order = middle.order[0].unsqueeze(-2).expand(query.shape)
+    permuted = query.gather(-1, order)
+    split, bins = middle.exact_dims, middle.bins
+    logits = permuted[..., :split] @ middle.exact[0].float().transpose(-1, -2)
+    z = permuted[..., split:] @ middle.coefficients[0].float().transpose(-1, -2)          # (..., 2K - 1)
+    imag = torch.cat([torch.zeros_like(z[..., :1]), z[..., bins:]], dim=-1)
+    return logits + torch.fft.irfft(torch.complex(z[..., :bins].contiguous(), imag), n=middle.tokens, dim=-1)
+
+
+def split_output(weights: torch.Tensor, middle: DimsplitMiddle) -> torch.Tensor:
+    """weights (batch, h, n, N) float32 over the split's rows -> (batch, h, n, d) sum_n p(n) v(n)
+    in head_dim order: p . v_e on the exact dims, (1/N) sum_k a_k Re(D_k conj(P_k)) on the others."""
+    spectrum = torch.fft.rfft(weights, dim=-1)[..., :middle.bins] * bin_weights(middle.tokens, middle.bins,
+                                                                                weights.device)
+    folded = torch.cat([spectrum.real, spectrum.imag[..., 1:]], dim=-1) / middle.tokens    # (..., 2K - 1)
+    stored = torch.cat([weights @ middle.exact[1].float(), folded @ middle.coefficients[1].float()], dim=-1)
+    order = middle.order[1].unsqueeze(-2).expand(stored.shape)
+    return torch.zeros_like(stored).scatter_(-1, order, stored)
+
+
+def group_logits(query: torch.Tensor, group: MiddleGroup) -> torch.Tensor:
+    """(batch, h, n, N_split + E): the group's split rows, then its whole ones."""
+    whole = query @ group.keys.float().transpose(-1, -2)
+    return whole if group.split is None else torch.cat([split_logits(query, group.split), whole], dim=-1)
+
+
+def group_output(weights: torch.Tensor, group: MiddleGroup) -> torch.Tensor:
+    cut = group.summarised
+    out = weights[..., cut:] @ group.values.float()
+    return out if group.split is None else out + split_output(weights[..., :cut], group.split)
+
+
 def dimsplit_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       middle: DimsplitMiddle, scaling: float) -> torch.Tensor:
-    """softmax over [middle | exact rows] of scaling * q . k, times v, without the middle's rows.
+                       groups: list[MiddleGroup], scaling: float) -> torch.Tensor:
+    """softmax over [middle | exact rows] of scaling * q . k, times v, without the middle's split rows.
 
     query (batch, heads, q, d); keys, values (batch, kv_heads, R, d): the exact rows, the call's
-    q new tokens last (causal among themselves; every other row is in their past); middle: the
-    stored split. Float32 inside. -> (batch, q, heads, d) in query's dtype (as transformers'
-    attention functions return). Per query head: O(K d + N d_e + N log N) for the middle."""
+    q new tokens last (causal among themselves; every other row is in their past); groups: the
+    stored middle (`split_middle`), whose heads may hold different numbers of rows, so the
+    softmax is one log-sum-exp per query over every part. Float32 inside. -> (batch, q, heads, d)
+    in query's dtype (as transformers' attention functions return). Per query head and split:
+    O(K d + N d_e + N log N)."""
     batch, heads, length, dim = query.shape
     kv_heads, rows = keys.shape[1], keys.shape[-2]
-    f32 = torch.float32
-    grouped = query.to(f32).reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    exact_logits = grouped @ keys.to(f32).transpose(-1, -2)
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    exact_logits = (grouped @ keys.float().transpose(-1, -2)) * scaling
     if length > 1:
         newest = torch.arange(grouped.shape[-2], device=query.device) % length + (rows - length)
         hidden = torch.arange(rows, device=query.device) > newest.unsqueeze(-1)
         exact_logits = exact_logits.masked_fill(hidden, float("-inf"))
-    tokens, bins, split = middle.tokens, middle.bins, middle.exact_dims
-    order = middle.order[0].unsqueeze(-2).expand(grouped.shape)
-    permuted = grouped.gather(-1, order)
-    mid_logits = permuted[..., :split] @ middle.exact[0].to(f32).transpose(-1, -2)
-    z = permuted[..., split:] @ middle.coefficients[0].to(f32).transpose(-1, -2)     # (..., 2K - 1)
-    imag = torch.cat([torch.zeros_like(z[..., :1]), z[..., bins:]], dim=-1)
-    mid_logits = mid_logits + torch.fft.irfft(torch.complex(z[..., :bins].contiguous(), imag), n=tokens, dim=-1)
-    weights = torch.softmax(torch.cat([mid_logits, exact_logits], dim=-1) * scaling, dim=-1)
-    mid_weights, exact_weights = weights[..., :tokens], weights[..., tokens:]
-    out = exact_weights @ values.to(f32)
-    spectrum = torch.fft.rfft(mid_weights, dim=-1)[..., :bins] * bin_weights(tokens, bins, query.device)
-    folded = torch.cat([spectrum.real, spectrum.imag[..., 1:]], dim=-1) / tokens        # (..., 2K - 1)
-    mid_out = torch.cat([mid_weights @ middle.exact[1].to(f32),
-                         folded @ middle.coefficients[1].to(f32)], dim=-1)
-    out = out.scatter_add(-1, middle.order[1].unsqueeze(-2).expand(out.shape), mid_out)
+    middle_logits = [group_logits(grouped[:, g.heads], g) * scaling for g in groups]
+    total = torch.logsumexp(exact_logits, dim=-1, keepdim=True)
+    for group, logits in zip(groups, middle_logits):
+        total[:, group.heads] = torch.logaddexp(total[:, group.heads], torch.logsumexp(logits, dim=-1, keepdim=True))
+    out = torch.exp(exact_logits - total) @ values.float()
+    for group, logits in zip(groups, middle_logits):
+        out[:, group.heads] += group_output(torch.exp(logits - total[:, group.heads]), group)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).to(query.dtype)
 
 
 class DimsplitLayer(FAEDKVLayerBase):
     """One layer's sink + window + tail rows (exact, `exact_keys`/`exact_values`, growing) and
-    the prefill's middle as a `DimsplitMiddle`."""
+    the prefill's middle as `MiddleGroup`s (`groups`). exact: this layer's hybrid mask (batch,
+    kv_heads, N) bool of middle tokens kept whole (DimsplitCache computes it from its scores),
+    None for the plain split."""
 
     def __init__(self, layer_idx: int, compression_ratio: float, dim_share: float, sink_tokens: int,
-                 window: int):
+                 window: int, exact_share: float = 0.0, exact: torch.Tensor | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.compression_ratio = compression_ratio
         self.dim_share = dim_share
+        self.exact_share = exact_share
+        self.exact = exact
         self.asked = (sink_tokens, window)
         self.sink_tokens, self.window = sink_tokens, window   # as used (a short prefill shrinks them)
         self.seen = 0
-        self.middle = None            # DimsplitMiddle once prefilled
+        self.groups = None            # list[MiddleGroup] once prefilled
         self.exact_keys = self.exact_values = None   # (batch, kv_heads, S + W + tail, d)
         self.keys = self.values = None                # not a plain cache: kvpress's slicing must fail
         self.config = None            # the model config whose attention read this layer (served_by)
@@ -190,12 +288,12 @@ class DimsplitLayer(FAEDKVLayerBase):
             return attention._SDPA(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling")
         scaling = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-        return dimsplit_attention(query, key, value, self.middle, scaling), None
+        return dimsplit_attention(query, key, value, self.groups, scaling), None
 
     # --- CacheLayerMixin ------------------------------------------------------------------
     def update(self, key_states, value_states, cache_kwargs=None):
         self.seen += key_states.shape[-2]
-        if self.middle is None:
+        if self.groups is None:
             self.lazy_initialization(key_states, value_states)
             self.prefill(key_states, value_states)
             post(self.layer_idx, Handoff.of(key_states, self, in_place=True))
@@ -214,14 +312,20 @@ class DimsplitLayer(FAEDKVLayerBase):
             raise ValueError(f"DimsplitCache needs keys and values of one shape, got {tuple(keys.shape)} "
                              f"and {tuple(values.shape)}")
         tokens = keys.shape[-2]
-        kept = layout(tokens, self.compression_ratio, *self.asked)
+        kept = layout(tokens, self.compression_ratio, *self.asked, self.exact_share)
         if kept.slots == 0:
             raise ValueError(f"DimsplitCache cannot compress a {tokens}-token prefill at compression_ratio="
                              f"{self.compression_ratio} (it keeps all {kept.rows} rows); prefill more tokens")
         s, w = kept.sink, kept.window
         self.sink_tokens, self.window = s, w
-        self.middle = DimsplitMiddle.compress(keys[:, :, s:tokens - w], values[:, :, s:tokens - w],
-                                              kept.slots, self.dim_share)
+        exact = self.exact
+        if exact is not None and exact.shape != keys.shape[:2] + (kept.middle,):
+            raise ValueError(f"DimsplitCache's exact_scores give layer {self.layer_idx} a mask of shape "
+                             f"{tuple(exact.shape)} (batch, kv_heads, middle tokens), but its prefill of "
+                             f"{tokens} tokens has shape {tuple(keys.shape[:2]) + (kept.middle,)}: score the "
+                             "batch and context that you prefill")
+        self.groups = split_middle(keys[:, :, s:tokens - w], values[:, :, s:tokens - w], kept.slots,
+                                   self.dim_share, None if exact is None else exact.to(keys.device))
         self.exact_keys = torch.cat([keys[:, :, :s], keys[:, :, tokens - w:]], dim=-2)
         self.exact_values = torch.cat([values[:, :, :s], values[:, :, tokens - w:]], dim=-2)
 
@@ -232,7 +336,7 @@ class DimsplitLayer(FAEDKVLayerBase):
         return self.seen + query, 0
 
     def persistent_tensors(self) -> list[torch.Tensor]:
-        parts = [self.exact_keys, self.exact_values] + ([] if self.middle is None else self.middle.tensors())
+        parts = [self.exact_keys, self.exact_values] + [t for g in self.groups or [] for t in g.tensors()]
         return [t for t in parts if t is not None]
 
     def stored_length(self) -> int:
@@ -240,16 +344,17 @@ class DimsplitLayer(FAEDKVLayerBase):
         return 0 if self.exact_keys is None else self.exact_keys.shape[-2]
 
     def equivalent_rows(self) -> float:
-        """Exact rows + the middle's stored numbers / (2 d) (keys and values averaged), as the
-        press's `equivalent_rows` (plus the tail); indices not counted."""
-        if self.middle is None:
+        """Exact rows + the middle's stored numbers / (2 d kv_heads) (keys and values, heads
+        averaged), as the press's `equivalent_rows` (plus the tail); indices not counted."""
+        if self.groups is None:
             return float(self.stored_length())
         dim = self.exact_keys.shape[-1]
         per_row = 2 * dim * self.exact_keys.shape[0] * self.exact_keys.shape[1]
-        return self.stored_length() + self.middle.numbers() / per_row
+        return self.stored_length() + sum(g.numbers() for g in self.groups) / per_row
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.compression_ratio, self.dim_share, *self.asked)
+        self.__init__(self.layer_idx, self.compression_ratio, self.dim_share, *self.asked, self.exact_share,
+                      self.exact)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("DimsplitCache does not support beam search; use greedy or sampling")
@@ -268,13 +373,27 @@ class DimsplitCache(Cache):
     window=...)` splits it (post-RoPE keys), decode tokens append exactly, and attention reads
     the split without rebuilding the middle's rows (module docstring). compression_ratio 0 keeps
     everything (a plain growing cache). A prefill too short for sink + window + 1 row raises.
+
+    The hybrid (`FAEDKVPress(variant="dimsplit", exact_share=..., exact_pool=...)`): exact_share
+    of the middle's budget keeps the middle tokens that `exact_scores` (layers, batch, kv_heads,
+    T) rank highest whole, chosen per head, per layer or over every layer and head
+    (`exact_pool`, faedkv.budget.exact_token_masks); each head's other middle tokens are split in
+    the rest. The scores are for the T-token prefill, so they come first; KVzip's (the
+    configuration the search found best):
+
+        prefilled, scores = faedkv.kvzip.kvzip_prefill(model, context_ids)   # + KVzip's passes
+        cache = DimsplitCache(0.75, exact_share=0.9, exact_scores=scores, exact_pool="global")
+        cache.prefill_from(model, prefilled)                                   # no model call
+        model.generate(torch.cat([context_ids, question_ids], -1), past_key_values=cache, ...)
+
     `memory_bytes()`: every tensor held between calls (exact rows, exact dims' values,
-    coefficients, dim indices); `stored_lengths()`: exact rows per layer; `equivalent_rows()`:
-    those plus the middle's numbers in rows of d.
+    coefficients, dim indices, whole middle tokens); `stored_lengths()`: exact rows per layer;
+    `equivalent_rows()`: those plus the middle's numbers in rows of d.
     """
 
     def __init__(self, compression_ratio: float = 0.5, dim_share: float = 0.5, sink_tokens: int = 4,
-                 window: int = 64):
+                 window: int = 64, exact_share: float = 0.0, exact_scores: torch.Tensor | None = None,
+                 exact_pool: str = "head"):
         if not 0 <= compression_ratio < 1:
             raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
         if not 0 <= dim_share < 1:
@@ -282,10 +401,26 @@ class DimsplitCache(Cache):
                              f"dims), got {dim_share!r}")
         if sink_tokens < 0 or window < 0:
             raise ValueError("sink_tokens and window must be >= 0")
+        if not 0 <= exact_share < 1:
+            raise ValueError(f"exact_share must be in [0, 1) (the middle budget's share of whole tokens), "
+                             f"got {exact_share!r}")
+        if (exact_share > 0) != (exact_scores is not None):
+            raise ValueError("exact_share > 0 needs exact_scores (layers, batch, kv_heads, prefill tokens), e.g. "
+                             "faedkv.kvzip.kvzip_prefill's, and exact_scores need exact_share > 0")
+        if exact_share and compression_ratio == 0:
+            raise ValueError("exact_share needs compression_ratio > 0 (ratio 0 keeps every token whole)")
         self.compression_ratio = compression_ratio
         self.dim_share = dim_share
         self.sink_tokens = sink_tokens
         self.window = window
+        self.exact_share = exact_share
+        self.exact_masks = None       # (layers, batch, kv_heads, N) bool: the hybrid's whole tokens
+        if exact_scores is not None:
+            if exact_scores.dim() != 4:
+                raise ValueError(f"exact_scores must be (layers, batch, kv_heads, tokens), got shape "
+                                 f"{tuple(exact_scores.shape)}")
+            kept = layout(exact_scores.shape[-1], compression_ratio, sink_tokens, window, exact_share)
+            self.exact_masks = exact_token_masks(exact_scores, kept, exact_pool)
         super().__init__(layers=[])
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
@@ -293,8 +428,37 @@ class DimsplitCache(Cache):
             index = len(self.layers)
             self.layers.append(ExactLayer(index) if self.compression_ratio == 0 else
                                DimsplitLayer(index, self.compression_ratio, self.dim_share,
-                                             self.sink_tokens, self.window))
+                                             self.sink_tokens, self.window, self.exact_share,
+                                             self.layer_mask(index)))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
+
+    def layer_mask(self, index: int) -> torch.Tensor | None:
+        if self.exact_masks is None:
+            return None
+        if index >= self.exact_masks.shape[0]:
+            raise ValueError(f"DimsplitCache's exact_scores cover {self.exact_masks.shape[0]} layers, but the "
+                             f"model has a layer {index}: score every layer of this model")
+        return self.exact_masks[index]
+
+    def prefill_from(self, model, prefilled: Cache) -> None:
+        """Take `prefilled` (a cache a call of `model` filled with the prompt, such as
+        `faedkv.kvzip.kvzip_prefill`'s) as this empty cache's prefill, stored as `model` running
+        on this cache would store it, without running the model again. The model (sdpa) is
+        switched to faedkv's attention, which reads the store from the next call on."""
+        from faedkv.attention import use_faedkv_attention
+
+        if self.layers:
+            raise ValueError("prefill_from needs an empty DimsplitCache (it holds a prefill): use a new one")
+        if getattr(model.config, "_attn_implementation", None) not in ATTENTIONS:
+            raise ValueError("DimsplitCache needs its store read by faedkv's attention: load the model with "
+                             "attn_implementation='sdpa'")
+        for index, layer in enumerate(prefilled.layers):
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                raise ValueError(f"prefill_from needs a filled cache of keys and values; layer {index} holds none")
+            self.update(layer.keys, layer.values, index)
+        use_faedkv_attention(model.config)
+        for layer in self.layers:
+            layer.served_by(model.config)
 
     def stored_lengths(self) -> list[int]:
         """Exact rows stored per layer (sink + window + decoded tokens)."""

@@ -144,3 +144,18 @@ def test_suite_runs_get_a_summary_per_context_length(store, tmp_path):
     assert len(rows) == 2 and all(row.rstrip(" |").endswith("| 2") for row in rows), rows
     name = run if run.startswith("suite-") else f"suite-{run}"
     assert f"#### Suite: {name}" in text
+
+
+def test_a_model_without_needle_runs_gets_no_empty_depth_table(store, tmp_path):
+    import shutil
+
+    from analysis.bench.results_report import report
+
+    root, model = store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".lock", "index.sqlite", "needle-*"))
+    text = report(str(copy), [model], None)
+    assert "#### Continuation NLL: ppl-" in text and "#### Needle" not in text
+    assert "Needle found per depth" not in text and "| configuration | ratio |  |" not in text
+    with_needles = report(str(root), [model], None)
+    assert "Needle found per depth" in with_needles

@@ -254,10 +254,11 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
     suites = model_runs(store, "suite", model)
     reference, note = reference_ppls(ppls)
     samples = distinct_samples(needle_runs, needle_sample)
+    depths = ["Needle found per depth, every configuration (lengths pooled, distinct samples of every run):",
+              depth_summary(samples)] if samples else []
     parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE + (" " + note if note else ""),
-             summary_table(samples, [m for _, m in reference]),
-             "Needle found per depth, every configuration (lengths pooled, distinct samples of every run):",
-             depth_summary(samples), *suite_sections(suites), "### Tables from the store"]
+             summary_table(samples, [m for _, m in reference]), *depths, *suite_sections(suites),
+             "### Tables from the store"]
     for run, metrics in needles:
         parts += [f"#### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
                   "Accuracy per depth (both lengths):", depth_profile(metrics)]

@@ -386,6 +386,9 @@ class DimsplitCache(Cache):
         cache.prefill_from(model, prefilled)                                   # no model call
         model.generate(torch.cat([context_ids, question_ids], -1), past_key_values=cache, ...)
 
+    The scores belong to one context: `reset()` keeps them (to prefill that context again); a new
+    context needs a new cache.
+
     `memory_bytes()`: every tensor held between calls (exact rows, exact dims' values,
     coefficients, dim indices, whole middle tokens); `stored_lengths()`: exact rows per layer;
     `equivalent_rows()`: those plus the middle's numbers in rows of d.

@@ -119,18 +119,25 @@ def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
 
 
-def exact_token_masks(scores: torch.Tensor, kept: Layout, pool: str) -> torch.Tensor:
+def exact_token_masks(scores: torch.Tensor, kept: Layout, pool: str, cap: int | None = None) -> torch.Tensor:
     """(layers, batch, kv_heads, N) bool: the middle tokens a hybrid keeps whole, from scores
     (layers, batch, kv_heads, T) of a T-token prefill laid out as `kept` (N = kept.middle).
     pool "head": the top E of each head; "layer": the top E x kv_heads of each layer, heads
     together; "global": the top E x kv_heads x layers of every layer and head together (KVzip's
-    own budget is global in the same way). The total is E per head on average in every pool."""
+    own budget is global in the same way). The total is E per head on average in every pool.
+    cap: no head keeps more than `cap` (>= E) whole tokens; the pool's next best tokens in other
+    heads take the place of those a full head cannot (its own best `cap` stay)."""
     if pool not in EXACT_POOLS:
         raise ValueError(f"exact_pool must be one of {', '.join(EXACT_POOLS)}, got {pool!r}")
     middle = scores[..., kept.sink:kept.tokens - kept.window].float()
     layers, batch, heads, tokens = middle.shape
     if pool == "head":
         return top_mask(middle, kept.exact)
+    if cap is not None and cap < tokens:
+        if cap < kept.exact:
+            raise ValueError(f"a cap of {cap} whole tokens per head is below the E = {kept.exact} of every head")
+        ranks = middle.argsort(dim=-1, descending=True).argsort(dim=-1)     # 0 = the head's best token
+        middle = middle.masked_fill(ranks >= cap, float("-inf"))
     if pool == "layer":
         return top_mask(middle.reshape(layers, batch, heads * tokens), kept.exact * heads).view(middle.shape)
     chosen = top_mask(middle.transpose(0, 1).reshape(batch, -1), kept.exact * heads * layers)

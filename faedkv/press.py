@@ -27,7 +27,7 @@ from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from faedkv import fused
-from faedkv.attention import BIAS_ATTR, record_fitted_bias, record_slot_bias, use_faedkv_attention
+from faedkv.attention import BIAS_ATTR, log_mass, record_fitted_bias, record_slot_bias, use_faedkv_attention
 from faedkv.fit import class_members, fit_slots, probe_queries
 from faedkv.budget import EXACT_POOLS, Layout, exact_token_masks, layout, split_exact
 from faedkv.plans import FrequencyPlan
@@ -127,11 +127,13 @@ class FAEDKVPress(BasePress):
         token, so what eviction would throw away is averaged in instead of lost (with dimsplit,
         the split stores every other middle token). 0: no exact middle tokens.
     exact_pool: where a hybrid's exact tokens compete: "head" (the top E of each KV head);
-        dimsplit only: "layer" (the top E x kv_heads of the layer's heads together, as KVzip's
-        layerwise budget) or "global" (the top E x kv_heads x layers of every layer and head,
+        "layer" (the top E x kv_heads of the layer's heads together, as KVzip's layerwise
+        budget); dimsplit only: "global" (the top E x kv_heads x layers of every layer and head,
         as KVzip's default budget; exact_scorer='kvzip', whose scores come for all layers at
         once). Every head's split keeps R rows' worth, so a layer (or, for "global", the model)
-        stores kvpress's budget; heads with more exact tokens leave fewer tokens to split.
+        stores kvpress's budget; heads with more exact tokens leave fewer tokens to split. With
+        slots ("layer"), every head keeps E + M rows: head h E_h exact tokens (at most E + M - 1)
+        and E + M - E_h slots (`compress_pooled`).
     slot_fit: "mean" (slots are class means with log-count mass) or "probes" (attention-matched:
         each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
         the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
@@ -198,10 +200,18 @@ class FAEDKVPress(BasePress):
                              "the rest with iwdft, resample or dimsplit: use key_space='post_rope' and one of those")
         if self.exact_pool not in EXACT_POOLS:
             raise ValueError(f"exact_pool must be one of {', '.join(EXACT_POOLS)}, got {self.exact_pool!r}")
-        if self.exact_pool != "head" and (self.variant != DIMSPLIT or not self.exact_share):
-            raise ValueError(f"exact_pool={self.exact_pool!r} gives heads different numbers of exact tokens, "
-                             "which only the dimension split can store (every token keeps a row): use "
-                             "variant='dimsplit' with exact_share > 0, or exact_pool='head'")
+        if self.exact_pool != "head" and not self.exact_share:
+            raise ValueError(f"exact_pool={self.exact_pool!r} says where exact tokens compete: it needs "
+                             "exact_share > 0")
+        if self.exact_pool == "global" and self.variant != DIMSPLIT:
+            raise ValueError("exact_pool='global' moves exact tokens between layers, which only the dimension "
+                             "split can store (every token keeps a row, bytes are counted over the model): use "
+                             "variant='dimsplit', or exact_pool='layer' (slots: each head keeps E_h exact tokens "
+                             "and R - E_h slots)")
+        if self.exact_pool == "layer" and self.variant != DIMSPLIT and (self.plan is not None
+                                                                         or self.slot_fit != "mean"):
+            raise ValueError("exact_pool='layer' with slots gives each head its own number of slots, which a "
+                             "plan's bins and slot_fit='probes' do not cover: use plan=None and slot_fit='mean'")
         if self.exact_pool == "global" and self.exact_scorer != "kvzip":
             raise ValueError("exact_pool='global' ranks every layer's tokens together, so it needs every "
                              "layer's scores before the first is compressed: use exact_scorer='kvzip' "
@@ -310,6 +320,8 @@ class FAEDKVPress(BasePress):
             values = fused_compress(values, start, end, kept.slots, self.slot_normalization)
             self.record_mass(module, start, kept)
             return keys, values
+        if kept.exact and self.exact_pool == "layer":
+            return self.compress_pooled(module, hidden_states, keys, values, attentions, kwargs, kept, stats)
         # Views: the compressors read bf16 directly and accumulate in float32.
         mid_keys, mid_values = keys[:, :, start:end], values[:, :, start:end]
         exact_keys = exact_values = keys[:, :, :0]
@@ -343,6 +355,36 @@ class FAEDKVPress(BasePress):
         keys = torch.cat([keys[:, :, :start], exact_keys, key_slots.to(keys.dtype), keys[:, :, end:]], dim=2)
         values = torch.cat([values[:, :, :start], exact_values, value_slots.to(values.dtype),
                             values[:, :, end:]], dim=2)
+        return keys, values
+
+    def compress_pooled(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout,
+                        stats: dict):
+        """A slot hybrid whose exact tokens compete across the layer's heads (exact_pool "layer"):
+        every head keeps R = E + M rows, head h E_h whole tokens (the layer's top E x kv_heads,
+        at most R - 1 in one head) and R - E_h slots over its other N - E_h tokens, each slot's
+        logit + log of its token count (a per-head column bias, as attention-matched slots use)."""
+        start, end = kept.sink, keys.shape[2] - kept.window
+        rows = kept.exact + kept.slots
+        is_exact = self.exact_mask(module, hidden_states, keys, values, attentions, kwargs, kept)
+        batch, heads, _, dim = keys.shape
+        out_keys, out_values = keys.new_empty(batch, heads, rows, dim), values.new_empty(batch, heads, rows, dim)
+        bias = torch.zeros(batch, heads, rows, dtype=torch.float32, device=keys.device)
+        norm = self.slot_normalization
+        for b in range(batch):
+            for h in range(heads):
+                chosen = is_exact[b, h]
+                count = int(chosen.sum())
+                for x, out in ((keys, out_keys), (values, out_values)):
+                    middle = x[b, h, start:end]
+                    out[b, h, :count] = middle[chosen]
+                    out[b, h, count:] = compress(self.variant, middle[~chosen], rows - count, None, self.step,
+                                                 norm).to(x.dtype)
+                bias[b, h, count:] = log_mass(slot_mass(self.variant, end - start - count, rows - count))
+        if self.mass_correction:
+            record_fitted_bias(module, start, bias)
+        stats["exact"] = head_mean(is_exact.sum(-1))
+        keys = torch.cat([keys[:, :, :start], out_keys, keys[:, :, end:]], dim=2)
+        values = torch.cat([values[:, :, :start], out_values, values[:, :, end:]], dim=2)
         return keys, values
 
     def compress_dimsplit(self, module, hidden_states, keys, values, attentions, kwargs, kept: Layout,
@@ -398,7 +440,9 @@ class FAEDKVPress(BasePress):
         if self.exact_pool == "global":
             return self.global_masks[module.layer_idx]
         scores = self.token_scores(module, hidden_states, keys, values, attentions, kwargs)
-        return exact_token_masks(scores[None], kept, self.exact_pool)[0]
+        # slots: a head keeps at least one slot for its other tokens
+        cap = None if self.variant == DIMSPLIT else kept.exact + kept.slots - 1
+        return exact_token_masks(scores[None], kept, self.exact_pool, cap)[0]
 
     def record_mass(self, module, slot_start: int, kept: Layout) -> None:
         if self.mass_correction:

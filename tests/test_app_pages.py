@@ -813,6 +813,29 @@ def test_lab_search_knobs_reach_the_request_the_url_and_the_table():
     assert "exact share 25% snapkv · fit probes (32)" in texts(at.markdown)
 
 
+def test_lab_slot_hybrid_can_pool_exact_tokens_across_a_layer():
+    fake = FakeClient()
+    at = _lab(fake)
+    assert at.selectbox(key="lab.exact_pool").disabled              # no exact tokens by default
+    at.slider(key="lab.exact_share").set_value(0.5).run()
+    at.selectbox(key="lab.exact_scorer").set_value("keydiff").run()
+    at.selectbox(key="lab.exact_pool").set_value("layer").run()
+    # each head then has its own number of slots, which the lab's plan cannot cover: said, not sent
+    assert at.button(key="lab.run").disabled and any("drop the plan" in e.value for e in at.error)
+    at.toggle(key="lab.use_plan").set_value(False).run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    params = fake.called("generate")[-1][0]["method"]["params"]
+    assert (params["exact_share"], params["exact_scorer"], params["exact_pool"]) == (0.5, "keydiff", "layer")
+    assert "plan" not in params or params["plan"] is None
+    assert at.dataframe[-1].value["exact share"].tolist()[0] == "50% keydiff (layer)"
+    # global moves tokens between layers, which slots cannot store: refused before any request
+    at.selectbox(key="lab.exact_pool").set_value("global").run()
+    no_exception(at)
+    assert at.button(key="lab.run").disabled
+    assert any("only the dimension split stores" in e.value for e in at.error)
+
+
 def test_lab_dimension_split_sends_dim_share_and_no_plan():
     fake = FakeClient()
     at = _lab(fake)

@@ -242,7 +242,10 @@ def test_global_pool_ranks_every_layer_and_keeps_the_models_bytes():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"variant": "iwdft", "exact_share": 0.5, "exact_pool": "layer"}, "only the dimension split can store"),
+    ({"variant": "iwdft", "exact_share": 0.5, "exact_pool": "global", "exact_scorer": "kvzip"},
+     "only the dimension split can store"),
+    ({"variant": "iwdft", "exact_share": 0.5, "exact_pool": "layer", "slot_fit": "probes"},
+     "plan=None and slot_fit='mean'"),
     ({"exact_pool": "layer"}, "exact_share > 0"),
     ({"exact_share": 0.5, "exact_pool": "global", "exact_scorer": "keydiff"}, "use exact_scorer='kvzip'"),
     ({"exact_share": 0.5, "exact_pool": "everywhere"}, "exact_pool must be one of head, layer, global"),

@@ -416,3 +416,77 @@ def test_layer_ratios_keep_the_mean_cap_at_everything_and_follow_sensitivity():
     assert layer_ratios([3.0, 3.0], 0.5) == [0.5, 0.5] and layer_ratios([0, 0], 0.4) == [0.4, 0.4]
     with pytest.raises(ValueError, match="share"):
         layer_ratios([1.0], 0.5, share=1.0)
+
+
+class MinusKeyNorm:
+    """A stand-in scorer: minus the key norm, as kvpress's KnormPress scores (deterministic)."""
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        return -keys.float().norm(dim=-1)
+
+
+@pytest.mark.parametrize("variant, share, shrink", [("iwdft", 0.5, 0.2), ("resample", 0.5, 0.2), ("iwdft", 0.9, 0.01)])
+def test_layer_pool_slots_give_each_head_its_own_exact_count(variant, share, shrink):
+    """exact_pool='layer' with slots: the layer's top E x heads tokens (a head keeps at most R - 1),
+    each head's other tokens in R - E_h slots with their log counts as a per-head column bias."""
+    seed = random.randrange(10**6)
+    torch.manual_seed(seed)
+    tokens, heads, d = 300, 4, 16
+    keys, values = torch.randn(1, heads, tokens, d), torch.randn(1, heads, tokens, d)
+    keys[:, 0] *= shrink                      # head 0's keys are small: minus-norm ranks them first
+    press = FAEDKVPress(compression_ratio=0.5, variant=variant, window=16, exact_share=share,
+                        exact_scorer="knorm", exact_pool="layer")
+    press.scorer = MinusKeyNorm()
+    module = SimpleNamespace(layer_idx=0)
+    out_k, out_v = press.compress(module, None, keys, values, None, {})
+    kept = press.layout(tokens)
+    rows, start, end = kept.exact + kept.slots, kept.sink, tokens - kept.window
+    assert out_k.shape == (1, heads, kept.rows, d) and kept.exact > 0, seed
+    scores = -keys[0, :, start:end].norm(dim=-1)
+    capped = scores.clone()
+    capped[scores.argsort(-1, descending=True).argsort(-1) >= rows - 1] = float("-inf")
+    top = capped.flatten().topk(kept.exact * heads).indices
+    chosen = torch.zeros(heads * (end - start), dtype=torch.bool)
+    chosen[top] = True
+    chosen = chosen.view(heads, -1)
+    counts = chosen.sum(-1)
+    assert counts.sum() == kept.exact * heads and counts.max() <= rows - 1, seed
+    assert counts[0] > kept.exact > counts[1:].min(), (seed, counts)
+    if shrink < 0.1:
+        assert counts[0] == rows - 1, (seed, counts)   # capped: one slot left for its other tokens
+    start_bias, bias = getattr(module, BIAS_ATTR)
+    assert start_bias == start and bias.shape == (1, heads, rows), seed
+    for h in range(heads):
+        count = int(counts[h])
+        for out, x in ((out_k, keys), (out_v, values)):
+            middle = x[0, h, start:end]
+            assert torch.equal(out[0, h, start:start + count], middle[chosen[h]]), (seed, h)
+            want = compress(variant, middle[~chosen[h]], rows - count)
+            torch.testing.assert_close(out[0, h, start + count:start + rows], want, msg=f"seed {seed}")
+        assert torch.equal(bias[0, h, :count], torch.zeros(count)), seed
+        # the slots stand for every other middle token once: their counts sum to N - E_h
+        assert torch.exp(bias[0, h, count:].double()).sum().item() == pytest.approx(end - start - count), seed
+    assert torch.equal(out_k[:, :, :start], keys[:, :, :start]) and torch.equal(out_v[:, :, -16:], values[:, :, end:])
+    assert press.last_stats[0]["exact"] == kept.exact   # the mean over heads
+
+
+def test_layer_pool_slots_run_in_a_model_through_the_registry():
+    from analysis.api.params import MethodSpec
+    from analysis.harness import methods
+    from analysis.harness.generation import answer_details
+    from analysis.harness.models import load_model
+
+    tiny = load_model("tiny-random-qwen2", dtype="float32")
+    spec = MethodSpec(name="faedkv", compression_ratio=0.75, params={
+        "exact_share": 0.5, "exact_scorer": "keydiff", "exact_pool": "layer", "window": 16})
+    press = methods.build_press(spec, tiny.model)
+    context = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(300))
+    a = answer_details(tiny, press, context, "Which word comes first?", max_new_tokens=3)
+    assert a.cache_lengths == a.expected_cache_lengths and a.cache_lengths[0] < a.prompt_tokens and a.text
+    assert all(press.last_stats[i]["exact"] > 0 for i in range(len(a.cache_lengths)))
+    for spec_params, needle in [({"exact_pool": "layer"}, "set exact_share above 0"),
+                                ({"exact_share": 0.5, "exact_pool": "global", "exact_scorer": "kvzip"},
+                                 "only the dimension split stores"),
+                                ({"exact_share": 0.5, "exact_pool": "layer", "slot_fit": "probes"}, "slot_fit 'mean'")]:
+        with pytest.raises(ValueError, match=needle):
+            MethodSpec(name="faedkv", compression_ratio=0.5, params=spec_params)

@@ -54,7 +54,7 @@ KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
 EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
-# where a dimsplit hybrid's exact tokens compete (faedkv.budget.EXACT_POOLS; tested equal)
+# where a hybrid's exact tokens compete (faedkv.budget.EXACT_POOLS; tested equal)
 EXACT_POOLS = ("head", "layer", "global")
 SLOT_FITS = ("mean", "probes")
 LAYER_RATIO_SLACK = 0.005
@@ -142,7 +142,7 @@ _FAEDKV_RULES = {
     # a share of the budget kept as exact middle tokens, chosen by a kvpress scorer
     "exact_share": Rule("float", 0.0, 0.999),
     "exact_scorer": Rule("choice", choices=EXACT_SCORERS),
-    # where a dimsplit hybrid's exact tokens compete: per head, across a layer, across the model
+    # where a hybrid's exact tokens compete: per head, across a layer, across the model (dimsplit)
     "exact_pool": Rule("choice", choices=EXACT_POOLS),
     # attention-matched slots: bias and values refit to the prompt's last fit_probes queries
     "slot_fit": Rule("choice", choices=SLOT_FITS),
@@ -284,10 +284,18 @@ class MethodSpec(Strict):
                              "'dimsplit' (it keeps the low band its budget sizes, not a plan's "
                              "bins): drop the plan (null)")
         pool = self.params.get("exact_pool", "head")
-        if pool != "head" and (variant != "dimsplit" or not self.params.get("exact_share")):
-            raise ValueError(f"params.exact_pool {pool!r} of method {self.name!r} gives heads different "
-                             "numbers of exact tokens, which only the dimension split stores: set variant "
-                             "to 'dimsplit' and exact_share above 0, or exact_pool to 'head'")
+        if pool != "head" and not self.params.get("exact_share"):
+            raise ValueError(f"params.exact_pool {pool!r} of method {self.name!r} says where exact tokens "
+                             "compete: set exact_share above 0, or exact_pool to 'head'")
+        if pool == "global" and variant != "dimsplit":
+            raise ValueError(f"params.exact_pool 'global' of method {self.name!r} moves exact tokens between "
+                             "layers, which only the dimension split stores: set variant to 'dimsplit', or "
+                             "exact_pool to 'layer'")
+        if pool == "layer" and variant != "dimsplit" and (self.params.get("plan") is not None
+                                                          or self.params.get("slot_fit", "mean") != "mean"):
+            raise ValueError(f"params.exact_pool 'layer' of method {self.name!r} gives each head its own number "
+                             "of slots, which a plan's bins and slot_fit 'probes' do not cover: drop the plan "
+                             "and use slot_fit 'mean'")
         if pool == "global" and self.params.get("exact_scorer") != "kvzip":
             raise ValueError(f"params.exact_pool 'global' of method {self.name!r} ranks every layer's "
                              "tokens together and needs them all scored first: set exact_scorer to "

@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), exact_pool (head; dimsplit hybrids: layer, or global with kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), exact_pool (head; layer: the layer's heads together; dimsplit hybrids also global, with kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant and dim_share |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |

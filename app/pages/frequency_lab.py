@@ -294,11 +294,12 @@ def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
                           key=state.bind(PAGE, "exact_scorer", "expected_attention",
                                          valid=state.options_valid(EXACT_SCORERS)),
                           help="The kvpress scorer that picks the exact middle tokens.")
-    pool = c6.selectbox("exact pool", EXACT_POOLS, disabled=not (dimsplit and share > 0), key=state.bind(
+    pool = c6.selectbox("exact pool", EXACT_POOLS, disabled=share == 0, key=state.bind(
         PAGE, "exact_pool", "head", valid=state.options_valid(EXACT_POOLS)),
-        help="Where the exact tokens compete (dimsplit only): per KV head; across the layer's "
-             "heads (as KVzip's layerwise budget); or across every layer and head (global, as "
-             "KVzip's default; needs the kvzip scorer).")
+        help="Where the exact tokens compete: per KV head; across the layer's heads (as KVzip's "
+             "layerwise budget; with slots each head keeps its own number of exact tokens and the "
+             "rest of its rows as slots); or, dimsplit only, across every layer and head (global, "
+             "as KVzip's default; needs the kvzip scorer).")
     fit = c3.selectbox("slot fit", SLOT_FITS, format_func=FIT_LABEL.get, key=state.bind(
         PAGE, "slot_fit", "mean", valid=state.options_valid(SLOT_FITS)),
         help="class means: each slot is its class's mean with a log(count) mass. "
@@ -321,6 +322,8 @@ def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
         knobs = {"exact_share": float(share), "slot_fit": fit}
         if share > 0:
             knobs["exact_scorer"] = scorer
+            if pool != "head":
+                knobs["exact_pool"] = pool
         if fit == "probes":
             knobs["fit_probes"] = int(probes)
     return knobs, {"exact_share": float(share), "slot_fit": fit, "exact_scorer": scorer,
@@ -369,7 +372,9 @@ def hybrid_summary(method: dict) -> str:
         pool = params.get("exact_pool", "head")
         return f"{dims} + {share:.0%} {params.get('exact_scorer', 'expected_attention')}" + (
             f" ({pool})" if pool != "head" else "")
-    return f"{share:.0%} {params.get('exact_scorer', 'expected_attention')}" if share else "0"
+    pool = params.get("exact_pool", "head")
+    return (f"{share:.0%} {params.get('exact_scorer', 'expected_attention')}" + (f" ({pool})" if pool != "head" else "")
+            if share else "0")
 
 
 def fit_summary(method: dict) -> str:

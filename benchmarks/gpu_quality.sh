@@ -134,6 +134,7 @@ case "$part" in
     # the one GPU (eager decoding is host-bound, so processes overlap), each with its own store (results/g*): a
     # killed group resumes from its finished cells on the next call.
     KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
+    SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
     grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
     R=0.5,0.625,0.75
     jobs=(
@@ -157,6 +158,10 @@ case "$part" in
       "needle ${grid[*]} --ratios 0.5,0.75 --methods faedkv:slot_fit=probes"
       "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $KZ=0.9,$KZ=0.95,$KZ=0.75,kvzip,snapkv,keydiff,expected_attention,faedkv"
+      # round 6's lead (CPU, 2K: 7/10 needles at 0.75, NLL +0.026 at 0.5): slots with KVzip's layer-pooled tokens
+      "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $SL,faedkv:exact_share=0.9:exact_scorer=kvzip"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $SL"
     )
     for i in "${!jobs[@]}"; do
       ( OMP_NUM_THREADS=1 timeout "$limit" $PYTHON -m analysis ${jobs[$i]} --model "$MODEL" --device "$DEVICE" \

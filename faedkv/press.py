@@ -369,7 +369,6 @@ class FAEDKVPress(BasePress):
         batch, heads, _, dim = keys.shape
         out_keys, out_values = keys.new_empty(batch, heads, rows, dim), values.new_empty(batch, heads, rows, dim)
         bias = torch.zeros(batch, heads, rows, dtype=torch.float32, device=keys.device)
-        norm = self.slot_normalization
         for b in range(batch):
             for h in range(heads):
                 chosen = is_exact[b, h]
@@ -378,8 +377,9 @@ class FAEDKVPress(BasePress):
                     middle = x[b, h, start:end]
                     out[b, h, :count] = middle[chosen]
                     out[b, h, count:] = compress(self.variant, middle[~chosen], rows - count, None, self.step,
-                                                 norm).to(x.dtype)
-                bias[b, h, count:] = log_mass(slot_mass(self.variant, end - start - count, rows - count))
+                                                 self.slot_normalization).to(x.dtype)
+                if self.mass_correction:
+                    bias[b, h, count:] = log_mass(slot_mass(self.variant, end - start - count, rows - count))
         if self.mass_correction:
             record_fitted_bias(module, start, bias)
         stats["exact"] = head_mean(is_exact.sum(-1))

@@ -111,3 +111,10 @@ def embedded():
     from analysis.harness.models import load_model
 
     return load_model()
+
+
+class MinusKeyNorm:
+    """A stand-in exact-token scorer: minus the key norm, as kvpress's KnormPress scores (deterministic)."""
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        return -keys.float().norm(dim=-1)

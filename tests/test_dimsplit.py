@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from analysis.api.params import MethodSpec
+from conftest import MinusKeyNorm
 from faedkv import FAEDKVPress, FrequencyPlan
 from faedkv.budget import kept_rows
 from faedkv.variants import compress_dimsplit, dimsplit_sizes, lowpass, lowpass_bins, lowpass_numbers
@@ -119,13 +120,6 @@ def test_pre_rope_keys_split_rotate_half_pairs_and_copy_them():
                        full.layers[1].keys[:, :, start:end].gather(-1, index))
 
 
-class _KnormScores:
-    """A stand-in scorer: minus the key norm, as kvpress's KnormPress scores (deterministic)."""
-
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        return -keys.float().norm(dim=-1)
-
-
 @pytest.mark.parametrize("ratio, share", [(0.5, 0.5), (0.75, 0.9), (0.625, 0.25)])
 def test_hybrid_keeps_the_scorers_tokens_whole_and_splits_the_rest(ratio, share):
     seed = random.randrange(10**6)
@@ -134,7 +128,7 @@ def test_hybrid_keeps_the_scorers_tokens_whole_and_splits_the_rest(ratio, share)
     keys, values = torch.randn(1, 2, tokens, d), torch.randn(1, 2, tokens, d)
     press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, window=16,
                         exact_share=share, exact_scorer="knorm")
-    press.scorer = _KnormScores()
+    press.scorer = MinusKeyNorm()
     out_k, out_v = _split(press, keys, values)
     stats, kept = press.last_stats[0], press.layout(tokens)
     start, end = kept.sink, tokens - kept.window
@@ -189,7 +183,7 @@ def test_layer_pool_ranks_the_heads_together_and_keeps_the_layers_bytes():
     keys[:, 0] *= 0.2                      # head 0's keys are small: knorm's top tokens gather there
     press = FAEDKVPress(compression_ratio=0.75, variant="dimsplit", window=16, exact_share=0.5,
                         exact_scorer="knorm", exact_pool="layer")
-    press.scorer = _KnormScores()
+    press.scorer = MinusKeyNorm()
     out_k, out_v = _split(press, keys, values)
     stats, kept = press.last_stats[0], press.layout(tokens)
     start, end = kept.sink, tokens - kept.window

@@ -8,7 +8,7 @@ import torch
 from kvpress import PerLayerCompressionPress
 from transformers import pipeline
 
-from conftest import TINY_ARCHS, make_tiny, make_tiny_llama, next_logits, prefill
+from conftest import TINY_ARCHS, MinusKeyNorm, make_tiny, make_tiny_llama, next_logits, prefill
 from faedkv import VARIANTS, FAEDKVPress, FrequencyFilterPress, FrequencyPlan
 from faedkv.attention import BIAS_ATTR, FAEDKV_SDPA
 from faedkv.budget import kept_rows, layout
@@ -416,13 +416,6 @@ def test_layer_ratios_keep_the_mean_cap_at_everything_and_follow_sensitivity():
     assert layer_ratios([3.0, 3.0], 0.5) == [0.5, 0.5] and layer_ratios([0, 0], 0.4) == [0.4, 0.4]
     with pytest.raises(ValueError, match="share"):
         layer_ratios([1.0], 0.5, share=1.0)
-
-
-class MinusKeyNorm:
-    """A stand-in scorer: minus the key norm, as kvpress's KnormPress scores (deterministic)."""
-
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        return -keys.float().norm(dim=-1)
 
 
 @pytest.mark.parametrize("variant, share, shrink", [("iwdft", 0.5, 0.2), ("resample", 0.5, 0.2), ("iwdft", 0.9, 0.01)])

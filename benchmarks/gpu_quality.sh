@@ -166,10 +166,13 @@ case "$part" in
     for i in "${!jobs[@]}"; do
       ( OMP_NUM_THREADS=1 timeout "$limit" $PYTHON -m analysis ${jobs[$i]} --model "$MODEL" --device "$DEVICE" \
           --out results/g$i --no-progress > "$OUT/grid5-$i.log" 2>&1; echo "group $i exit $?: ${jobs[$i]}" ) &
+      sleep 1   # staggered starts: 22 model loads at once would peak the host's memory together
     done
     wait
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used,memory.total --format=csv
     for i in "${!jobs[@]}"; do tail -3 "$OUT/grid5-$i.log" | cut -c1-200; done
+    # the device tool brings back at most 8 files: the groups' logs travel as one archive
+    tar czf "$OUT/grid5-logs.tgz" -C "$OUT" $(cd "$OUT" && ls grid5-*.log) && rm -f "$OUT"/grid5-*.log
     rm -rf results/runs && mkdir -p results/runs && cp -r results/g*/runs/* results/runs/ ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

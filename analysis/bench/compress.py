@@ -157,11 +157,17 @@ def kernel_ms(call, module, hidden, keys, values, kwargs, calls: int = 3) -> flo
 
     from analysis.bench.e2e import is_device_op
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]
+                                  + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
             call(module, hidden, keys, values, None, kwargs)
-        torch.cuda.synchronize()
-    return sum(e.duration_ns() for e in prof.events() if is_device_op(e)) / 1e6 / calls
+        if cuda:
+            torch.cuda.synchronize()
+    # kineto's events (methods device_type(), duration_ns()), the kind is_device_op reads, not
+    # prof.events()'s FunctionEvents (attributes): the mix-up failed on the H200 in round 7
+    events = prof.profiler.kineto_results.events()
+    return sum(e.duration_ns() for e in events if is_device_op(e)) / 1e6 / calls
 
 
 def compress_table(rows: list[dict], device: str, layers: int, repeats: int) -> str:

@@ -159,3 +159,14 @@ def test_a_model_without_needle_runs_gets_no_empty_depth_table(store, tmp_path):
     assert "Needle found per depth" not in text and "| configuration | ratio |  |" not in text
     with_needles = report(str(root), [model], None)
     assert "Needle found per depth" in with_needles
+
+
+def test_a_suite_row_missing_tasks_says_its_mean_covers_only_some():
+    from analysis.bench.results_report import suite_summary
+
+    records = [{"label": "full", "ratio": 0.0, "task": t, "score": s}
+               for t, s in (("multikey_niah", 1.0), ("essay_qa", 0.2))]
+    records.append({"label": "kvzip@0.5", "ratio": 0.5, "task": "multikey_niah", "score": 1.0})
+    rows = {line.split(" | ")[0]: line for line in suite_summary(records).splitlines()[2:]}
+    assert "only" not in rows["| full"], rows
+    assert rows["| kvzip"].endswith("| 1.00 | - | 1.00 [0.00, 1.00], only 1 of 2 tasks | 1 |"), rows

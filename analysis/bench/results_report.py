@@ -189,7 +189,9 @@ def depth_summary(needle_records: list[dict]) -> str:
 
 def suite_summary(suite_records: list[dict]) -> str:
     """Mean score per task and over all samples (95% interval), one row per configuration and
-    ratio, over the distinct samples of every suite run of one context length."""
+    ratio, over the distinct samples of every suite run of one context length. A row that lacks
+    some of the tasks (an unfinished run) says so next to its mean: its tasks differ in difficulty,
+    so that mean does not compare with a full row's."""
     from analysis.tasks.scoring import mean_interval
 
     scores: dict = defaultdict(list)
@@ -203,9 +205,11 @@ def suite_summary(suite_records: list[dict]) -> str:
         per_task = [scores.get((config, ratio, t), []) for t in tasks]
         every = [x for task_scores in per_task for x in task_scores]
         mean, low, high = mean_interval(every)
+        covered = sum(1 for v in per_task if v)
+        partial = f", only {covered} of {len(tasks)} tasks" if covered < len(tasks) else ""
         lines.append(f"| {config} | {ratio:g} | " + " | ".join(
             f"{sum(v) / len(v):.2f}" if v else "-" for v in per_task)
-            + f" | {mean:.2f} [{low:.2f}, {high:.2f}] | {len(every)} |")
+            + f" | {mean:.2f} [{low:.2f}, {high:.2f}]{partial} | {len(every)} |")
     return "\n".join(lines)
 
 

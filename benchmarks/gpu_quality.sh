@@ -2,12 +2,13 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | speed2 | fold.
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | grid6 | speed2 | fold.
+# SEED=folder: a store's runs/ that grid5/grid6's groups start from (an earlier machine's unfinished runs resume).
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|speed2|fold [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|grid6|speed2|fold [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 # DEVICE=cpu MODEL=tiny-random-qwen2 PYTHON=.venv/bin/python dry-runs a part's plumbing on a CPU machine
@@ -16,6 +17,31 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 common=(--model "$MODEL" --device "$DEVICE" --out results --no-progress)
+SEED=${SEED:-}
+run_groups() {   # run_groups NAME PARALLEL: "${jobs[@]}" in order, at most PARALLEL at once, each with its own store
+  # (results/NAME-i, started from $SEED's runs), all ending by the call's deadline; then the stores' runs merged
+  # into results/runs, keeping for each run the copy with the most finished cells
+  local name=$1 parallel=$2 end=$((SECONDS + limit)) i d n
+  for i in "${!jobs[@]}"; do
+    mkdir -p "results/$name-$i"
+    if [ -n "$SEED" ] && [ ! -d "results/$name-$i/runs" ]; then cp -r "$SEED" "results/$name-$i/runs"; fi
+    while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n; done
+    [ $((end - SECONDS)) -lt 30 ] && { echo "group $i not started: the call's time is up: ${jobs[$i]}"; continue; }
+    ( OMP_NUM_THREADS=1 timeout $((end - SECONDS)) $PYTHON -m analysis ${jobs[$i]} --model "$MODEL" --device "$DEVICE" \
+        --out "results/$name-$i" --no-progress > "$OUT/$name-$i.log" 2>&1; echo "group $i exit $?: ${jobs[$i]}" ) &
+    sleep 1   # staggered starts: model loads at once would peak the host's memory together
+  done
+  wait
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+  for i in "${!jobs[@]}"; do [ -f "$OUT/$name-$i.log" ] && tail -3 "$OUT/$name-$i.log" | cut -c1-200; done
+  # the device tool brings back at most 8 files: the groups' logs travel as one archive
+  tar czf "$OUT/$name-logs.tgz" -C "$OUT" $(cd "$OUT" && ls $name-*.log) && rm -f "$OUT"/$name-*.log
+  rm -rf results/runs && mkdir -p results/runs
+  for d in results/$name-*/runs/*; do
+    n=results/runs/$(basename "$d")
+    if [ ! -d "$n" ] || [ "$(ls "$d/cells" | wc -l)" -gt "$(ls "$n/cells" | wc -l)" ]; then rm -rf "$n"; cp -r "$d" "$n"; fi
+  done
+}
 # FAEDKV configurations of the search (issue 15); every one is a plain --methods spec
 # hybrids of the second search round: exact tokens by KVzip's or KeyDiff's scores, the rest summarised
 HYBRIDS="faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff,faedkv:exact_share=0.75:exact_scorer=keydiff"
@@ -163,17 +189,38 @@ case "$part" in
       "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $SL,faedkv:exact_share=0.9:exact_scorer=kvzip"
     )
-    for i in "${!jobs[@]}"; do
-      ( OMP_NUM_THREADS=1 timeout "$limit" $PYTHON -m analysis ${jobs[$i]} --model "$MODEL" --device "$DEVICE" \
-          --out results/g$i --no-progress > "$OUT/grid5-$i.log" 2>&1; echo "group $i exit $?: ${jobs[$i]}" ) &
-      sleep 1   # staggered starts: 22 model loads at once would peak the host's memory together
-    done
-    wait
-    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used,memory.total --format=csv
-    for i in "${!jobs[@]}"; do tail -3 "$OUT/grid5-$i.log" | cut -c1-200; done
-    # the device tool brings back at most 8 files: the groups' logs travel as one archive
-    tar czf "$OUT/grid5-logs.tgz" -C "$OUT" $(cd "$OUT" && ls grid5-*.log) && rm -f "$OUT"/grid5-*.log
-    rm -rf results/runs && mkdir -p results/runs && cp -r results/g*/runs/* results/runs/ ;;
+    run_groups g 22 ;;
+  grid6)   # what grid5 left (round 7: 22 processes at once made KVzip's cells 20x slower, so 6 at a time, in
+    # order of what decides issue 15): KVzip and the split at 5 samples a cell (samples 3 and 4 on top of round 4's
+    # 0-2 and grid5's 4K cells), the suite at 4K for both (resumed from SEED), NLL on 8 texts at 0.5 with the
+    # split's recent window at 512 (round 7, CPU, 4K, 3 texts: +0.015 against +0.027 with 64), that window on the
+    # needle and the suite, then grid5's unfinished baselines (resumed from SEED)
+    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
+    SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
+    late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)
+    grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
+    R=0.5,0.625,0.75
+    jobs=(
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.5 --methods kvzip"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.75 --methods kvzip"
+      "needle --lengths 16384 ${late[*]} --ratios 0.5,0.625,0.75 --methods $KZ=0.9"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods kvzip"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5 --methods $KZ=0.9,$KZ=0.9:window=512,kvzip,snapkv"
+      "needle --lengths 4096,16384 --depths 0,25,50,75,100 --samples 3 --ratios 0.5,0.75 --methods $KZ=0.9:window=512"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9:window=512"
+      "needle --lengths 4096,16384 --depths 0,25,50,75,100 --samples 3 --ratios 0.75 --methods $KZ=0.9:window=256"
+      "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
+      "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
+      "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
+      "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
+      "needle ${grid[*]} --ratios $R --methods pyramidkv"
+      "needle ${grid[*]} --ratios $R --methods h2o"
+      "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
+      "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+    )
+    run_groups g6 6 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

@@ -150,3 +150,16 @@ def test_smollm2_full_cache_finds_the_sentence_needle_at_2k_depth_50(embedded):
     assert embedded.info.dtype == "bfloat16"
     assert needle.score(s, a.text)["exact"] == 1, a.text
     assert not math.isnan(a.seconds)
+
+
+def test_first_sample_draws_the_later_samples_of_a_longer_grid():
+    """--first-sample 3 --samples 2 holds exactly samples 3 and 4 of a 5-sample grid (same ids and
+    seeds), and a grid starting at 0 keeps the key it had before the field existed."""
+    spec = [MethodSpec(name="kvzip", compression_ratio=0.5)]
+    five = NeedleParams(methods=spec, lengths=[4096], depths=[0, 50], samples=5)
+    tail = five.model_copy(update={"samples": 2, "first_sample": 3})
+    by_id = {c["id"]: c for c in needle.needle_cells(five)}
+    later = needle.needle_cells(tail)
+    assert sorted({c["sample"] for c in later}) == [3, 4] and len(later) == 2 * 2
+    assert all(by_id[c["id"]] == c for c in later)
+    assert "first_sample" not in five.key_dict() and tail.key_dict()["first_sample"] == 3

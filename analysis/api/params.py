@@ -353,8 +353,21 @@ class GridBase(Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
     query_mode: Literal["query_agnostic", "query_aware"] = "query_agnostic"
     samples: Int = Field(5, ge=1, le=100)
+    # samples first_sample .. first_sample + samples - 1: extends a grid that ran samples 0..k-1
+    # with new samples only (each sample's seed depends on its index, not on the run)
+    first_sample: Int = Field(0, ge=0, le=1000)
     seed: Int = Field(0, ge=0, le=MAX_SEED)
     max_new_tokens: Int = Field(32, ge=1, le=256)
+
+    def key_dict(self) -> dict:
+        """As Strict's, without first_sample when it is 0: runs from before it existed keep their keys."""
+        key = super().key_dict()
+        if not key.get("first_sample"):
+            key.pop("first_sample", None)
+        return key
+
+    def sample_indices(self) -> range:
+        return range(self.first_sample, self.first_sample + self.samples)
 
 
 class NeedleParams(GridBase):

@@ -142,6 +142,9 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                    help="query_agnostic: question after compression (kvpress default); "
                         "query_aware: question inside the compressed prompt")
     p.add_argument("--samples", type=int, default=5, help="samples per cell (default 5)")
+    p.add_argument("--first-sample", type=int, default=0,
+                   help="index of the first sample (default 0): --samples 2 --first-sample 3 adds samples 3 "
+                        "and 4 to a grid that ran 3, the same samples a 5-sample run draws")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default 32)")
 
 
@@ -165,7 +168,7 @@ def build_params(cls, args, **fields):
     methods = parse_methods(args.methods, args.ratios)
     common = {"methods": methods, "seed": args.seed}
     for flag, field in (("query_mode", "query_mode"), ("samples", "samples"),
-                        ("max_new_tokens", "max_new_tokens")):
+                        ("first_sample", "first_sample"), ("max_new_tokens", "max_new_tokens")):
         if hasattr(args, flag) and field in cls.model_fields:
             common[field] = getattr(args, flag)
     return cls(**common, **fields)

@@ -166,7 +166,7 @@ def needle_cells(params: NeedleParams) -> list[dict]:
     cells = []
     for length in params.lengths:
         for depth in needle_depths(params):
-            for s in range(params.samples):
+            for s in params.sample_indices():
                 seed = sample_seed(params, length, s)
                 for spec, label in zip(params.methods, labels):
                     cells.append({

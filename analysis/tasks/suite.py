@@ -230,7 +230,7 @@ def suite_cells(params: SuiteParams) -> list[dict]:
     labels = unique_labels(params.methods)
     cells = []
     for task in params.tasks:
-        for s in range(params.samples):
+        for s in params.sample_indices():
             seed = sample_seed(params, task, s)
             for spec, label in zip(params.methods, labels):
                 cells.append({"id": f"{label}|task={task}|sample={s}",

@@ -38,6 +38,7 @@ run_groups() {   # run_groups NAME PARALLEL: "${jobs[@]}" in order, at most PARA
   tar czf "$OUT/$name-logs.tgz" -C "$OUT" $(cd "$OUT" && ls $name-*.log) && rm -f "$OUT"/$name-*.log
   rm -rf results/runs && mkdir -p results/runs
   for d in results/$name-*/runs/*; do
+    [ -d "$d" ] || continue
     n=results/runs/$(basename "$d")
     if [ ! -d "$n" ] || [ "$(ls "$d/cells" | wc -l)" -gt "$(ls "$n/cells" | wc -l)" ]; then rm -rf "$n"; cp -r "$d" "$n"; fi
   done
@@ -46,6 +47,11 @@ run_groups() {   # run_groups NAME PARALLEL: "${jobs[@]}" in order, at most PARA
 # hybrids of the second search round: exact tokens by KVzip's or KeyDiff's scores, the rest summarised
 HYBRIDS="faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff,faedkv:exact_share=0.75:exact_scorer=keydiff"
 needle_grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 3)
+# grid5 and grid6: the KVzip-ranked split (append its exact share), the layer-pooled slot hybrid, the 5-sample grid
+KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
+SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
+grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
+R=0.5,0.625,0.75
 FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
 case "$part" in
   ppl)
@@ -139,30 +145,26 @@ case "$part" in
       --methods "faedkv:variant=dimsplit:dim_share=0.0,$D" > "$OUT/dimsplit-needle.log" 2>&1
     echo "dimsplit-needle exit $?"; tail -25 "$OUT/dimsplit-needle.log" ;;
   hybrid-split)   # issue 15, round 3: exact tokens by KVzip (ranked per model / per layer) or KeyDiff, the split for the rest; KVzip layerwise and 0.625 baselines
-    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
-      --methods "kvzip:layerwise=true,$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9" \
+      --methods "kvzip:layerwise=true,$KP=global:exact_share=0.9,$KP=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9" \
       > "$OUT/hybrid-split-075.log" 2>&1; echo "hybrid-split 0.75 exit $?"; tail -12 "$OUT/hybrid-split-075.log" ;;
   hybrid-split-0625)   # ratio 0.625: the KVzip/KeyDiff baselines the grid lacked, and the KVzip-ranked split
-    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
-      --methods "kvzip,keydiff,$KZ=global:exact_share=0.9" \
+      --methods "kvzip,keydiff,$KP=global:exact_share=0.9" \
       > "$OUT/hybrid-split-0625.log" 2>&1; echo "hybrid-split 0.625 exit $?"; tail -12 "$OUT/hybrid-split-0625.log" ;;
   hybrid-split-ppl)
-    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.5,0.625,0.75 \
-      --methods "$KZ=global:exact_share=0.9,$KZ=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
+      --methods "$KP=global:exact_share=0.9,$KP=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
       > "$OUT/hybrid-split-ppl.log" 2>&1; echo "hybrid-split-ppl exit $?"; tail -30 "$OUT/hybrid-split-ppl.log" ;;
   grid5)   # issue 15's deliverable grid: >= 5 samples a cell, 4K + 16K x 5 depths, ratios 0.5/0.625/0.75, every
     # registry baseline and FAEDKV's default and best split; the suite at 4K (10 a task) and NLL on 8 texts at 0.5
     # and 0.75; attention-matched slots and the split's other exact shares on the needle. One process per group on
     # the one GPU (eager decoding is host-bound, so processes overlap), each with its own store (results/g*): a
     # killed group resumes from its finished cells on the next call.
-    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
-    SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
-    grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
-    R=0.5,0.625,0.75
     jobs=(
       "needle ${grid[*]} --ratios 0.5 --methods kvzip"
       "needle ${grid[*]} --ratios 0.625 --methods kvzip"
@@ -195,11 +197,7 @@ case "$part" in
     # 0-2 and grid5's 4K cells), the suite at 4K for both (resumed from SEED), NLL on 8 texts at 0.5 with the
     # split's recent window at 512 (round 7, CPU, 4K, 3 texts: +0.015 against +0.027 with 64), that window on the
     # needle and the suite, then grid5's unfinished baselines (resumed from SEED)
-    KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
-    SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
     late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)
-    grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
-    R=0.5,0.625,0.75
     jobs=(
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.5 --methods kvzip"
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.75 --methods kvzip"

@@ -47,8 +47,10 @@ run_groups() {   # run_groups NAME PARALLEL: "${jobs[@]}" in order, at most PARA
 # hybrids of the second search round: exact tokens by KVzip's or KeyDiff's scores, the rest summarised
 HYBRIDS="faedkv:exact_share=0.9:exact_scorer=kvzip,faedkv:exact_share=0.9:exact_scorer=keydiff,faedkv:exact_share=0.75:exact_scorer=keydiff"
 needle_grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 3)
-# grid5 and grid6: the KVzip-ranked split (append its exact share), the layer-pooled slot hybrid, the 5-sample grid
-KZ="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool=global:exact_share"
+# the split behind KVzip's ranking (append its pool); for grid5 and grid6 the global one (append its exact share),
+# the layer-pooled slot hybrid and the 5-sample grid
+KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
+KZ="$KP=global:exact_share"
 SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
 grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
 R=0.5,0.625,0.75
@@ -145,17 +147,14 @@ case "$part" in
       --methods "faedkv:variant=dimsplit:dim_share=0.0,$D" > "$OUT/dimsplit-needle.log" 2>&1
     echo "dimsplit-needle exit $?"; tail -25 "$OUT/dimsplit-needle.log" ;;
   hybrid-split)   # issue 15, round 3: exact tokens by KVzip (ranked per model / per layer) or KeyDiff, the split for the rest; KVzip layerwise and 0.625 baselines
-    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.75 \
       --methods "kvzip:layerwise=true,$KP=global:exact_share=0.9,$KP=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9" \
       > "$OUT/hybrid-split-075.log" 2>&1; echo "hybrid-split 0.75 exit $?"; tail -12 "$OUT/hybrid-split-075.log" ;;
   hybrid-split-0625)   # ratio 0.625: the KVzip/KeyDiff baselines the grid lacked, and the KVzip-ranked split
-    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis needle "${common[@]}" "${needle_grid[@]}" --ratios 0.625 \
       --methods "kvzip,keydiff,$KP=global:exact_share=0.9" \
       > "$OUT/hybrid-split-0625.log" 2>&1; echo "hybrid-split 0.625 exit $?"; tail -12 "$OUT/hybrid-split-0625.log" ;;
   hybrid-split-ppl)
-    KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
     timeout "$limit" $PYTHON -m analysis ppl "${common[@]}" --prefix-tokens 4096 --continuation-tokens 256 \
       --num-texts 3 --ratios 0.5,0.625,0.75 \
       --methods "$KP=global:exact_share=0.9,$KP=layer:exact_share=0.9,faedkv:variant=dimsplit:exact_scorer=keydiff:exact_share=0.9,kvzip:layerwise=true" \
@@ -197,7 +196,7 @@ case "$part" in
     # 0-2 and grid5's 4K cells), the suite at 4K for both (resumed from SEED), NLL on 8 texts at 0.5 with the
     # split's recent window at 512 (round 7, CPU, 4K, 3 texts: +0.015 against +0.027 with 64), that window on the
     # needle and the suite, then grid5's unfinished baselines (resumed from SEED)
-    late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)
+    late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)   # samples 3-4 of the 5-sample grid
     jobs=(
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.5 --methods kvzip"
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.75 --methods kvzip"
@@ -206,9 +205,9 @@ case "$part" in
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods kvzip"
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5 --methods $KZ=0.9,$KZ=0.9:window=512,kvzip,snapkv"
-      "needle --lengths 4096,16384 --depths 0,25,50,75,100 --samples 3 --ratios 0.5,0.75 --methods $KZ=0.9:window=512"
+      "needle ${needle_grid[*]} --ratios 0.5,0.75 --methods $KZ=0.9:window=512"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9:window=512"
-      "needle --lengths 4096,16384 --depths 0,25,50,75,100 --samples 3 --ratios 0.75 --methods $KZ=0.9:window=256"
+      "needle ${needle_grid[*]} --ratios 0.75 --methods $KZ=0.9:window=256"
       "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
       "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
       "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"

@@ -94,12 +94,13 @@ case "$part" in
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
-  speed2)   # issue 18, next: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
-    # DimsplitCache and the KVzip-ranked split stored physically (kvzip-split-cache); 32K first and the rows in
+  speed2)   # issue 18: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
+    # DimsplitCache and the KVzip-ranked split stored physically (kvzip-split-cache, with the recent window of 512
+    # the search tests and with 64); 32K first and the rows in
     # order of interest, so a run cut at the limit keeps what matters
     TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
       --lengths 32768 16384 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
-      --rows full full-static faedkv-cache-static faedkv-cache snapkv dimsplit-cache kvzip-split-cache \
+      --rows full faedkv-cache-static kvzip-split-cache:window=512 kvzip-split-cache full-static snapkv faedkv-cache dimsplit-cache \
       --fragment "$OUT/e2e-h200-qwen-static-faedkv.md" > "$OUT/e2e-static-faedkv.log" 2>&1
     echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log" ;;
   fold)   # issue 18: the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
@@ -191,23 +192,25 @@ case "$part" in
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5,0.75 --methods $SL,faedkv:exact_share=0.9:exact_scorer=kvzip"
     )
     run_groups g 22 ;;
-  grid6)   # what grid5 left (round 7: 22 processes at once made KVzip's cells 20x slower, so 6 at a time, in
-    # order of what decides issue 15): KVzip and the split at 5 samples a cell (samples 3 and 4 on top of round 4's
-    # 0-2 and grid5's 4K cells), the suite at 4K for both (resumed from SEED), NLL on 8 texts at 0.5 with the
-    # split's recent window at 512 (round 7, CPU, 4K, 3 texts: +0.015 against +0.027 with 64), that window on the
-    # needle and the suite, then grid5's unfinished baselines (resumed from SEED)
+  grid6)   # what decides issue 15 after round 7, in that order (6 processes at a time: round 7's 22 at once made
+    # KVzip's cells 20x slower): the KVzip split with a recent window of 512 (round 7, CPU, 4K, 3 texts: NLL +0.015
+    # at 0.5 against +0.027 with 64, the suite at the full cache's 0.78) on NLL (8 texts), the suite at 4K and the
+    # 5-sample needle grid; the suite for the split with 64 and for KVzip (resumed from SEED); KVzip and the split at
+    # samples 3-4 of the 5-sample grid (on top of round 4's 0-2 and grid5's 4K cells); grid5's unfinished baselines
     late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)   # samples 3-4 of the 5-sample grid
+    W="$KZ=0.9:window=512"
     jobs=(
-      "needle --lengths 4096,16384 ${late[*]} --ratios 0.5 --methods kvzip"
-      "needle --lengths 4096,16384 ${late[*]} --ratios 0.75 --methods kvzip"
-      "needle --lengths 16384 ${late[*]} --ratios 0.5,0.625,0.75 --methods $KZ=0.9"
-      "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5 --methods $W,$KZ=0.9,kvzip,snapkv"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $W"
+      "needle --lengths 4096 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.75 --methods $W"
+      "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.75 --methods $W"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9"
       "suite --context-length 4096 --samples 10 --ratios 0.5 --methods kvzip"
-      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5 --methods $KZ=0.9,$KZ=0.9:window=512,kvzip,snapkv"
-      "needle ${needle_grid[*]} --ratios 0.5,0.75 --methods $KZ=0.9:window=512"
-      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $KZ=0.9:window=512"
-      "needle ${needle_grid[*]} --ratios 0.75 --methods $KZ=0.9:window=256"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.75 --methods kvzip"
+      "needle --lengths 4096,16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.625 --methods $W"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.5 --methods kvzip"
+      "needle --lengths 16384 ${late[*]} --ratios 0.5,0.625,0.75 --methods $KZ=0.9"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
       "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
       "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
       "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"

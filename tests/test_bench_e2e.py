@@ -41,11 +41,13 @@ def test_bad_rows_and_token_counts_are_refused():
     for row in ("kvzip", "faedkv:exact_share=0.5:exact_scorer=kvzip"):
         with pytest.raises(SystemExit, match="KVzip compresses when its `with` block ends"):
             main(["e2e", "--model", "tiny-random-llama", "--rows", row])
+    with pytest.raises(SystemExit, match="window of kvzip-split-cache must be a whole number"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "kvzip-split-cache:window=big"])
     with pytest.raises(SystemExit, match="at least 2"):
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])
 
 
-@pytest.mark.parametrize("row", ["dimsplit-cache", "kvzip-split-cache"])
+@pytest.mark.parametrize("row", ["dimsplit-cache", "kvzip-split-cache", "kvzip-split-cache:window=32"])
 def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
     from analysis.bench import e2e
     from analysis.harness.models import load_model
@@ -59,9 +61,10 @@ def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
     assert result["row"] == row and result["ratio"] == 0.5
     assert result["ms_per_token"] > 0 and result["ttft_s"] > 0
     text = e2e.e2e_markdown([result], "test machine", "cmd", loaded.info.name)
-    assert f"| 300 | {row} | 0.5 |" in text and f"{row} = " in text
-    if row == "kvzip-split-cache":   # the warm-up and the timed call each scored and stored their prompt
+    assert f"| 300 | {row} | 0.5 |" in text and f"{row.split(':')[0]} = " in text
+    if row.startswith("kvzip-split-cache"):   # the warm-up and the timed call each scored and stored their prompt
         assert len(built) == 2 and all(isinstance(c, DimsplitCache) and c.exact_masks is not None for c in built)
+        assert built[-1].window == (32 if row.endswith("=32") else 64)
         assert built[-1].get_seq_length() == 300 + 3 - 1     # the prompt, then 2 decoded tokens fed back
         assert sum(int(m.sum()) for m in built[-1].exact_masks) > 0
     else:

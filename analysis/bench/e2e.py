@@ -58,6 +58,7 @@ from analysis.bench.common import machine_description, write_fragment
 
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 KVZIP_SPLIT = "kvzip-split-cache"                     # DimsplitCache behind KVzip's global ranking
+WINDOW = ":window="                                   # kvzip-split-cache:window=512: that row with a recent window of 512
 CACHE_ROWS = ("faedkv-cache", "dimsplit-cache", KVZIP_SPLIT)   # rows whose cache compresses itself (no press)
 STATIC_ROWS = ("full-static", "faedkv-cache-static")  # static caches, decode step compiled (on CUDA)
 MARK = "e2e.token"                                    # the profiled call's record_function per token
@@ -77,6 +78,21 @@ def static_refusal(row: str) -> str:
             "the cache after the prefill, and a StaticCache keeps a fixed length")
 
 
+def kvzip_split_window(row: str) -> int | None:
+    """The recent window of a kvzip-split-cache row (64, the press's default, unless the row names one
+    as "kvzip-split-cache:window=512"); None for any other row. ValueError for a window that is not a
+    whole number >= 0."""
+    if row == KVZIP_SPLIT:
+        return 64
+    if not row.startswith(KVZIP_SPLIT + WINDOW):
+        return None
+    text = row[len(KVZIP_SPLIT + WINDOW):]
+    if not text.isdigit():
+        raise ValueError(f"the window of {KVZIP_SPLIT} must be a whole number >= 0 (e.g. {KVZIP_SPLIT}{WINDOW}512), "
+                         f"got {text!r}")
+    return int(text)
+
+
 def row_cache(row: str, ratio: float):
     """The cache a row generates with: FAEDKVCache, StaticFAEDKVCache, DimsplitCache (dim_share
     0.5; all with the press's default sink and window) or a DynamicCache."""
@@ -93,18 +109,18 @@ def row_cache(row: str, ratio: float):
     return DynamicCache()
 
 
-def kvzip_split_cache(model, context_ids, ratio: float):
+def kvzip_split_cache(model, context_ids, ratio: float, window: int = 64):
     """The search's best configuration stored physically: KVzip's scoring passes over the context
     (`faedkv.kvzip.kvzip_prefill`), then a DimsplitCache keeping 90% of each layer's middle budget
     as whole tokens ranked by KVzip over every layer and head (exact_pool "global") and the
     dimension split (dim_share 0.5) of the rest, filled from the scored prefill with no further
-    model call (`prefill_from`)."""
+    model call (`prefill_from`); `window` recent tokens kept whole besides."""
     from faedkv import DimsplitCache
     from faedkv.kvzip import kvzip_prefill
 
     prefilled, scores = kvzip_prefill(model, context_ids)
     cache = DimsplitCache(compression_ratio=ratio, dim_share=0.5, exact_share=0.9, exact_scores=scores,
-                          exact_pool="global")
+                          exact_pool="global", window=window)
     cache.prefill_from(model, prefilled)
     return cache
 
@@ -134,7 +150,7 @@ def row_spec(row: str, ratio: float):
     from analysis.cli import parse_methods
     from analysis.harness.methods import method_params
 
-    if row in CACHE_ROWS or row in STATIC_ROWS:
+    if row in CACHE_ROWS or row in STATIC_ROWS or kvzip_split_window(row) is not None:
         return None
     if row.endswith("-static"):
         raise ValueError(static_refusal(row))
@@ -229,8 +245,9 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        if row == KVZIP_SPLIT:   # scored and stored before generate feeds the last prompt token: first token's time
-            cache = kvzip_split_cache(model, ids[:, :-1], ratio)
+        window = kvzip_split_window(row)
+        if window is not None:   # scored and stored before generate feeds the last prompt token: first token's time
+            cache = kvzip_split_cache(model, ids[:, :-1], ratio, window)
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                       pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock,
                       **row_generate_kwargs(row, ratio, cache, compile_cpu))
@@ -425,9 +442,9 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str, cpu: 
     if any(r["row"] == "dimsplit-cache" for r in rows):
         lines.append("dimsplit-cache = DimsplitCache (dim_share 0.5): the prefill's middle stored as exact "
                      "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
-    if any(r["row"] == KVZIP_SPLIT for r in rows):
+    if any(kvzip_split_window(r["row"]) is not None for r in rows):
         lines.append(f"{KVZIP_SPLIT} = the KVzip-ranked split stored physically (DimsplitCache, exact_share 0.9, "
-                     "exact_pool global, dim_share 0.5): KVzip's scoring passes over the prompt but its last token "
+                     f"exact_pool global, dim_share 0.5, a recent window of 64 tokens, or N with {KVZIP_SPLIT}{WINDOW}N): KVzip's scoring passes over the prompt but its last token "
                      "(faedkv.kvzip.kvzip_prefill), the scored prefill stored with no further model call "
                      "(prefill_from), then generate feeds the last prompt token; time to first token counts all "
                      "of it. Heads keep different numbers of whole tokens, so each head's middle is its own "
@@ -449,7 +466,7 @@ def run_e2e(args) -> int:
         try:
             row_spec(row, args.ratio)
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, {KVZIP_SPLIT}, full-static, "
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, {KVZIP_SPLIT}[{WINDOW}N], full-static, "
                              "faedkv-cache-static or one --methods spec (full, snapkv, "
                              "faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
@@ -478,7 +495,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS),
-                   help=f"faedkv-cache, dimsplit-cache, {KVZIP_SPLIT} (DimsplitCache behind KVzip's global ranking), full-static "
+                   help=f"faedkv-cache, dimsplit-cache, {KVZIP_SPLIT} (DimsplitCache behind KVzip's global ranking; "
+                        f"{KVZIP_SPLIT}{WINDOW}512 with a recent window of 512), full-static "
                         f"(transformers' static cache, decode step "
                         f"compiled on CUDA), faedkv-cache-static (StaticFAEDKVCache, the same compiled path) or "
                         f"method specs as --methods writes them (default: {' '.join(ROWS)})")

@@ -2,13 +2,13 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | grid6 | speed2 | fold.
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | grid6 | speed2 | speed2-rest | fold.
 # SEED=folder: a store's runs/ that grid5/grid6's groups start from (an earlier machine's unfinished runs resume).
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|grid6|speed2|fold [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|grid6|speed2|speed2-rest|fold [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 # DEVICE=cpu MODEL=tiny-random-qwen2 PYTHON=.venv/bin/python dry-runs a part's plumbing on a CPU machine
@@ -94,15 +94,16 @@ case "$part" in
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
-  speed2)   # issue 18: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
+  speed2|speed2-rest)   # issue 18: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
     # DimsplitCache and the KVzip-ranked split stored physically (kvzip-split-cache, with the recent window of 512
-    # the search tests and with 64); 32K first and the rows in
-    # order of interest, so a run cut at the limit keeps what matters
+    # the search chose and with 64). speed2: 32K and the four rows that decide, so one call returns them (round 8's
+    # one call of every row was lost with the machine); speed2-rest: the other rows at 32K, then 16K
+    if [ "$part" = speed2 ]; then lengths=(32768); rows=(full faedkv-cache-static kvzip-split-cache:window=512 snapkv)
+    else lengths=(32768 16384); rows=(full full-static kvzip-split-cache faedkv-cache dimsplit-cache); fi
     TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
-      --lengths 32768 16384 --new-tokens 256 --ratio 0.75 --repeats 2 --profile \
-      --rows full faedkv-cache-static kvzip-split-cache:window=512 kvzip-split-cache full-static snapkv faedkv-cache dimsplit-cache \
-      --fragment "$OUT/e2e-h200-qwen-static-faedkv.md" > "$OUT/e2e-static-faedkv.log" 2>&1
-    echo "e2e static faedkv exit $?"; tail -20 "$OUT/e2e-static-faedkv.log" ;;
+      --lengths "${lengths[@]}" --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows "${rows[@]}" \
+      --fragment "$OUT/e2e-h200-qwen-$part.md" > "$OUT/e2e-$part.log" 2>&1
+    echo "e2e $part exit $?"; tail -20 "$OUT/e2e-$part.log" ;;
   fold)   # issue 18: the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
     timeout "$limit" $PYTHON -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
       --methods iwdft resample snapkv --no-kernel-sweeps --out "$OUT/bench-fold" --fragment '' > "$OUT/fold.log" 2>&1

@@ -866,6 +866,24 @@ def test_lab_dimension_split_sends_dim_share_and_no_plan():
     assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30% + 50% kvzip (global)"
 
 
+def test_lab_loads_the_search_winner_in_one_click():
+    from analysis.api.params import SEARCH_WINNER
+
+    fake = FakeClient()
+    at = _lab(fake)
+    at.slider(key="lab.ratio").set_value(0.75).run()
+    at.button(key="lab.winner").click().run()
+    no_exception(at)
+    assert at.selectbox(key="lab.variant").value == "dimsplit" and at.toggle(key="lab.use_plan").disabled
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    method = fake.called("generate")[-1][0]["method"]
+    assert method["name"] == "faedkv" and method["compression_ratio"] == 0.75     # the ratio is kept
+    params = method["params"]
+    assert {k: params[k] for k in SEARCH_WINNER} == SEARCH_WINNER and "plan" not in params
+    assert at.query_params["window"] == "512" and at.query_params["exact_pool"] == "global"
+
+
 def test_lab_search_knobs_come_back_from_a_link():
     at = app_for("pages/frequency_lab.py", FakeClient(), query={
         "exact_share": "0.5", "exact_scorer": "keydiff", "slot_fit": "probes", "fit_probes": "16",

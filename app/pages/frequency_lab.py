@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from analysis.api.params import (DIM_SHARE, EXACT_POOLS, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
-                                 QUERY_MODES, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
+                                 QUERY_MODES, SEARCH_WINNER, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
                                  TaskPrompt)
 from analysis.api import plans  # noqa: E402
 from app import figures, state, ui, views  # noqa: E402
@@ -221,7 +221,21 @@ def prompt_form(context: int) -> tuple[TaskPrompt | None, dict]:
                    context_length=int(length), depth=float(depth), seed=int(seed)), values
 
 
+def load_search_winner() -> None:
+    """Set the method's widgets to the search's best configuration (a button callback: it runs
+    before the widgets are drawn again); the ratio and the query mode stay as they are."""
+    st.session_state[f"{PAGE}.method"] = "faedkv"
+    for name, value in SEARCH_WINNER.items():
+        st.session_state[f"{PAGE}.{name}"] = value
+    st.session_state[f"{PAGE}.use_plan"] = False
+
+
 def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[MethodSpec | None, dict]:
+    st.button("load the search's winner", key=f"{PAGE}.winner", on_click=load_search_winner,
+              help="FAEDKV's best configuration on Qwen2.5-Coder-1.5B (docs/RESULTS.md): the dimension split "
+                   "behind KVzip's ranking over every layer and head, 90% of the middle's budget as whole "
+                   "tokens, a recent window of 512. KVzip's scoring runs extra passes over the prompt "
+                   "(slow on a CPU).")
     c1, c2, c3 = st.columns([2, 2, 2])
     name = c1.selectbox("method", METHODS, key=state.bind(PAGE, "method", "faedkv",
                                                           valid=state.options_valid(METHODS)))

@@ -104,7 +104,7 @@ case "$part" in
       --lengths "${lengths[@]}" --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows "${rows[@]}" \
       --fragment "$OUT/e2e-h200-qwen-$part.md" > "$OUT/e2e-$part.log" 2>&1
     echo "e2e $part exit $?"; tail -20 "$OUT/e2e-$part.log" ;;
-  fold)   # issue 18: the fold at 32K and 128K with the host's time and the GPU-busy time per call (the 32K anomaly)
+  fold)   # issue 18: the fold at 32K and 128K: host time, GPU-busy time and (cProfile) where the host time goes per call
     timeout "$limit" $PYTHON -m analysis.bench gpu --parts compress --lengths 32768 131072 --layers 8 \
       --methods iwdft resample snapkv --no-kernel-sweeps --out "$OUT/bench-fold" --fragment '' > "$OUT/fold.log" 2>&1
     echo "fold exit $?"; tail -20 "$OUT/fold.log" ;;

@@ -36,7 +36,8 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
               "compress": [{"tokens": 32768, "method": "iwdft", "cache_len": 8192, "median_ms": 0.08,
                             "vs_snapkv": 0.04, "floor_ms": 0.04, "vs_floor": 2.0},
                            {"tokens": 131072, "method": "iwdft", "cache_len": 32768, "median_ms": 0.5,
-                            "vs_snapkv": 0.1, "floor_ms": 0.16, "vs_floor": 3.125, "host_ms": 0.45, "kernel_ms": 0.24}],
+                            "vs_snapkv": 0.1, "floor_ms": 0.16, "vs_floor": 3.125, "host_ms": 0.45, "kernel_ms": 0.24,
+                            "host_functions": [("press.py:305(compress_at)", 0.21), ("fused.py:68(fold_into)", 0.05)]}],
               "fused_check": [{"tokens": 32768, "fused_used": True, "max_rel_diff": 0.0}],
               "decode": [{"tokens": 32768, "cache": "faedkv", "ms_per_token": 30.0, "speed_vs_full": 2.0,
                           "kv_bytes": 1.07e9, "kv_vs_full": 0.25, "peak_over_weights": 1.1e9,
@@ -55,6 +56,8 @@ def test_gpu_render_shows_each_stored_part(tmp_path):
     assert "| 131072 | iwdft | 32768 | 0.500 | 16.00 | 0.160 | 3.12 | 0.10 | 0.450 | 0.240 | 1.50 |" in text
     assert "| 32768 | faedkv | 30.00 | 2.00 | 1.07 | 0.250 | 1.10 | 18.7% |" in text
     assert "fused kernel used: True" in text
+    assert "- 131072 iwdft: `press.py:305(compress_at)` 0.210 ms; `fused.py:68(fold_into)` 0.050 ms" in text
+    assert "- 32768 iwdft:" not in text          # a row without a host profile lists nothing
     assert "| 32768 | faedkv-attn-plan | 20.00 | 3.00 | 1.07 | 0.250 | 1.10 | 4.0% | 8.00 | 1.0% |" in text
     assert "faedkv-attn-plan at 32768: band-limiting" in text and "takes 0.40 of the step's 8.00 GPU ms (5.0%)" in text
     assert bench_gpu.tables({**result, "decode": []}).count("| context |") == 0
@@ -76,6 +79,34 @@ def test_slot_attention_agreement_runs_and_agrees_on_cpu():
     assert plain["slot_attention_used"] and planned["slot_attention_used_plan"]
     assert plain["max_rel_diff_slot_attention"] < 1e-4
     assert planned["max_rel_diff_slot_attention_plan"] < 1e-4
+
+
+def test_host_functions_name_where_a_calls_host_time_goes():
+    """host_functions profiles real calls with cProfile: the function that burns the host's time
+    comes first, with its own time per call (here a deliberate busy loop inside the call)."""
+    import time
+
+    import torch
+
+    seen = []
+
+    def burn_host(steps):
+        total = 0
+        for step in range(steps):      # pure Python: the loop's time is this function's own
+            total += step
+        return total
+
+    def call(module, hidden, keys, values, attentions, kwargs):
+        seen.append(1)
+        burn_host(200_000)
+        return keys
+
+    keys = torch.zeros(1, 2, 8, 4)
+    start = time.perf_counter()
+    top = bench.host_functions(call, None, None, keys, keys, {}, calls=3, most=2)
+    spent_ms = (time.perf_counter() - start) * 1000 / 3
+    assert len(seen) == 3 and len(top) == 2
+    assert "burn_host" in top[0][0] and 0 < top[0][1] <= spent_ms and top[0][1] > top[1][1]
 
 
 def test_kernel_ms_reads_a_real_profile_and_counts_no_device_time_on_cpu():

@@ -143,7 +143,9 @@ def compress_benchmark(lengths=(8192, 32768), layers: int = 32, repeats: int = 1
                          "cache_len": lengths_out[method], "samples": len(timings[method]),
                          "host_ms": statistics.median(host[method]) if cuda else None,
                          "kernel_ms": (kernel_ms(calls[method], module, hidden, keys, values, kwargs)
-                                       if cuda else None)})
+                                       if cuda else None),
+                         "host_functions": (host_functions(calls[method], module, hidden, keys, values, kwargs)
+                                            if cuda else None)})
     bar.close()
     return rows
 
@@ -168,6 +170,28 @@ def kernel_ms(call, module, hidden, keys, values, kwargs, calls: int = 3) -> flo
     # prof.events()'s FunctionEvents (attributes): the mix-up failed on the H200 in round 7
     events = prof.profiler.kineto_results.events()
     return sum(e.duration_ns() for e in events if is_device_op(e)) / 1e6 / calls
+
+
+def host_functions(call, module, hidden, keys, values, kwargs, calls: int = 20, most: int = 6) -> list[tuple[str, float]]:
+    """Where the host's time in a compress call goes: the `most` functions with the largest own
+    time under cProfile over `calls` calls, as ("file:line(function)", ms per call). A call whose
+    host time is far above its GPU-busy time (`kernel_ms`) is bound by these."""
+    import cProfile
+    import os
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        for _ in range(calls):
+            call(module, hidden, keys, values, None, kwargs)
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats   # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:most]
+    return [(f"{os.path.basename(file)}:{line}({name})", own * 1000 / calls) for (file, line, name), (_, _, own, _, _)
+            in ranked]
 
 
 def compress_table(rows: list[dict], device: str, layers: int, repeats: int) -> str:

@@ -631,6 +631,11 @@ def tables(result: dict) -> str:
         lines.append("\nhost ms: the host's median time to return from the call (Python and launches); GPU-busy: "
                      "the device operations' time per call under torch.profiler (3 calls). Events near the host "
                      "time and far above GPU-busy mean the call is bound by the host, not by the GPU.")
+        profiled = [r for r in result["compress"] if r.get("host_functions")]
+        if profiled:
+            lines.append("\nWhere the host's time goes (cProfile, 20 calls; own time per call, the largest first):\n")
+            lines += [f"- {r['tokens']} {r['method']}: "
+                      + "; ".join(f"`{name}` {ms:.3f} ms" for name, ms in r["host_functions"]) for r in profiled]
         for c in result.get("fused_check", []):
             lines.append(f"\nFused vs torch path at {c['tokens']} tokens: fused kernel used: "
                          f"{c['fused_used']}, max relative difference {c['max_rel_diff']:.1e}.")

@@ -35,7 +35,7 @@ def test_report_has_a_summary_row_per_configuration_and_every_run(store, tmp_pat
                  "--fragment", str(tmp_path / "frag.md"), "--machine", "test"]) == 0
     text = out.read_text()
     assert text.index("Hand-written.") < text.index("every configuration tried")
-    summary = text.split("every configuration tried")[1].split("Needle found per depth")[0]
+    summary = text.split("every configuration tried")[1].split("### The search's goal")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| faedkv-iwdft |") or line.startswith("| snapkv |")]
     assert len(rows) == 2
     # 2 needle cells per method (depths 0 and 100) and an NLL increase at 0.5
@@ -170,3 +170,56 @@ def test_a_suite_row_missing_tasks_says_its_mean_covers_only_some():
     rows = {line.split(" | ")[0]: line for line in suite_summary(records).splitlines()[2:]}
     assert "only" not in rows["| full"], rows
     assert rows["| kvzip"].endswith("| 1.00 | - | 1.00 [0.00, 1.00], only 1 of 2 tasks | 1 |"), rows
+
+
+class FakeSuiteRun:
+    """What goal_check reads of a stored suite run: its params and its records."""
+
+    def __init__(self, context_length: int, records: list[dict]):
+        from analysis.api.params import SuiteParams
+
+        params = SuiteParams(methods=[MethodSpec(name="kvzip", compression_ratio=0.5)], context_length=context_length)
+        self.config, self._records = {"params": params.model_dump()}, records
+
+    def records(self):
+        return self._records
+
+
+def needle(label, ratio, depth, found, n):
+    return [{"label": label, "ratio": ratio, "depth": depth, "exact": float(i < found)} for i in range(n)]
+
+
+def suite(label, task, scores):
+    return [{"label": label, "ratio": 0.5, "task": task, "score": x, "seed": i, "context_tokens": 4000,
+             "query_mode": "query_agnostic"} for i, x in enumerate(scores)]
+
+
+def test_goal_check_marks_each_condition_of_the_search():
+    """The goal table: a configuration that meets every condition is first with 5 of 5; one that
+    misses says by how much; the NLL comes from the run with the most texts; a suite row missing a
+    task is not compared; intervals apart against the strongest baseline's Wilson upper bound."""
+    from analysis.bench.results_report import goal_check
+
+    winner, default = "faedkv-dimsplit[exact_share=0.9]", "faedkv-iwdft"
+    records = (needle("kvzip@0.5", 0.5, 0, 10, 10) + needle("kvzip@0.75", 0.75, 0, 43, 50)
+               + needle("snapkv@0.75", 0.75, 0, 10, 50)
+               + needle(f"{winner}@0.5", 0.5, 0, 50, 50)
+               + [r for d in (0, 50, 100) for r in needle(f"{winner}@0.75", 0.75, d, 34, 34)]
+               + needle(f"{default}@0.5", 0.5, 0, 2, 10) + needle(f"{default}@0.75", 0.75, 50, 0, 2)
+               + needle(f"{default}@0.75", 0.75, 100, 2, 2))
+    ppls = [(None, {"by_method": [{"label": f"{winner}@0.5", "ratio": 0.5, "n": 3, "delta_nll": 0.05},
+                                  {"label": f"{default}@0.5", "ratio": 0.5, "n": 3, "delta_nll": 0.15}]}),
+            (None, {"by_method": [{"label": f"{winner}@0.5", "ratio": 0.5, "n": 8, "delta_nll": 0.019}]})]
+    runs = [FakeSuiteRun(4096, suite("kvzip@0.5", "essay_qa", [1, 0]) + suite("kvzip@0.5", "multikey_niah", [1, 1])
+                         + suite(f"{winner}@0.5", "essay_qa", [1, 1]) + suite(f"{winner}@0.5", "multikey_niah", [1, 0])
+                         + suite(f"{default}@0.5", "essay_qa", [0, 0]))]
+    table = goal_check(records, ppls, runs)
+    first, second = table.splitlines()[2:]
+    assert first.startswith(f"| {winner} |") and first.endswith("| 5 of 5 |"), first
+    assert "yes: 100% of 50" in first and "yes: lowest 100% (34/34) at depth 0" in first
+    assert "yes: +0.0190 (8 texts)" in first                       # the 8-text run, not the 3-text one
+    assert "yes: 0.75 against kvzip 0.75 at 4096" in first         # not below the best baseline: met
+    assert "yes: at 0.75: [96.4, ...] against kvzip's [..., 93.0]" in first   # 102/102 vs 43/50
+    cells = [c.strip() for c in second.strip("|").split("|")]
+    assert cells == [default, "**no**: 20% of 10", "**no**: lowest 0% (0/2) at depth 50", "**no**: +0.1500 (3 texts)",
+                     "-", cells[5], "0 of 5"] and cells[5].startswith("**no**: at 0.75: [15.0, ...]")

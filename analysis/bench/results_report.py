@@ -213,6 +213,122 @@ def suite_summary(suite_records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The search's goal (issue 15): needle found at 0.5 and at every depth at 0.75, NLL increase at 0.5, suite at 0.5
+GOAL_NEEDLE_HALF, GOAL_DEPTH_THREE_QUARTERS, GOAL_NLL_HALF = 0.8, 0.5, 0.02
+
+
+def is_baseline(config: str) -> bool:
+    """A registry baseline (kvpress's presses, dct_iterative), not FAEDKV and not the full cache."""
+    return config != "full" and not config.startswith("faedkv")
+
+
+def suite_means(suite_records: list[dict]) -> dict:
+    """(configuration, ratio) -> mean score over every sample of the suite records of one context
+    length, for rows that cover every task measured there (a partial row does not compare)."""
+    scores: dict = defaultdict(list)
+    for r in suite_records:
+        scores[(base_label(r["label"]), r["ratio"], r["task"])].append(r["score"])
+    tasks = {task for *_, task in scores}
+    rows: dict = defaultdict(list)
+    for (config, ratio, task), values in scores.items():
+        rows[(config, ratio)].append((task, values))
+    return {key: sum(sum(v) for _, v in per_task) / sum(len(v) for _, v in per_task)
+            for key, per_task in rows.items() if {t for t, _ in per_task} == tasks}
+
+
+def goal_check(needle_records: list[dict], ppls: list, suite_runs: list) -> str:
+    """Issue 15's goal, condition by condition, for every FAEDKV configuration with a needle at
+    0.5 or 0.75: found at 0.5 >= 80%; at 0.75 >= 50% at every depth (lengths pooled); NLL at 0.5
+    within +0.02 (the ppl run that measured it on the most texts); suite at 0.5 not below the best
+    baseline's at the longest context both were run at (complete rows only); and ahead of the
+    strongest baseline at some ratio with Wilson 95% intervals apart. '-': not measured. Rows: the
+    most conditions met first."""
+    from analysis.tasks.scoring import wilson_interval
+
+    found = found_by_config(needle_records)
+    by_depth = found_by_config(needle_records, "depth")
+    nll: dict = {}                     # config -> (texts, delta) of the run that measured it on the most texts
+    for _, metrics in ppls:
+        for m in metrics["by_method"]:
+            config = base_label(m["label"])
+            if m["ratio"] == 0.5 and m.get("delta_nll") is not None and m["n"] > nll.get(config, (0, None))[0]:
+                nll[config] = (m["n"], m["delta_nll"])
+    suites = {}                        # (config, ratio, context length) -> mean score
+    for length in {SuiteParams(**run.config["params"]).context_length for run in suite_runs}:
+        runs = [run for run in suite_runs if SuiteParams(**run.config["params"]).context_length == length]
+        suites.update({(config, ratio, length): score for (config, ratio), score
+                       in suite_means(distinct_samples(runs, suite_sample)).items()})
+    configs = sorted({c for c, r in found if c.startswith("faedkv") and r in (0.5, 0.75)})
+    strongest = {}                     # ratio -> (baseline, found, n) with the most found
+    for (config, ratio), (hits, n) in found.items():
+        if is_baseline(config) and n and (ratio not in strongest or hits / n > strongest[ratio][1] / strongest[ratio][2]):
+            strongest[ratio] = (config, hits, n)
+
+    def mark(ok: bool, text: str) -> str:
+        return f"{'yes' if ok else '**no**'}: {text}"
+
+    lines = ["| configuration | needle @0.5 >= 80% | every depth @0.75 >= 50% | NLL @0.5 <= +0.02 "
+             "| suite @0.5 >= best baseline | ahead of the strongest baseline, intervals apart | conditions met |",
+             "|---|---|---|---|---|---|---:|"]
+    rows = []
+    for config in configs:
+        cells = []
+        hits, n = found.get((config, 0.5), (0, 0))
+        cells.append(mark(hits / n >= GOAL_NEEDLE_HALF, f"{100 * hits / n:.0f}% of {n}") if n else "-")
+        depths = [(d, c) for (cfg, r, d), c in by_depth.items() if cfg == config and r == 0.75 and c[1]]
+        if depths:
+            worst, (w_hits, w_n) = min(depths, key=lambda item: item[1][0] / item[1][1])
+            cells.append(mark(w_hits / w_n >= GOAL_DEPTH_THREE_QUARTERS,
+                              f"lowest {100 * w_hits / w_n:.0f}% ({w_hits:g}/{w_n}) at depth {worst:g}"))
+        else:
+            cells.append("-")
+        if config in nll:
+            texts, delta = nll[config]
+            cells.append(mark(delta <= GOAL_NLL_HALF, f"{delta:+.4f} ({texts} texts)"))
+        else:
+            cells.append("-")
+        shared = [length for (cfg, ratio, length) in suites if cfg == config and ratio == 0.5
+                  and any(is_baseline(b) and r == 0.5 and l == length for b, r, l in suites)]
+        if shared:
+            length = max(shared)
+            best_score, best = max((score, b) for (b, r, l), score in suites.items()
+                                   if is_baseline(b) and r == 0.5 and l == length)
+            score = suites[(config, 0.5, length)]
+            cells.append(mark(score >= best_score, f"{score:.2f} against {best} {best_score:.2f} at {length}"))
+        else:
+            cells.append("-")
+        gaps = []
+        for ratio, (baseline, b_hits, b_n) in sorted(strongest.items()):
+            hits, n = found.get((config, ratio), (0, 0))
+            if n:
+                low = wilson_interval(hits, n)[0]
+                high = wilson_interval(b_hits, b_n)[1]
+                gaps.append((low - high, ratio, baseline, low, high))
+        if gaps:
+            gap, ratio, baseline, low, high = max(gaps)
+            cells.append(mark(gap > 0, f"at {ratio:g}: [{100 * low:.1f}, ...] against {baseline}'s [..., {100 * high:.1f}]"))
+        else:
+            cells.append("-")
+        met = sum(cell.startswith("yes") for cell in cells)
+        rows.append((-met, config, f"| {config} | " + " | ".join(cells) + f" | {met} of 5 |"))
+    return "\n".join(lines + [line for *_, line in sorted(rows)])
+
+
+GOAL_NOTE = ("The search's goal (issue 15), condition by condition, for every FAEDKV configuration with a needle at "
+             "0.5 or 0.75. Needle: distinct samples pooled over runs and lengths; NLL: the run that measured the "
+             "configuration at 0.5 on the most texts; suite: the mean over every task's samples against the best "
+             "baseline at the longest context both ran (rows missing a task left out); apart: the configuration's "
+             "Wilson 95% lower bound above the strongest baseline's upper bound, at the ratio where the gap is "
+             "largest. '-': not measured.")
+
+
+def goal_section(needle_records: list[dict], ppls: list, suite_runs: list) -> list[str]:
+    """The goal table under its heading and note; nothing without needle records."""
+    if not needle_records:
+        return []
+    return ["### The search's goal, condition by condition", GOAL_NOTE, goal_check(needle_records, ppls, suite_runs)]
+
+
 def run_header(run, metrics: dict) -> str:
     cells, total = metrics["cells"], run.cells_total
     state = "complete" if total is None or cells >= total else f"UNFINISHED: {cells} of {total} cells"
@@ -261,7 +377,8 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
     depths = ["Needle found per depth, every configuration (lengths pooled, distinct samples of every run):",
               depth_summary(samples)] if samples else []
     parts = [f"## {model or 'Every model'}: every configuration tried", SUMMARY_NOTE + (" " + note if note else ""),
-             summary_table(samples, [m for _, m in reference]), *depths, *suite_sections(suites),
+             summary_table(samples, [m for _, m in reference]), *goal_section(samples, ppls, suites), *depths,
+             *suite_sections(suites),
              "### Tables from the store"]
     for run, metrics in needles:
         parts += [f"#### Needle: {run.name}", run_header(run, metrics), needle_markdown(metrics, detail=True),
@@ -286,6 +403,8 @@ def fragment(store_root: str, model: str | None, machine: str, path: str) -> Non
         f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
         "lists each run with its command), tables by `python -m analysis.bench.results_report`.",
         SUMMARY_NOTE + (" " + note if note else ""), summary_table(samples, [m for _, m in reference]),
+        *goal_section(samples, [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)],
+                      model_runs(store, "suite", model)),
         *suite_sections(model_runs(store, "suite", model))]) + "\n")
 
 

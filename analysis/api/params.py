@@ -53,7 +53,7 @@ DIM_SHARE = 0.5             # dimsplit's default share of the middle budget on e
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # The search's best configuration (issue 15, docs/RESULTS.md): on Qwen2.5-Coder-1.5B (H200) it finds every
-# needle at ratios 0.5-0.75, NLL +0.02 at 0.5, the full cache's suite score. Not FAEDKVPress's default: KVzip's
+# needle at ratios 0.5-0.75 and the full cache's suite score; NLL at 0.5 at the goal's +0.02. Not the default: KVzip's
 # ranking needs model passes (batch size 1), and as a press the split keeps a row per token.
 SEARCH_WINNER = {"variant": "dimsplit", "dim_share": DIM_SHARE, "exact_share": 0.9, "exact_scorer": "kvzip",
                  "exact_pool": "global", "window": 512}

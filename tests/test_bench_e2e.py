@@ -56,7 +56,8 @@ def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
     loaded = load_model("tiny-random-llama", device="cpu", dtype="float32")
     built = []
     store = e2e.kvzip_split_cache
-    monkeypatch.setattr(e2e, "kvzip_split_cache", lambda *args: built.append(store(*args)) or built[-1])
+    monkeypatch.setattr(e2e, "kvzip_split_cache",
+                        lambda *args, **options: built.append(store(*args, **options)) or built[-1])
     (result,) = e2e.e2e_rows(loaded, [300], new_tokens=3, ratio=0.5, repeats=1, rows=[row])
     assert result["row"] == row and result["ratio"] == 0.5
     assert result["ms_per_token"] > 0 and result["ttft_s"] > 0

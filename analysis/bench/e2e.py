@@ -78,19 +78,19 @@ def static_refusal(row: str) -> str:
             "the cache after the prefill, and a StaticCache keeps a fixed length")
 
 
-def kvzip_split_window(row: str) -> int | None:
-    """The recent window of a kvzip-split-cache row (64, the press's default, unless the row names one
-    as "kvzip-split-cache:window=512"); None for any other row. ValueError for a window that is not a
-    whole number >= 0."""
+def kvzip_split_options(row: str) -> dict | None:
+    """The DimsplitCache options of a kvzip-split-cache row: {} (the cache's defaults), or
+    {"window": 512} for "kvzip-split-cache:window=512"; None for any other row. ValueError for a
+    window that is not a whole number >= 0."""
     if row == KVZIP_SPLIT:
-        return 64
+        return {}
     if not row.startswith(KVZIP_SPLIT + WINDOW):
         return None
     text = row[len(KVZIP_SPLIT + WINDOW):]
     if not text.isdigit():
         raise ValueError(f"the window of {KVZIP_SPLIT} must be a whole number >= 0 (e.g. {KVZIP_SPLIT}{WINDOW}512), "
                          f"got {text!r}")
-    return int(text)
+    return {"window": int(text)}
 
 
 def row_cache(row: str, ratio: float):
@@ -109,18 +109,18 @@ def row_cache(row: str, ratio: float):
     return DynamicCache()
 
 
-def kvzip_split_cache(model, context_ids, ratio: float, window: int = 64):
+def kvzip_split_cache(model, context_ids, ratio: float, **options):
     """The search's best configuration stored physically: KVzip's scoring passes over the context
     (`faedkv.kvzip.kvzip_prefill`), then a DimsplitCache keeping 90% of each layer's middle budget
     as whole tokens ranked by KVzip over every layer and head (exact_pool "global") and the
     dimension split (dim_share 0.5) of the rest, filled from the scored prefill with no further
-    model call (`prefill_from`); `window` recent tokens kept whole besides."""
+    model call (`prefill_from`); `options` (e.g. window) go to the DimsplitCache."""
     from faedkv import DimsplitCache
     from faedkv.kvzip import kvzip_prefill
 
     prefilled, scores = kvzip_prefill(model, context_ids)
     cache = DimsplitCache(compression_ratio=ratio, dim_share=0.5, exact_share=0.9, exact_scores=scores,
-                          exact_pool="global", window=window)
+                          exact_pool="global", **options)
     cache.prefill_from(model, prefilled)
     return cache
 
@@ -150,7 +150,7 @@ def row_spec(row: str, ratio: float):
     from analysis.cli import parse_methods
     from analysis.harness.methods import method_params
 
-    if row in CACHE_ROWS or row in STATIC_ROWS or kvzip_split_window(row) is not None:
+    if row in CACHE_ROWS or row in STATIC_ROWS or kvzip_split_options(row) is not None:
         return None
     if row.endswith("-static"):
         raise ValueError(static_refusal(row))
@@ -245,9 +245,9 @@ def generate_seconds(loaded, ids, row: str, ratio: float, new_tokens: int, start
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        window = kvzip_split_window(row)
-        if window is not None:   # scored and stored before generate feeds the last prompt token: first token's time
-            cache = kvzip_split_cache(model, ids[:, :-1], ratio, window)
+        options = kvzip_split_options(row)
+        if options is not None:   # scored and stored before generate feeds the last prompt token: first token's time
+            cache = kvzip_split_cache(model, ids[:, :-1], ratio, **options)
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                       pad_token_id=loaded.tokenizer.eos_token_id, streamer=clock,
                       **row_generate_kwargs(row, ratio, cache, compile_cpu))
@@ -442,7 +442,7 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str, cpu: 
     if any(r["row"] == "dimsplit-cache" for r in rows):
         lines.append("dimsplit-cache = DimsplitCache (dim_share 0.5): the prefill's middle stored as exact "
                      "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
-    if any(kvzip_split_window(r["row"]) is not None for r in rows):
+    if any(kvzip_split_options(r["row"]) is not None for r in rows):
         lines.append(f"{KVZIP_SPLIT} = the KVzip-ranked split stored physically (DimsplitCache, exact_share 0.9, "
                      f"exact_pool global, dim_share 0.5, a recent window of 64 tokens, or N with {KVZIP_SPLIT}{WINDOW}N): KVzip's scoring passes over the prompt but its last token "
                      "(faedkv.kvzip.kvzip_prefill), the scored prefill stored with no further model call "

@@ -187,6 +187,22 @@ def depth_summary(needle_records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def suite_scores(suite_records: list[dict]) -> dict:
+    """(configuration, ratio, task) -> the scores of its samples, in record order."""
+    scores: dict = defaultdict(list)
+    for r in suite_records:
+        scores[(base_label(r["label"]), r["ratio"], r["task"])].append(r["score"])
+    return scores
+
+
+def suite_runs_by_length(suite_runs: list) -> dict:
+    """context length -> the suite runs at it, shortest first (scores compare only at one length)."""
+    by_length: dict = defaultdict(list)
+    for run in suite_runs:
+        by_length[SuiteParams(**run.config["params"]).context_length].append(run)
+    return dict(sorted(by_length.items()))
+
+
 def suite_summary(suite_records: list[dict]) -> str:
     """Mean score per task and over all samples (95% interval), one row per configuration and
     ratio, over the distinct samples of every suite run of one context length. A row that lacks
@@ -194,9 +210,7 @@ def suite_summary(suite_records: list[dict]) -> str:
     so that mean does not compare with a full row's."""
     from analysis.tasks.scoring import mean_interval
 
-    scores: dict = defaultdict(list)
-    for r in suite_records:
-        scores[(base_label(r["label"]), r["ratio"], r["task"])].append(r["score"])
+    scores = suite_scores(suite_records)
     tasks = list(dict.fromkeys(t for *_, t in scores))
     rows = list(dict.fromkeys((c, ratio) for c, ratio, _ in scores))
     lines = ["| configuration | ratio | " + " | ".join(tasks) + " | all samples [95% CI] | n |",
@@ -225,9 +239,7 @@ def is_baseline(config: str) -> bool:
 def suite_means(suite_records: list[dict]) -> dict:
     """(configuration, ratio) -> mean score over every sample of the suite records of one context
     length, for rows that cover every task measured there (a partial row does not compare)."""
-    scores: dict = defaultdict(list)
-    for r in suite_records:
-        scores[(base_label(r["label"]), r["ratio"], r["task"])].append(r["score"])
+    scores = suite_scores(suite_records)
     tasks = {task for *_, task in scores}
     rows: dict = defaultdict(list)
     for (config, ratio, task), values in scores.items():
@@ -254,8 +266,7 @@ def goal_check(needle_records: list[dict], ppls: list, suite_runs: list) -> str:
             if m["ratio"] == 0.5 and m.get("delta_nll") is not None and m["n"] > nll.get(config, (0, None))[0]:
                 nll[config] = (m["n"], m["delta_nll"])
     suites = {}                        # (config, ratio, context length) -> mean score
-    for length in {SuiteParams(**run.config["params"]).context_length for run in suite_runs}:
-        runs = [run for run in suite_runs if SuiteParams(**run.config["params"]).context_length == length]
+    for length, runs in suite_runs_by_length(suite_runs).items():
         suites.update({(config, ratio, length): score for (config, ratio), score
                        in suite_means(distinct_samples(runs, suite_sample)).items()})
     configs = sorted({c for c, r in found if c.startswith("faedkv") and r in (0.5, 0.75)})
@@ -357,8 +368,7 @@ def report(store_root: str, models: list[str | None], findings: str | None) -> s
 def suite_sections(suites: list) -> list[str]:
     """The suite summary per context length (scores compare only at one length)."""
     parts = []
-    for length in sorted({SuiteParams(**run.config["params"]).context_length for run in suites}):
-        runs = [run for run in suites if SuiteParams(**run.config["params"]).context_length == length]
+    for length, runs in suite_runs_by_length(suites).items():
         parts += [f"### Suite at {length} tokens: every configuration tried",
                   f"Mean score of the suite's tasks over every stored run at {length} tokens (a sample shared by "
                   f"two runs counts once), and over all samples with a normal 95% interval; runs: "
@@ -397,15 +407,15 @@ def model_section(store: ResultsStore, model: str | None) -> list[str]:
 def fragment(store_root: str, model: str | None, machine: str, path: str) -> None:
     store = ResultsStore(store_root, read_only=True)
     samples = distinct_samples(model_runs(store, "needle", model), needle_sample)
-    reference, note = reference_ppls([(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)])
+    ppls = [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)]
+    suites = model_runs(store, "suite", model)
+    reference, note = reference_ppls(ppls)
     write_fragment(path, "\n\n".join([
         f"### Quality on a real model: {model or 'every model'} ({datetime.date.today()})",
         f"Machine: {machine}. Commands: the parts of `benchmarks/gpu_quality.sh` (docs/RESULTS.md "
         "lists each run with its command), tables by `python -m analysis.bench.results_report`.",
         SUMMARY_NOTE + (" " + note if note else ""), summary_table(samples, [m for _, m in reference]),
-        *goal_section(samples, [(run, run_metrics(run, "ppl")) for run in model_runs(store, "ppl", model)],
-                      model_runs(store, "suite", model)),
-        *suite_sections(model_runs(store, "suite", model))]) + "\n")
+        *goal_section(samples, ppls, suites), *suite_sections(suites)]) + "\n")
 
 
 def main(argv=None) -> int:

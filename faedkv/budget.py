@@ -5,8 +5,10 @@ kvpress keeps `max(1, int(T * (1 - ratio)))` rows of a T-token prefill
 
     [ sink: S exact ][ exact: E tokens chosen by a score ][ M slots ][ window: W exact ]
 
-with S + E + M + W = kept rows. When the asked-for sink + window + 1 slot does not fit, the window
-shrinks first, then the sink (the slots keep at least one row); `Layout` records what was used.
+with S + E + M + W = kept rows. The window asked for is `window` tokens, or `window_share` of the
+kept rows when that is more (a window that grows with the budget). When the asked-for sink +
+window + 1 slot does not fit, the window shrinks first, then the sink (the slots keep at least
+one row); `Layout` records what was used.
 """
 from __future__ import annotations
 
@@ -59,18 +61,30 @@ class Layout:
                 "middle": self.middle if self.slots else 0}
 
 
+def asked_window(kept: int, window: int, window_share: float = 0.0) -> int:
+    """The recent window asked for when `kept` rows are kept: `window` tokens, or
+    floor(window_share x kept) when that is more (at 4K, window_share 0.5 asks for 1024 at ratio
+    0.5 and 512 at 0.75)."""
+    if not 0 <= window_share < 1:
+        raise ValueError(f"window_share must be in [0, 1) (the kept rows' share in the recent window), "
+                         f"got {window_share!r}")
+    return max(window, int(window_share * kept))
+
+
 def layout(num_tokens: int, compression_ratio: float, sink_tokens: int, window: int,
-           exact_share: float = 0.0) -> Layout:
+           exact_share: float = 0.0, window_share: float = 0.0) -> Layout:
     """The layer layout for a prefill of num_tokens at compression_ratio (kvpress's budget).
 
-    sink_tokens and window are what was asked for; they shrink (window first) when the budget
-    cannot hold them and one slot. exact_share: fraction of the rows left after sink and window
-    given to exact middle tokens (the slots keep at least one row)."""
+    sink_tokens and window (`asked_window`: at least `window`, window_share of the kept rows when
+    that is more) are what was asked for; they shrink (window first) when the budget cannot hold
+    them and one slot. exact_share: fraction of the rows left after sink and window given to
+    exact middle tokens (the slots keep at least one row)."""
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if not 0 <= exact_share < 1:
         raise ValueError(f"exact_share must be in [0, 1), got {exact_share}")
     kept = kept_rows(num_tokens, compression_ratio) if num_tokens else 0
+    window = asked_window(kept, window, window_share)
     if compression_ratio == 0 or kept >= num_tokens:
         return Layout(num_tokens, min(sink_tokens, num_tokens), 0, 0)
     # kept < num_tokens, so sink + window + slots <= kept leaves a middle longer than the slots

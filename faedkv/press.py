@@ -113,6 +113,9 @@ class FAEDKVPress(BasePress):
     sink_tokens, window: exact tokens kept at the start and at the end, as asked; a budget too
         small for them and one slot shrinks the window, then the sink (dct-iterative also uses
         the window as its re-compression step).
+    window_share: a recent window that grows with the budget: the window asked for is
+        max(window, floor(window_share x kept rows)) (faedkv.budget.asked_window); 0: `window`
+        tokens at every budget. Not with dct-iterative (its window is its re-compression step).
     plan: FrequencyPlan choosing which of the M bins each layer keeps; None keeps every bin.
     key_space: "post_rope" compresses keys as cached; "pre_rope" undoes RoPE at each token's
         position, compresses, and re-rotates each slot at its representative position.
@@ -152,6 +155,7 @@ class FAEDKVPress(BasePress):
     variant: str = "iwdft"
     sink_tokens: int = 4
     window: int = 64
+    window_share: float = 0.0
     plan: FrequencyPlan | None = None
     key_space: str = "post_rope"
     mass_correction: bool = True
@@ -183,6 +187,10 @@ class FAEDKVPress(BasePress):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_fraction("window_share", self.window_share, "the kept rows' share in the recent window")
+        if self.window_share and self.variant == "dct-iterative":
+            raise ValueError("dct-iterative re-compresses every `window` tokens, so its window cannot grow "
+                             "with the budget: use window_share=0 with dct-iterative")
         if self.plan is not None and not isinstance(self.plan, FrequencyPlan):
             raise ValueError("plan must be a faedkv.FrequencyPlan (FrequencyPlan.from_json(...)) or None")
         if self.slot_normalization not in SLOT_NORMALIZATIONS:
@@ -295,7 +303,7 @@ class FAEDKVPress(BasePress):
         """How a prefill of num_tokens is kept at compression_ratio (default: the press's);
         kvpress's budget, faedkv.budget.layout."""
         ratio = self.compression_ratio if compression_ratio is None else compression_ratio
-        return layout(num_tokens, ratio, self.sink_tokens, self.window, self.exact_share)
+        return layout(num_tokens, ratio, self.sink_tokens, self.window, self.exact_share, self.window_share)
 
     def compress(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, attentions: torch.Tensor, kwargs: dict):

@@ -872,6 +872,7 @@ def test_lab_loads_the_search_winner_in_one_click():
     fake = FakeClient()
     at = _lab(fake)
     at.slider(key="lab.ratio").set_value(0.75).run()
+    at.slider(key="lab.window_share").set_value(0.5).run()     # the winner's window is a count: this goes
     at.button(key="lab.winner").click().run()
     no_exception(at)
     assert at.selectbox(key="lab.variant").value == "dimsplit" and at.toggle(key="lab.use_plan").disabled
@@ -881,7 +882,26 @@ def test_lab_loads_the_search_winner_in_one_click():
     assert method["name"] == "faedkv" and method["compression_ratio"] == 0.75     # the ratio is kept
     params = method["params"]
     assert {k: params[k] for k in SEARCH_WINNER} == SEARCH_WINNER and "plan" not in params
+    assert "window_share" not in params
     assert at.query_params["window"] == "512" and at.query_params["exact_pool"] == "global"
+
+
+def test_lab_window_share_is_sent_and_comes_back_from_a_link():
+    fake = FakeClient()
+    at = _lab(fake)
+    at.slider(key="lab.window_share").set_value(0.5).run()
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert fake.called("generate")[-1][0]["method"]["params"]["window_share"] == 0.5
+    assert at.query_params["window_share"] == "0.5"
+    at.selectbox(key="lab.variant").set_value("dct-iterative").run()      # its window is its step: not sent
+    assert at.slider(key="lab.window_share").disabled
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    assert "window_share" not in fake.called("generate")[-1][0]["method"]["params"]
+    linked = app_for("pages/frequency_lab.py", FakeClient(), query={"window_share": "0.25"})
+    no_exception(linked)
+    assert linked.slider(key="lab.window_share").value == 0.25
 
 
 def test_lab_search_knobs_come_back_from_a_link():

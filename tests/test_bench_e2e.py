@@ -43,11 +43,26 @@ def test_bad_rows_and_token_counts_are_refused():
             main(["e2e", "--model", "tiny-random-llama", "--rows", row])
     with pytest.raises(SystemExit, match="window of kvzip-split-cache must be a whole number"):
         main(["e2e", "--model", "tiny-random-llama", "--rows", "kvzip-split-cache:window=big"])
+    for bad in ("1", "-0.1", "nan", "half"):
+        with pytest.raises(SystemExit, match=r"window_share of kvzip-split-cache must be a number in \[0, 1\)"):
+            main(["e2e", "--model", "tiny-random-llama", "--rows", f"kvzip-split-cache:window_share={bad}"])
+    with pytest.raises(SystemExit, match="kvzip-split-cache takes window and window_share.*'sink=8'"):
+        main(["e2e", "--model", "tiny-random-llama", "--rows", "kvzip-split-cache:sink=8"])
     with pytest.raises(SystemExit, match="at least 2"):
         main(["e2e", "--model", "tiny-random-llama", "--new-tokens", "1"])
 
 
-@pytest.mark.parametrize("row", ["dimsplit-cache", "kvzip-split-cache", "kvzip-split-cache:window=32"])
+def test_kvzip_split_rows_read_their_options():
+    from analysis.bench.e2e import kvzip_split_options
+
+    assert kvzip_split_options("kvzip-split-cache") == {}
+    assert kvzip_split_options("kvzip-split-cache:window=512") == {"window": 512}
+    assert kvzip_split_options("kvzip-split-cache:window=0:window_share=0.5") == {"window": 0, "window_share": 0.5}
+    assert kvzip_split_options("dimsplit-cache") is None and kvzip_split_options("kvzip-split-cachex") is None
+
+
+@pytest.mark.parametrize("row", ["dimsplit-cache", "kvzip-split-cache", "kvzip-split-cache:window=32",
+                                 "kvzip-split-cache:window_share=0.5"])
 def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
     from analysis.bench import e2e
     from analysis.harness.models import load_model
@@ -66,6 +81,9 @@ def test_the_dimsplit_cache_rows_generate_and_are_reported(row, monkeypatch):
     if row.startswith("kvzip-split-cache"):   # the warm-up and the timed call each scored and stored their prompt
         assert len(built) == 2 and all(isinstance(c, DimsplitCache) and c.exact_masks is not None for c in built)
         assert built[-1].window == (32 if row.endswith("=32") else 64)
+        # the store holds the prompt but its last token: 299 tokens at 0.5 keep 149 rows, half of them 74
+        window = 74 if "window_share" in row else built[-1].window
+        assert [layer.window for layer in built[-1].layers] == [window] * len(built[-1].layers)
         assert built[-1].get_seq_length() == 300 + 3 - 1     # the prompt, then 2 decoded tokens fed back
         assert sum(int(m.sum()) for m in built[-1].exact_masks) > 0
     else:

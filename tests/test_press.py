@@ -483,3 +483,44 @@ def test_layer_pool_slots_run_in_a_model_through_the_registry():
                                 ({"exact_share": 0.5, "exact_pool": "layer", "slot_fit": "probes"}, "slot_fit 'mean'")]:
         with pytest.raises(ValueError, match=needle):
             MethodSpec(name="faedkv", compression_ratio=0.5, params=spec_params)
+
+
+def test_the_window_share_asks_for_a_window_that_grows_with_the_budget():
+    from faedkv.budget import asked_window
+
+    # the search's candidate at 4K: half the kept rows, 1024 at ratio 0.5 and 512 at 0.75
+    assert layout(4096, 0.5, 4, 0, window_share=0.5).window == 1024
+    assert layout(4096, 0.75, 4, 0, window_share=0.5).window == 512
+    assert layout(4096, 0.75, 4, 600, window_share=0.1).window == 600        # `window` is the least asked for
+    assert layout(4096, 0.75, 4, 64).window == 64 and asked_window(1024, 64) == 64
+    # a budget too small for it shrinks it as it shrinks a fixed window (one slot stays)
+    small = layout(40, 0.5, 4, 0, window_share=0.9)
+    assert (small.window, small.slots) == (15, 1)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="window_share must be in"):
+            layout(4096, 0.5, 4, 64, window_share=bad)
+
+
+@pytest.mark.parametrize("variant", ["iwdft", "resample", "dimsplit"])
+def test_a_window_share_press_is_the_press_with_that_window(variant):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    model = make_tiny_llama()
+    tokens = int(torch.randint(150, 260, (1,), generator=gen))
+    ratio = random.Random(seed).choice([0.5, 0.75])
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=gen)
+    window = int(0.5 * kept_rows(tokens, ratio))
+    shared = FAEDKVPress(compression_ratio=ratio, variant=variant, window=8, window_share=0.5)
+    fixed = FAEDKVPress(compression_ratio=ratio, variant=variant, window=window)
+    got, expected = prefill(model, ids, shared), prefill(model, ids, fixed)
+    assert shared.last_stats[0]["window"] == window and shared.layout(tokens).window == window, seed
+    for a, b in zip(got.layers, expected.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), seed
+
+
+def test_bad_window_shares_are_refused_naming_the_fix():
+    for bad in (1.0, -0.5, True, "0.5"):
+        with pytest.raises(ValueError, match="window_share must be in"):
+            FAEDKVPress(compression_ratio=0.5, window_share=bad)
+    with pytest.raises(ValueError, match="dct-iterative re-compresses every `window` tokens"):
+        FAEDKVPress(compression_ratio=0.5, variant="dct-iterative", window_share=0.5)

@@ -141,6 +141,8 @@ _FAEDKV_RULES = {
     "key_space": Rule("choice", choices=KEY_SPACES),
     "sink_tokens": IntRule(0),
     "window": IntRule(0),
+    # a window that grows with the budget: at least `window`, this share of the kept rows when more
+    "window_share": Rule("float", 0.0, 0.999),
     "mass_correction": BOOL,
     "plan": PLAN,
     "slot_normalization": Rule("choice", choices=SLOT_NORMALIZATIONS),
@@ -165,7 +167,7 @@ METHOD_RULES: dict[str, dict[str, Rule]] = {
     "full": {},
     "faedkv": dict(_FAEDKV_RULES),
     # the name fixes the variant; "variant": "dct-iterative" is accepted (it is what it runs)
-    "dct_iterative": {**{k: r for k, r in _FAEDKV_RULES.items() if k not in ("variant", "dim_share")},
+    "dct_iterative": {**{k: r for k, r in _FAEDKV_RULES.items() if k not in ("variant", "dim_share", "window_share")},
                       "variant": Rule("choice", choices=("dct-iterative",))},
     "streaming_llm": {"n_sink": IntRule(0)},
     "snapkv": {"window_size": IntRule(1), "kernel_size": IntRule(1, 1023, odd=True)},
@@ -280,6 +282,10 @@ class MethodSpec(Strict):
             if problem:
                 raise ValueError(f"params.{key} of method {self.name!r} must {problem}")
         variant = self.params.get("variant", "iwdft")
+        if self.params.get("window_share") and variant == "dct-iterative":
+            raise ValueError(f"params.window_share of method {self.name!r} lets the window grow with the budget, "
+                             "but dct-iterative re-compresses every `window` tokens: drop window_share or pick "
+                             "another variant")
         if self.params.get("dim_share", DIM_SHARE) != DIM_SHARE and variant != "dimsplit":
             raise ValueError(f"params.dim_share of method {self.name!r} is the dimension split's "
                              f"knob, but the variant is {variant!r}: set variant to 'dimsplit' or "

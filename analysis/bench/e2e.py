@@ -58,7 +58,8 @@ from analysis.bench.common import machine_description, write_fragment
 
 ROWS = ("full", "snapkv", "faedkv", "faedkv-cache")   # the default rows; any --methods spec is a row too
 KVZIP_SPLIT = "kvzip-split-cache"                     # DimsplitCache behind KVzip's global ranking
-WINDOW = ":window="                                   # kvzip-split-cache:window=512: that row with a recent window of 512
+# kvzip-split-cache:window=512 (a recent window of 512), :window_share=0.5 (half the kept rows): DimsplitCache options
+SPLIT_OPTIONS = {"window": int, "window_share": float}
 CACHE_ROWS = ("faedkv-cache", "dimsplit-cache", KVZIP_SPLIT)   # rows whose cache compresses itself (no press)
 STATIC_ROWS = ("full-static", "faedkv-cache-static")  # static caches, decode step compiled (on CUDA)
 MARK = "e2e.token"                                    # the profiled call's record_function per token
@@ -80,17 +81,30 @@ def static_refusal(row: str) -> str:
 
 def kvzip_split_options(row: str) -> dict | None:
     """The DimsplitCache options of a kvzip-split-cache row: {} (the cache's defaults), or
-    {"window": 512} for "kvzip-split-cache:window=512"; None for any other row. ValueError for a
-    window that is not a whole number >= 0."""
-    if row == KVZIP_SPLIT:
-        return {}
-    if not row.startswith(KVZIP_SPLIT + WINDOW):
+    {"window": 512, "window_share": 0.5} for "kvzip-split-cache:window=512:window_share=0.5"; None
+    for any other row. ValueError for an unknown option, or a value the cache would refuse (a
+    window that is not a whole number >= 0, a window_share outside [0, 1))."""
+    if row != KVZIP_SPLIT and not row.startswith(KVZIP_SPLIT + ":"):
         return None
-    text = row[len(KVZIP_SPLIT + WINDOW):]
-    if not text.isdigit():
-        raise ValueError(f"the window of {KVZIP_SPLIT} must be a whole number >= 0 (e.g. {KVZIP_SPLIT}{WINDOW}512), "
-                         f"got {text!r}")
-    return {"window": int(text)}
+    options = {}
+    for item in row.split(":")[1:]:
+        name, _, text = item.partition("=")
+        if name not in SPLIT_OPTIONS:
+            raise ValueError(f"{KVZIP_SPLIT} takes {' and '.join(SPLIT_OPTIONS)} (e.g. {KVZIP_SPLIT}:window=512 or "
+                             f"{KVZIP_SPLIT}:window_share=0.5), got {item!r}")
+        if name == "window" and not text.isdigit():
+            raise ValueError(f"the window of {KVZIP_SPLIT} must be a whole number >= 0 (e.g. {KVZIP_SPLIT}:window=512), "
+                             f"got {text!r}")
+        if name == "window_share":
+            try:
+                share = float(text)
+            except ValueError:
+                share = -1.0
+            if not 0 <= share < 1:
+                raise ValueError(f"the window_share of {KVZIP_SPLIT} must be a number in [0, 1) (the kept rows' "
+                                 f"share in the recent window, e.g. {KVZIP_SPLIT}:window_share=0.5), got {text!r}")
+        options[name] = SPLIT_OPTIONS[name](text)
+    return options
 
 
 def row_cache(row: str, ratio: float):
@@ -444,7 +458,8 @@ def e2e_markdown(rows: list[dict], machine: str, command: str, model: str, cpu: 
                      "dims + low rfft bins and attended without rebuilding its rows; decoded tokens appended.")
     if any(kvzip_split_options(r["row"]) is not None for r in rows):
         lines.append(f"{KVZIP_SPLIT} = the KVzip-ranked split stored physically (DimsplitCache, exact_share 0.9, "
-                     f"exact_pool global, dim_share 0.5, a recent window of 64 tokens, or N with {KVZIP_SPLIT}{WINDOW}N): KVzip's scoring passes over the prompt but its last token "
+                     f"exact_pool global, dim_share 0.5, a recent window of 64 tokens, or N with {KVZIP_SPLIT}:window=N, or the "
+                     f"larger of that and a share X of the kept rows with :window_share=X): KVzip's scoring passes over the prompt but its last token "
                      "(faedkv.kvzip.kvzip_prefill), the scored prefill stored with no further model call "
                      "(prefill_from), then generate feeds the last prompt token; time to first token counts all "
                      "of it. Heads keep different numbers of whole tokens, so each head's middle is its own "
@@ -466,7 +481,7 @@ def run_e2e(args) -> int:
         try:
             row_spec(row, args.ratio)
         except ValueError as exc:
-            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, {KVZIP_SPLIT}[{WINDOW}N], full-static, "
+            raise SystemExit(f"row {row!r}: {one_line(exc)}; a row is faedkv-cache, dimsplit-cache, {KVZIP_SPLIT}[:window=N][:window_share=X], full-static, "
                              "faedkv-cache-static or one --methods spec (full, snapkv, "
                              "faedkv:exact_share=0.9:exact_scorer=keydiff, ...)") from None
     if args.new_tokens < 2:
@@ -496,7 +511,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=list(ROWS),
                    help=f"faedkv-cache, dimsplit-cache, {KVZIP_SPLIT} (DimsplitCache behind KVzip's global ranking; "
-                        f"{KVZIP_SPLIT}{WINDOW}512 with a recent window of 512), full-static "
+                        f"{KVZIP_SPLIT}:window=512 with a recent window of 512, :window_share=0.5 with half the "
+                        f"kept rows), full-static "
                         f"(transformers' static cache, decode step "
                         f"compiled on CUDA), faedkv-cache-static (StaticFAEDKVCache, the same compiled path) or "
                         f"method specs as --methods writes them (default: {' '.join(ROWS)})")

@@ -13,7 +13,7 @@ compress (or compressed to another size) into a `CompressionError` instead of a 
 | name | press | params (defaults) |
 |---|---|---|
 | full | None | - |
-| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), exact_pool (head; layer: the layer's heads together; dimsplit hybrids also global, with kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
+| faedkv | faedkv.FAEDKVPress | variant (iwdft; dimsplit: the dimension split, see below), dim_share (0.5; dimsplit only), key_space (post_rope), sink_tokens (4), window (64), window_share (0: a fixed window; X: at least X of the kept rows), mass_correction (true), slot_normalization (mean), exact_share (0: no exact middle tokens), exact_scorer (expected_attention; also knorm, keydiff, snapkv, tova, kvzip), exact_pool (head; layer: the layer's heads together; dimsplit hybrids also global, with kvzip), slot_fit (mean; probes: attention-matched), fit_probes (64), plan (null: every bin), layer_ratios (null; a list: one ratio per layer averaging the ratio, through kvpress's PerLayerCompressionPress) |
 | dct_iterative | faedkv.FAEDKVPress(variant="dct-iterative") | as faedkv, without variant and dim_share |
 | streaming_llm | StreamingLLMPress | n_sink (4) |
 | snapkv | SnapKVPress | window_size (64), kernel_size (5) |
@@ -69,7 +69,7 @@ class MethodEntry:
         return getattr(__import__(module, fromlist=[cls]), cls)
 
 
-_FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64,
+_FAEDKV_DEFAULTS = {"variant": "iwdft", "key_space": "post_rope", "sink_tokens": 4, "window": 64, "window_share": 0.0,
                     "mass_correction": True, "slot_normalization": "mean", "exact_share": 0.0,
                     "exact_scorer": "expected_attention", "exact_pool": "head", "slot_fit": "mean", "fit_probes": 64,
                     "plan": None, "layer_ratios": None, "dim_share": 0.5}
@@ -78,7 +78,7 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("full", None, {}),
     MethodEntry("faedkv", "faedkv:FAEDKVPress", dict(_FAEDKV_DEFAULTS)),
     MethodEntry("dct_iterative", "faedkv:FAEDKVPress",
-                {k: v for k, v in _FAEDKV_DEFAULTS.items() if k not in ("variant", "dim_share")},
+                {k: v for k, v in _FAEDKV_DEFAULTS.items() if k not in ("variant", "dim_share", "window_share")},
                 fixed={"variant": "dct-iterative"}),
     MethodEntry("streaming_llm", "kvpress:StreamingLLMPress", {"n_sink": 4}),
     MethodEntry("snapkv", "kvpress:SnapKVPress", {"window_size": 64, "kernel_size": 5}),

@@ -225,7 +225,7 @@ def load_search_winner() -> None:
     """Set the method's widgets to the search's best configuration (a button callback: it runs
     before the widgets are drawn again); the ratio and the query mode stay as they are."""
     st.session_state[f"{PAGE}.method"] = "faedkv"
-    for name, value in SEARCH_WINNER.items():
+    for name, value in {"window_share": 0.0, **SEARCH_WINNER}.items():   # a window share would override its window
         st.session_state[f"{PAGE}.{name}"] = value
     st.session_state[f"{PAGE}.use_plan"] = False
 
@@ -293,12 +293,18 @@ URL_NAMES = {"slot_normalization": "norm", "sink_tokens": "sink", "mass_correcti
 
 
 def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
-    """FAEDKV's hybrid budget, slot fit and dimension split (issue 15): (the params to send,
-    every knob's value for the URL). A knob that does nothing at the chosen setting (the scorer
-    without exact tokens, fit_probes without the probe fit, dim_share and the exact pool off
-    dimsplit; the fit with dimsplit, which has no slots) is not sent."""
-    c1, c2, c3, c4, c5, c6 = st.columns(6)
+    """FAEDKV's hybrid budget, slot fit, dimension split and budget-scaled window (issue 15): (the
+    params to send, every knob's value for the URL). A knob that does nothing at the chosen setting
+    (the scorer without exact tokens, fit_probes without the probe fit, dim_share and the exact
+    pool off dimsplit; the fit with dimsplit, which has no slots; a window share of 0) is not sent."""
+    c1, c2, c3, c4, c5, c6, c7 = st.columns(7)
     dimsplit = variant == "dimsplit"
+    window_share = c7.slider("window share", 0.0, 0.9, step=0.05, disabled=variant == "dct-iterative",
+                             key=state.bind(PAGE, "window_share", 0.0, float, lambda v: 0 <= v < 1),
+                             help="A recent window that grows with the budget: at least the recent window "
+                                  "above, and this share of the kept rows when that is more (0.5 at 4K: "
+                                  "1024 tokens at ratio 0.5, 512 at 0.75). 0: the window above at every "
+                                  "budget. dct-iterative re-compresses every window, so it has none.")
     share = c1.slider("exact share", 0.0, 0.95, step=0.05, key=state.bind(
         PAGE, "exact_share", 0.0, float, lambda v: 0 <= v < 1),
         help="Hybrid budget: this fraction of the rows left after sink and window keeps exact "
@@ -340,8 +346,11 @@ def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
                 knobs["exact_pool"] = pool
         if fit == "probes":
             knobs["fit_probes"] = int(probes)
+    if window_share > 0 and variant != "dct-iterative":
+        knobs["window_share"] = float(window_share)
     return knobs, {"exact_share": float(share), "slot_fit": fit, "exact_scorer": scorer,
-                   "fit_probes": int(probes), "dim_share": float(dim_share), "exact_pool": pool, **knobs}
+                   "fit_probes": int(probes), "dim_share": float(dim_share), "exact_pool": pool,
+                   "window_share": float(window_share), **knobs}
 
 
 # ----------------------------------------------------------------------------- history
@@ -516,8 +525,9 @@ def cache_warning(result: dict, method: dict) -> str | None:
                 f"the budget's {budget}{why or ''}.")
     used = next((l for l in cache.get("layers") or [] if "sink_tokens" in l and "window" in l), None)
     if method.get("name") in PLANNED and used is not None:
+        # window_share may ask for more than `window`; only a shrunk sink or window is a surprise
         asked = (params.get("sink_tokens", 4), params.get("window", 64))
-        if (used["sink_tokens"], used["window"]) != asked:
+        if used["sink_tokens"] < asked[0] or used["window"] < asked[1]:
             return (f"The budget of {budget} rows could not hold sink {asked[0]} + window "
                     f"{asked[1]} and a slot: the press used sink {used['sink_tokens']} and window "
                     f"{used['window']} ({ui.plural(used.get('slots', '?'), 'slot')}); lower them to choose the "

@@ -257,13 +257,15 @@ class DimsplitLayer(FAEDKVLayerBase):
     None for the plain split."""
 
     def __init__(self, layer_idx: int, compression_ratio: float, dim_share: float, sink_tokens: int,
-                 window: int, exact_share: float = 0.0, exact: torch.Tensor | None = None):
+                 window: int, exact_share: float = 0.0, exact: torch.Tensor | None = None,
+                 window_share: float = 0.0):
         super().__init__()
         self.layer_idx = layer_idx
         self.compression_ratio = compression_ratio
         self.dim_share = dim_share
         self.exact_share = exact_share
         self.exact = exact
+        self.window_share = window_share
         self.asked = (sink_tokens, window)
         self.sink_tokens, self.window = sink_tokens, window   # as used (a short prefill shrinks them)
         self.seen = 0
@@ -312,7 +314,7 @@ class DimsplitLayer(FAEDKVLayerBase):
             raise ValueError(f"DimsplitCache needs keys and values of one shape, got {tuple(keys.shape)} "
                              f"and {tuple(values.shape)}")
         tokens = keys.shape[-2]
-        kept = layout(tokens, self.compression_ratio, *self.asked, self.exact_share)
+        kept = layout(tokens, self.compression_ratio, *self.asked, self.exact_share, self.window_share)
         if kept.slots == 0:
             raise ValueError(f"DimsplitCache cannot compress a {tokens}-token prefill at compression_ratio="
                              f"{self.compression_ratio} (it keeps all {kept.rows} rows); prefill more tokens")
@@ -370,7 +372,7 @@ class DimsplitCache(Cache):
         model.generate(input_ids, past_key_values=cache, max_new_tokens=200)
 
     The prefill is split as `FAEDKVPress(variant="dimsplit", dim_share=..., sink_tokens=...,
-    window=...)` splits it (post-RoPE keys), decode tokens append exactly, and attention reads
+    window=..., window_share=...)` splits it (post-RoPE keys), decode tokens append exactly, and attention reads
     the split without rebuilding the middle's rows (module docstring). compression_ratio 0 keeps
     everything (a plain growing cache). A prefill too short for sink + window + 1 row raises.
 
@@ -396,7 +398,7 @@ class DimsplitCache(Cache):
 
     def __init__(self, compression_ratio: float = 0.5, dim_share: float = 0.5, sink_tokens: int = 4,
                  window: int = 64, exact_share: float = 0.0, exact_scores: torch.Tensor | None = None,
-                 exact_pool: str = "head"):
+                 exact_pool: str = "head", window_share: float = 0.0):
         if not 0 <= compression_ratio < 1:
             raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio}")
         if not 0 <= dim_share < 1:
@@ -407,6 +409,9 @@ class DimsplitCache(Cache):
         if not 0 <= exact_share < 1:
             raise ValueError(f"exact_share must be in [0, 1) (the middle budget's share of whole tokens), "
                              f"got {exact_share!r}")
+        if not 0 <= window_share < 1:
+            raise ValueError(f"window_share must be in [0, 1) (the kept rows' share in the recent window), "
+                             f"got {window_share!r}")
         if (exact_share > 0) != (exact_scores is not None):
             raise ValueError("exact_share > 0 needs exact_scores (layers, batch, kv_heads, prefill tokens), e.g. "
                              "faedkv.kvzip.kvzip_prefill's, and exact_scores need exact_share > 0")
@@ -416,13 +421,14 @@ class DimsplitCache(Cache):
         self.dim_share = dim_share
         self.sink_tokens = sink_tokens
         self.window = window
+        self.window_share = window_share
         self.exact_share = exact_share
         self.exact_masks = None       # (layers, batch, kv_heads, N) bool: the hybrid's whole tokens
         if exact_scores is not None:
             if exact_scores.dim() != 4:
                 raise ValueError(f"exact_scores must be (layers, batch, kv_heads, tokens), got shape "
                                  f"{tuple(exact_scores.shape)}")
-            kept = layout(exact_scores.shape[-1], compression_ratio, sink_tokens, window, exact_share)
+            kept = layout(exact_scores.shape[-1], compression_ratio, sink_tokens, window, exact_share, window_share)
             self.exact_masks = exact_token_masks(exact_scores, kept, exact_pool)
         super().__init__(layers=[])
 
@@ -432,7 +438,7 @@ class DimsplitCache(Cache):
             self.layers.append(ExactLayer(index) if self.compression_ratio == 0 else
                                DimsplitLayer(index, self.compression_ratio, self.dim_share,
                                              self.sink_tokens, self.window, self.exact_share,
-                                             self.layer_mask(index)))
+                                             self.layer_mask(index), self.window_share))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
     def layer_mask(self, index: int) -> torch.Tensor | None:

@@ -91,7 +91,8 @@ def linear_profile(spec: MethodSpec, context_length: int, num_layers: int, num_k
     if float(params.get("exact_share") or 0) > 0:
         raise ContributionError(f"{spec.label}: a hybrid keeps data-dependent exact tokens; its "
                                 "contribution is not a fixed linear map (set exact_share to 0)")
-    kept = layout(context_length, spec.compression_ratio, int(params["sink_tokens"]), int(params["window"]))
+    kept = layout(context_length, spec.compression_ratio, int(params["sink_tokens"]), int(params["window"]),
+                  window_share=float(params.get("window_share") or 0))
     sink, window, slots, middle = kept.sink, kept.window, kept.slots, kept.middle
     if slots == 0 or slots >= middle:
         raise ContributionError(

@@ -2,13 +2,13 @@
 # Quality runs on a real model on the lent H200 (see ../shared/docs/GPU.md for carrying the model there):
 #   source .gpu/w/setup.sh && bash benchmarks/gpu_quality.sh PART [SECONDS]
 # PART: ppl | needle-main | needle-rest | speed | e2e | e2e-profile | e2e-static | ablate | layer-budget | needle-next | search-a | search-b |
-# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | grid6 | speed2 | speed2-rest | fold.
+# search-ppl | dimsplit | hybrid-split | hybrid-split-0625 | hybrid-split-ppl | grid5 | grid6 | grid7 | speed2 | speed2-rest | fold.
 # SEED=folder: a store's runs/ that grid5/grid6's groups start from (an earlier machine's unfinished runs resume).
 # Results go to the store in results/ (kept between calls on a warm
 # machine; a killed grid resumes from its finished cells) and are copied to $OUT/results for the way back;
 # `python -m analysis.bench.results_report` turns the store into docs/RESULTS.md here.
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|grid6|speed2|speed2-rest|fold [seconds]}
+part=${1:?usage: gpu_quality.sh ppl|needle-main|needle-rest|speed|e2e|e2e-profile|e2e-static|ablate|layer-budget|needle-next|search-a|search-b|search-ppl|dimsplit|hybrid-split|hybrid-split-0625|hybrid-split-ppl|grid5|grid6|grid7|speed2|speed2-rest|fold [seconds]}
 limit=${2:-540}
 MODEL=${MODEL:-/tmp/m/model}
 # DEVICE=cpu MODEL=tiny-random-qwen2 PYTHON=.venv/bin/python dry-runs a part's plumbing on a CPU machine
@@ -53,6 +53,7 @@ KP="faedkv:variant=dimsplit:exact_scorer=kvzip:exact_pool"
 KZ="$KP=global:exact_share"
 SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
 grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
+late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)   # samples 3-4 of the 5-sample grid
 R=0.5,0.625,0.75
 FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
 case "$part" in
@@ -198,7 +199,6 @@ case "$part" in
     # at 0.5 against +0.027 with 64, the suite at the full cache's 0.78) on NLL (8 texts), the suite at 4K and the
     # 5-sample needle grid; the suite for the split with 64 and for KVzip (resumed from SEED); KVzip and the split at
     # samples 3-4 of the 5-sample grid (on top of round 4's 0-2 and grid5's 4K cells); grid5's unfinished baselines
-    late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)   # samples 3-4 of the 5-sample grid
     W="$KZ=0.9:window=512"
     jobs=(
       "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 8 --ratios 0.5 --methods $W,$KZ=0.9,kvzip,snapkv"
@@ -222,6 +222,30 @@ case "$part" in
       "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
     )
     run_groups g6 6 ;;
+  grid7)   # after round 8 (issue 15): the KVzip split with a window that grows with the budget (window_share 0.5: at 4K
+    # 1024 at 0.5, where window 1024 met the NLL condition on the CPU, and 512 at 0.75, where window 512 found every
+    # needle) on the 5-sample grid, NLL on 16 texts and the suite; then samples 5-9 at 0.75 for KVzip and the window-512
+    # split (their intervals overlapped by 0.2 points at 5 samples); then grid6's unfinished baselines
+    more=(--depths 0,25,50,75,100 --first-sample 5 --samples 5)   # samples 5-9
+    WS="$KZ=0.9:window_share=0.5"
+    W="$KZ=0.9:window=512"
+    jobs=(
+      "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.75 --methods $WS"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 16 --ratios 0.5 --methods $WS"
+      "needle --lengths 4096 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.625,0.75 --methods $WS"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $WS"
+      "needle --lengths 4096,16384 ${more[*]} --ratios 0.75 --methods kvzip"
+      "needle --lengths 4096,16384 ${more[*]} --ratios 0.75 --methods $W"
+      "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.625 --methods $WS"
+      "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
+      "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
+      "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
+      "needle ${grid[*]} --ratios $R --methods pyramidkv"
+      "needle ${grid[*]} --ratios $R --methods h2o"
+      "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
+      "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+    )
+    run_groups g7 6 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # the store's runs (cells, configs, metrics) for the way back; the index is rebuilt here

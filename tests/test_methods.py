@@ -138,6 +138,34 @@ def test_params_reach_the_press_and_labels_tell_specs_apart(tiny):
                                            params={"sink_tokens": 4})) == "faedkv-iwdft@0.5"
 
 
+def test_a_stored_faedkv_run_never_reads_the_press_defaults(tiny, monkeypatch):
+    """Runs store the params as given; the registry's defaults fill in the rest, every field
+    that changes what FAEDKVPress computes among them, so changing the press's own defaults
+    (a new shipped default) leaves the meaning of every stored `faedkv` run as it is."""
+    from faedkv import FAEDKVPress
+
+    bookkeeping = {"compression_ratio", "record_errors", "fused", "last_stats"}
+    computing = {f.name for f in dataclasses.fields(FAEDKVPress)} - bookkeeping
+    assert computing <= set(methods.REGISTRY["faedkv"].defaults), computing - set(methods.REGISTRY["faedkv"].defaults)
+    import faedkv
+
+    built = methods.build_press(MethodSpec(name="faedkv", compression_ratio=0.5), tiny.model)
+
+    @dataclasses.dataclass
+    class MovedDefaults(FAEDKVPress):      # the press's defaults move; the built press must not
+        variant: str = "dimsplit"
+        window: int = 512
+        exact_share: float = 0.9
+        exact_scorer: str = "kvzip"
+        exact_pool: str = "global"
+
+    monkeypatch.setattr(faedkv, "FAEDKVPress", MovedDefaults)
+    again = methods.build_press(MethodSpec(name="faedkv", compression_ratio=0.5), tiny.model)
+    assert isinstance(again, MovedDefaults)
+    assert {n: getattr(again, n) for n in computing} == {n: getattr(built, n) for n in computing}
+    assert (again.variant, again.window, again.exact_share) == ("iwdft", 64, 0.0)
+
+
 def test_question_fed_token_by_token_equals_one_pass(tiny, sample):
     """The path used for uneven (PyramidKV) caches computes what one causal pass computes."""
     from transformers import DynamicCache

@@ -55,6 +55,15 @@ SL="faedkv:exact_share=0.9:exact_scorer=kvzip:exact_pool=layer"
 grid=(--lengths 4096,16384 --depths 0,25,50,75,100 --samples 5)
 late=(--depths 0,25,50,75,100 --first-sample 3 --samples 2)   # samples 3-4 of the 5-sample grid
 R=0.5,0.625,0.75
+# the registry's baselines (and FAEDKV's default) on the 5-sample grid: grid6's last groups, resumed by grid7
+baselines=(
+  "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
+  "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
+  "needle ${grid[*]} --ratios $R --methods pyramidkv"
+  "needle ${grid[*]} --ratios $R --methods h2o"
+  "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
+  "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+)
 FAEDKV="faedkv,faedkv:variant=resample,faedkv:exact_share=0.5,faedkv:exact_share=0.8,faedkv:variant=resample:exact_share=0.5,faedkv:exact_share=0.5:exact_scorer=keydiff"
 case "$part" in
   ppl)
@@ -214,12 +223,7 @@ case "$part" in
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
       "needle ${grid[*]} --ratios 0.75 --methods $KZ=0.75,$KZ=0.95"
       "needle ${grid[*]} --ratios 0.5,0.75 --methods $SL"
-      "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
-      "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
-      "needle ${grid[*]} --ratios $R --methods pyramidkv"
-      "needle ${grid[*]} --ratios $R --methods h2o"
-      "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
-      "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+      "${baselines[@]}"
     )
     run_groups g6 6 ;;
   grid7)   # after round 8 (issue 15): the KVzip split with a window that grows with the budget (window_share 0.5: at 4K
@@ -238,12 +242,7 @@ case "$part" in
       "needle --lengths 4096,16384 ${more[*]} --ratios 0.75 --methods $W"
       "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.625 --methods $WS"
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
-      "needle ${grid[*]} --ratios $R --methods faedkv,snapkv"
-      "needle ${grid[*]} --ratios $R --methods lagkv,compactor,merging"
-      "needle ${grid[*]} --ratios $R --methods pyramidkv"
-      "needle ${grid[*]} --ratios $R --methods h2o"
-      "needle ${grid[*]} --ratios 0.5,0.625 --methods dct_iterative"
-      "needle ${grid[*]} --ratios 0.75 --methods dct_iterative"
+      "${baselines[@]}"
     )
     run_groups g7 6 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

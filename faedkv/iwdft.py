@@ -62,9 +62,16 @@ def fold_by_index(x: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 def fold_counts(tokens: int, num_bins: int) -> torch.Tensor:
-    """How many tokens fall into each distance bin, (num_bins,) int64."""
-    distances = torch.arange(1, tokens + 1)
-    return torch.bincount(distances % num_bins, minlength=num_bins)
+    """How many of the distances 1..tokens fall into each bin d mod num_bins, (num_bins,) int64.
+
+    Closed form (O(num_bins), no pass over the tokens): with tokens = lap M + rem, bins 1..rem
+    hold lap + 1 distances and the others lap."""
+    if tokens < 0 or num_bins < 1:
+        raise ValueError(f"fold_counts needs tokens >= 0 and num_bins >= 1, got {tokens} and {num_bins}")
+    lap, rem = divmod(tokens, num_bins)
+    counts = torch.full((num_bins,), lap, dtype=torch.int64)
+    counts[1:rem + 1] += 1
+    return counts
 
 
 def ring_slot_scales(tokens: int, num_bins: int) -> tuple[int, float, float]:

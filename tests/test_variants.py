@@ -30,6 +30,16 @@ def test_old_sum_slots_have_equal_column_norms_for_any_keep_mask(ratio):
         assert torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-10), plan
 
 
+def test_fold_counts_are_the_distance_histogram():
+    """The closed form against its definition: how many of the distances 1..T are b mod M."""
+    for _ in range(50):
+        tokens, bins = random.randint(0, 5000), random.randint(1, 700)
+        expected = torch.bincount(torch.arange(1, tokens + 1) % bins, minlength=bins)
+        assert torch.equal(fold_counts(tokens, bins), expected), (tokens, bins)
+    with pytest.raises(ValueError, match="num_bins >= 1"):
+        fold_counts(10, 0)
+
+
 def test_mean_slots_are_class_means():
     tokens = random.randint(30, 300)
     slots = kept_rows(tokens, random.choice([0.5, 0.8]))

@@ -83,27 +83,27 @@ def kvzip_split_options(row: str) -> dict | None:
     """The DimsplitCache options of a kvzip-split-cache row: {} (the cache's defaults), or
     {"window": 512, "window_share": 0.5} for "kvzip-split-cache:window=512:window_share=0.5"; None
     for any other row. ValueError for an unknown option, or a value the cache would refuse (a
-    window that is not a whole number >= 0, a window_share outside [0, 1))."""
+    window that is not a whole number >= 0, a window_share outside [0, 1): faedkv.budget's rule)."""
+    from faedkv.budget import asked_window
+
     if row != KVZIP_SPLIT and not row.startswith(KVZIP_SPLIT + ":"):
         return None
+    wanted = {"window": f"a whole number >= 0 (e.g. {KVZIP_SPLIT}:window=512)",
+              "window_share": f"a number in [0, 1) (the kept rows' share in the recent window, e.g. "
+                              f"{KVZIP_SPLIT}:window_share=0.5)"}
     options = {}
     for item in row.split(":")[1:]:
         name, _, text = item.partition("=")
         if name not in SPLIT_OPTIONS:
             raise ValueError(f"{KVZIP_SPLIT} takes {' and '.join(SPLIT_OPTIONS)} (e.g. {KVZIP_SPLIT}:window=512 or "
                              f"{KVZIP_SPLIT}:window_share=0.5), got {item!r}")
-        if name == "window" and not text.isdigit():
-            raise ValueError(f"the window of {KVZIP_SPLIT} must be a whole number >= 0 (e.g. {KVZIP_SPLIT}:window=512), "
-                             f"got {text!r}")
-        if name == "window_share":
-            try:
-                share = float(text)
-            except ValueError:
-                share = -1.0
-            if not 0 <= share < 1:
-                raise ValueError(f"the window_share of {KVZIP_SPLIT} must be a number in [0, 1) (the kept rows' "
-                                 f"share in the recent window, e.g. {KVZIP_SPLIT}:window_share=0.5), got {text!r}")
-        options[name] = SPLIT_OPTIONS[name](text)
+        try:
+            options[name] = SPLIT_OPTIONS[name](text)
+            asked_window(0, options.get("window", 0), options.get("window_share", 0.0))
+            if options.get("window", 0) < 0:
+                raise ValueError(name)
+        except ValueError:
+            raise ValueError(f"the {name} of {KVZIP_SPLIT} must be {wanted[name]}, got {text!r}") from None
     return options
 
 

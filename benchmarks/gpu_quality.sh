@@ -233,14 +233,15 @@ case "$part" in
     more=(--depths 0,25,50,75,100 --first-sample 5 --samples 5)   # samples 5-9
     WS="$KZ=0.9:window_share=0.5"
     W="$KZ=0.9:window=512"
+    # what decides comes first (at 4K the share's layouts equal windows 1024 and 512, measured on the CPU)
     jobs=(
       "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.75 --methods $WS"
-      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 16 --ratios 0.5 --methods $WS"
-      "needle --lengths 4096 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.625,0.75 --methods $WS"
-      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $WS"
       "needle --lengths 4096,16384 ${more[*]} --ratios 0.75 --methods kvzip"
       "needle --lengths 4096,16384 ${more[*]} --ratios 0.75 --methods $W"
       "needle --lengths 16384 --depths 0,25,50,75,100 --samples 5 --ratios 0.625 --methods $WS"
+      "ppl --prefix-tokens 4096 --continuation-tokens 256 --num-texts 16 --ratios 0.5 --methods $WS"
+      "suite --context-length 4096 --samples 10 --ratios 0.5 --methods $WS"
+      "needle --lengths 4096 --depths 0,25,50,75,100 --samples 5 --ratios 0.5,0.625,0.75 --methods $WS"
       "needle --lengths 4096,16384 ${late[*]} --ratios 0.625 --methods kvzip"
       "${baselines[@]}"
     )

@@ -872,7 +872,7 @@ def test_lab_loads_the_search_winner_in_one_click():
     fake = FakeClient()
     at = _lab(fake)
     at.slider(key="lab.ratio").set_value(0.75).run()
-    at.slider(key="lab.window_share").set_value(0.5).run()     # the winner's window is a count: this goes
+    at.number_input(key="lab.window").set_value(256).run()     # the winner's window floor replaces it
     at.button(key="lab.winner").click().run()
     no_exception(at)
     assert at.selectbox(key="lab.variant").value == "dimsplit" and at.toggle(key="lab.use_plan").disabled
@@ -882,8 +882,8 @@ def test_lab_loads_the_search_winner_in_one_click():
     assert method["name"] == "faedkv" and method["compression_ratio"] == 0.75     # the ratio is kept
     params = method["params"]
     assert {k: params[k] for k in SEARCH_WINNER} == SEARCH_WINNER and "plan" not in params
-    assert "window_share" not in params
-    assert at.query_params["window"] == "512" and at.query_params["exact_pool"] == "global"
+    assert params["window"] == 64 and params["window_share"] == 0.5
+    assert at.query_params["window_share"] == "0.5" and at.query_params["exact_pool"] == "global"
 
 
 def test_lab_window_share_is_sent_and_comes_back_from_a_link():

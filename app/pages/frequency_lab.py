@@ -225,7 +225,7 @@ def load_search_winner() -> None:
     """Set the method's widgets to the search's best configuration (a button callback: it runs
     before the widgets are drawn again); the ratio and the query mode stay as they are."""
     st.session_state[f"{PAGE}.method"] = "faedkv"
-    for name, value in {"window_share": 0.0, **SEARCH_WINNER}.items():   # a window share would override its window
+    for name, value in SEARCH_WINNER.items():
         st.session_state[f"{PAGE}.{name}"] = value
     st.session_state[f"{PAGE}.use_plan"] = False
 
@@ -234,8 +234,8 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
     st.button("load the search's winner", key=f"{PAGE}.winner", on_click=load_search_winner,
               help="FAEDKV's best configuration on Qwen2.5-Coder-1.5B (docs/RESULTS.md): the dimension split "
                    "behind KVzip's ranking over every layer and head, 90% of the middle's budget as whole "
-                   "tokens, a recent window of 512. KVzip's scoring runs extra passes over the prompt "
-                   "(slow on a CPU).")
+                   "tokens, a recent window of half the kept rows. KVzip's scoring runs extra passes over "
+                   "the prompt (slow on a CPU).")
     c1, c2, c3 = st.columns([2, 2, 2])
     name = c1.selectbox("method", METHODS, key=state.bind(PAGE, "method", "faedkv",
                                                           valid=state.options_valid(METHODS)))

@@ -47,6 +47,12 @@ class TemplateAwareKVzip(KVzipPress):
             kvzip_logger.setLevel(level)
 
     def _perform_kvzip_compression(self, model, tokenizer):
+        # kvpress's passes assume one sequence (their score buffer has batch 1) and fail on a batch
+        # with a bare size mismatch; say what is wrong before they run.
+        if self._context_ids.shape[0] != 1:
+            raise ValueError(f"KVzip's scoring passes take one sequence, got a batch of "
+                             f"{self._context_ids.shape[0]}; compress the sequences one at a time, or "
+                             "use another scorer (exact_scorer='keydiff', say) for a batch")
         # The head's last token (a newline) may merge with the context's first characters.
         head = template_head_ids(tokenizer)[:-1]
         if self._context_ids[0, :len(head)].tolist() != head:

@@ -294,6 +294,30 @@ def test_kvzip_needs_a_tokenizer_folder_in_the_config():
         methods.build_press(MethodSpec(name="kvzip", compression_ratio=0.5), make_tiny_llama())
 
 
+def test_faedkv_ranked_by_kvzip_needs_a_tokenizer_folder_in_the_config():
+    from conftest import make_tiny_llama
+
+    spec = MethodSpec(name="faedkv", compression_ratio=0.5, params={"exact_share": 0.5, "exact_scorer": "kvzip"})
+    with pytest.raises(ValueError, match="exact_scorer='kvzip' loads the model's tokenizer.*name_or_path"):
+        methods.build_press(spec, make_tiny_llama())
+    methods.build_press(MethodSpec(name="faedkv", compression_ratio=0.5, params={"exact_share": 0.5}),
+                        make_tiny_llama())     # other scorers need no tokenizer
+
+
+@pytest.mark.parametrize("params", [None, {"exact_share": 0.5, "exact_scorer": "kvzip", "window": 16}])
+def test_kvzip_scoring_refuses_a_batch_with_a_clear_error(tiny, params):
+    """kvpress's KVzip passes take one sequence (on a batch they fail with a bare size mismatch):
+    the kvzip baseline and FAEDKV ranked by KVzip say so before the passes run."""
+    from transformers import DynamicCache
+
+    name = "kvzip" if params is None else "faedkv"
+    press = methods.build_press(MethodSpec(name=name, compression_ratio=0.5, params=params or {}), tiny.model)
+    ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 200, 2)] * 2)
+    with pytest.raises(ValueError, match="take one sequence, got a batch of 2"):
+        with torch.inference_mode(), press(tiny.model):
+            tiny.model.model(input_ids=ids, past_key_values=DynamicCache())
+
+
 def test_compactor_is_seeded_and_leaves_the_global_rng_alone(tiny):
     from analysis.tasks.ppl import prefill
 

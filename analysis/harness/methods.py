@@ -178,18 +178,18 @@ def build_press(spec: MethodSpec, model) -> Any:
                             window_size=params.pop("window_size"), kernel_size=params.pop("kernel_size"))
         return e.press_type()(press=inner, **params)
     if e.name == "kvzip":
-        _check_tokenizer_source(model)
+        _check_tokenizer_source(model, "method 'kvzip'")
     return e.press_type()(compression_ratio=spec.compression_ratio, **params)
 
 
-def _check_tokenizer_source(model) -> None:
+def _check_tokenizer_source(model, who: str) -> None:
     """KVzip loads the tokenizer from `model.config.name_or_path` for its reconstruction
     prompt; refuse before the prefill when that names nothing."""
     import os
 
     source = getattr(model.config, "name_or_path", "") or ""
     if not source or (os.path.sep in source and not os.path.isdir(source)):
-        raise ValueError(f"method 'kvzip' loads the model's tokenizer from model.config.name_or_path "
+        raise ValueError(f"{who} loads the model's tokenizer from model.config.name_or_path "
                          f"({source!r}), which names no folder; load the model with "
                          "analysis.harness.models.load_model (it records the folder) or set name_or_path.")
 
@@ -202,6 +202,8 @@ def _build_faedkv(spec: MethodSpec, params: dict, model):
     except ImportError as exc:
         raise ValueError(f"method {spec.name!r} needs the `faedkv` package, which failed to import "
                          f"({exc})") from exc
+    if params.get("exact_share") and params.get("exact_scorer") == "kvzip" and spec.compression_ratio:
+        _check_tokenizer_source(model, f"{spec.name} with exact_scorer='kvzip'")
     plan = params.pop("plan")
     if isinstance(plan, dict):
         plan = faedkv.FrequencyPlan.from_json(plan)

@@ -51,8 +51,8 @@ class TemplateAwareKVzip(KVzipPress):
         # with a bare size mismatch; say what is wrong before they run.
         if self._context_ids.shape[0] != 1:
             raise ValueError(f"KVzip's scoring passes take one sequence, got a batch of "
-                             f"{self._context_ids.shape[0]}; compress the sequences one at a time, or "
-                             "use another scorer (exact_scorer='keydiff', say) for a batch")
+                             f"{self._context_ids.shape[0]}; compress the sequences one at a time, or use "
+                             "a method that takes a batch (for FAEDKV: another exact_scorer, keydiff say)")
         # The head's last token (a newline) may merge with the context's first characters.
         head = template_head_ids(tokenizer)[:-1]
         if self._context_ids[0, :len(head)].tolist() != head:

@@ -50,6 +50,7 @@ EVICTION = frozenset({"streaming_llm", "snapkv", "h2o", "pyramidkv", "tova", "kn
 # low-pass reconstruction of the others at every middle token; faedkv.press.PRESS_VARIANTS)
 VARIANTS = ("iwdft", "resample", "dct-iterative", "dimsplit")
 DIM_SHARE = 0.5             # dimsplit's default share of the middle budget on exact dims
+WINDOW = 64                 # FAEDKV's default recent window (FAEDKVPress's and the method registry's)
 KEY_SPACES = ("post_rope", "pre_rope")
 SLOT_NORMALIZATIONS = ("mean", "sum")
 # The search's best configuration (issue 15, docs/RESULTS.md): on Qwen2.5-Coder-1.5B (H200) it meets the goal's five
@@ -58,7 +59,7 @@ SLOT_NORMALIZATIONS = ("mean", "sum")
 # leaves ranked tokens at short prompts. Not the default: KVzip's ranking needs model passes (batch size 1) and the
 # model's tokenizer, and as a press the split keeps a row per token.
 SEARCH_WINNER = {"variant": "dimsplit", "dim_share": DIM_SHARE, "exact_share": 0.9, "exact_scorer": "kvzip",
-                 "exact_pool": "global", "window": 64, "window_share": 0.5}
+                 "exact_pool": "global", "window": WINDOW, "window_share": 0.5}
 # scorers that pick a hybrid's exact middle tokens (faedkv.press.EXACT_SCORERS; tested equal)
 EXACT_SCORERS = ("expected_attention", "knorm", "keydiff", "snapkv", "tova", "kvzip")
 # where a hybrid's exact tokens compete (faedkv.budget.EXACT_POOLS; tested equal)

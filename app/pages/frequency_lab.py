@@ -14,8 +14,8 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from analysis.api.params import (DIM_SHARE, EXACT_POOLS, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
-                                 QUERY_MODES, SEARCH_WINNER, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, GenerateParams, MethodSpec,
-                                 TaskPrompt)
+                                 QUERY_MODES, SEARCH_WINNER, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, WINDOW, GenerateParams,
+                                 MethodSpec, TaskPrompt)
 from analysis.api import plans  # noqa: E402
 from app import figures, state, ui, views  # noqa: E402
 
@@ -262,7 +262,7 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
         params["sink_tokens"] = int(c3.number_input("sink tokens", 0, 4096, key=state.bind(
             PAGE, "sink", 4, int)))
         params["window"] = int(c4.number_input("recent window", 0, 65536, key=state.bind(
-            PAGE, "window", 64, int)))
+            PAGE, "window", WINDOW, int)))
         params["mass_correction"] = c5.toggle("log-count mass", key=state.bind(
             PAGE, "mass", True, state.decode_bool), help="add log(tokens in the class) to each "
             "slot's attention logit: attention then equals attention over the cache in which every "
@@ -516,7 +516,7 @@ def cache_warning(result: dict, method: dict) -> str | None:
     if not cache["compressed"]:
         why = ""
         if method.get("name") in PLANNED:
-            sink, window = params.get("sink_tokens", 4), params.get("window", 64)
+            sink, window = params.get("sink_tokens", 4), params.get("window", WINDOW)
             if tokens <= sink + window:
                 why = (f": the prompt is not longer than sink ({sink}) + window ({window}) = "
                        f"{sink + window} tokens, so there is no middle to compress; use a longer "
@@ -526,7 +526,7 @@ def cache_warning(result: dict, method: dict) -> str | None:
     used = next((l for l in cache.get("layers") or [] if "sink_tokens" in l and "window" in l), None)
     if method.get("name") in PLANNED and used is not None:
         # window_share may ask for more than `window`; only a shrunk sink or window is a surprise
-        asked = (params.get("sink_tokens", 4), params.get("window", 64))
+        asked = (params.get("sink_tokens", 4), params.get("window", WINDOW))
         if used["sink_tokens"] < asked[0] or used["window"] < asked[1]:
             return (f"The budget of {budget} rows could not hold sink {asked[0]} + window "
                     f"{asked[1]} and a slot: the press used sink {used['sink_tokens']} and window "

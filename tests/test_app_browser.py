@@ -176,8 +176,18 @@ def test_spectra_compute_then_export_png(page, app_url, tmp_path):
     assert colours is None or len(colours) > 50          # a real heatmap, not a blank canvas
 
     open_page(page, app_url, "export")                   # a typed URL: a fresh session
+    # a fresh session's script can run twice on load; the first run's elements stay (stale) until
+    # the second ends, so wait for the finished page rather than read it once
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    with contextlib.suppress(PlaywrightTimeout):      # the assert below says what was there
+        page.wait_for_function(
+            "() => { const t = document.querySelector('[data-testid=\"stMain\"]').innerText;"
+            " return t.includes('spectra-heatmap_tiny-random-llama') && !t.includes('No figure yet'); }",
+            timeout=60_000)
+    settle(page)
     text = main_text(page)
-    assert "No figure yet" not in text and "spectra-heatmap_tiny-random-llama" in text
+    assert "No figure yet" not in text and "spectra-heatmap_tiny-random-llama" in text, text
 
 
 def set_number(page, label: str, value: int) -> None:

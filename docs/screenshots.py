@@ -2,9 +2,9 @@
 
 Starts a backend on the embedded model with the shipped results (assets/results) in a temporary
 store, the app pointed at it, and headless Chromium; opens the pages, re-runs one generation in
-the Frequency lab (1024-token needle prompt, FAEDKV at 0.5 with a low-pass plan), then both slot
-normalisations side by side, and writes docs/screenshots/<page>.png. Takes a minute or two on a
-laptop CPU.
+the Frequency lab (1024-token needle prompt at 0.5: FAEDKV's default, then iwdft with a low-pass
+plan in both slot normalisations side by side), and writes docs/screenshots/<page>.png. Takes a
+minute or two on a laptop CPU.
 """
 from __future__ import annotations
 
@@ -52,12 +52,15 @@ def main() -> int:
         page.get_by_label("length (tokens)").press("Tab")
         settle(page)
         page.get_by_role("button", name="Re-run generation").click()
-        page.get_by_text("Cache length per layer after compression").wait_for()
+        page.get_by_text("Cache stored per layer after compression").wait_for()
+        settle(page)
+        shoot(page, "frequency-lab")
+        page.goto(f"{url}/lab?variant=iwdft&length=1024")
         settle(page)
         page.get_by_role("button", name="Run both normalisations").click()
         page.get_by_text("They differ in: method.params.slot_normalization").wait_for()
         settle(page)
-        shoot(page, "frequency-lab")
+        shoot(page, "frequency-lab-iwdft")
         browser.close()
     return 0
 

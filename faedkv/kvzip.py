@@ -3,19 +3,21 @@
 KVzip (arXiv 2505.23416; kvpress's KVzipPress) scores every cached pair by the largest attention
 it receives while the model is asked to repeat the context, after the prefill; kvpress then masks
 the pairs that score lowest. `KVzipScores` runs the same scoring and hands the scores, shape
-(layers, batch=1, kv_heads, tokens), to a callback instead of masking: FAEDKVPress keeps the top
-E middle tokens per head exact and summarises the others into slots; `kvzip_prefill` hands
-them, with the prefilled cache, to a physical store (`DimsplitCache.prefill_from`).
+(layers, batch, kv_heads, tokens), to a callback instead of masking: FAEDKVPress keeps the top
+E middle tokens exact and summarises the others; `kvzip_prefill` hands them, with the prefilled
+cache, to a physical store (`DimsplitCache.prefill_from`). kvpress's passes score one sequence;
+`KVzipScores` scores a batch of equal-length sequences, each as it would be alone.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from kvpress import KVzipPress
-from transformers import DynamicCache
+from transformers import DynamicCache, Gemma3PreTrainedModel
 
 
 def template_head_ids(tokenizer) -> list[int]:
@@ -46,16 +48,36 @@ class TemplateAwareKVzip(KVzipPress):
         finally:
             kvzip_logger.setLevel(level)
 
+    # kvpress's passes and masking assume one sequence (a batch fails with a bare size mismatch,
+    # and the masking counts its budget over the whole batch); KVzipScores scores a batch.
+    takes_batches: ClassVar[bool] = False
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        """kvpress's KVzipPress.__call__; a model whose tokenizer cannot be loaded from
+        model.config.name_or_path is refused with what to do, before the prefill."""
+        if isinstance(model, Gemma3PreTrainedModel):
+            raise ValueError("KVzip's scoring passes do not support Gemma 3 (kvpress's KVzipPress refuses it)")
+        with contextlib.ExitStack() as stack:
+            try:        # kvpress loads the tokenizer on entry, before the prefill
+                stack.enter_context(super().__call__(model))
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"KVzip builds its 'repeat the context' prompt with the model's tokenizer, which it loads "
+                    f"from model.config.name_or_path ({model.config.name_or_path!r}), and that failed: "
+                    f"{str(exc).splitlines()[0]} Save the tokenizer there (tokenizer.save_pretrained(folder)) or "
+                    "set model.config.name_or_path to a folder or hub id that has it; or, for FAEDKV, pick an "
+                    "exact_scorer that needs none (keydiff, say, with exact_pool='layer').") from exc
+            yield
+
     def _perform_kvzip_compression(self, model, tokenizer):
-        # kvpress's passes assume one sequence (their score buffer has batch 1) and fail on a batch
-        # with a bare size mismatch; say what is wrong before they run.
-        if self._context_ids.shape[0] != 1:
-            raise ValueError(f"KVzip's scoring passes take one sequence, got a batch of "
-                             f"{self._context_ids.shape[0]}; compress the sequences one at a time, or use "
-                             "a method that takes a batch (for FAEDKV: another exact_scorer, keydiff say)")
+        batch = self._context_ids.shape[0]
+        if batch != 1 and not self.takes_batches:
+            raise ValueError(f"KVzip's scoring passes take one sequence, got a batch of {batch}; compress the "
+                             "sequences one at a time, or use a method that takes a batch (FAEDKV does)")
         # The head's last token (a newline) may merge with the context's first characters.
         head = template_head_ids(tokenizer)[:-1]
-        if self._context_ids[0, :len(head)].tolist() != head:
+        if any(row[:len(head)].tolist() != head for row in self._context_ids):
             self.prefix_length = 0
         super()._perform_kvzip_compression(model, tokenizer)
 
@@ -63,9 +85,27 @@ class TemplateAwareKVzip(KVzipPress):
 @dataclasses.dataclass
 class KVzipScores(TemplateAwareKVzip):
     """KVzip's scoring passes; `on_scores(model, cache, scores)` compresses instead of kvpress's
-    masking. scores: (layers, 1, kv_heads, tokens), zero for the template's head."""
+    masking. scores: (layers, batch, kv_heads, tokens), zero for the template's head. A batch of
+    equal-length sequences runs its passes together, each row's reconstruction prompt built
+    from its own tokens, so each row scores as it would alone."""
 
     on_scores: Callable | None = None
+    takes_batches: ClassVar[bool] = True
+
+    def prepare(self, model, tokenizer, prev_postfix_size=8):
+        """kvpress's (prefill chunk, reconstruction prompt) pairs, per row, stacked along the batch
+        (every row's chunks and prompts have the same lengths); the score buffer gets the batch."""
+        context_ids, rows = self._context_ids, []
+        try:
+            for row in context_ids.split(1):
+                self._context_ids = row
+                rows.append(super().prepare(model, tokenizer, prev_postfix_size))
+        finally:
+            self._context_ids = context_ids
+        layers, _, heads, tokens = self.score_val.shape
+        self.score_val = self.score_val.new_zeros(layers, len(rows), heads, tokens)
+        return [(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]))
+                for i in range(len(rows[0]))]
 
     def compress_post(self, model):
         if self.on_scores is None:

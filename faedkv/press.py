@@ -56,6 +56,13 @@ SCORER_PRESSES = {"expected_attention": "ExpectedAttentionPress", "knorm": "Knor
 EXACT_SCORERS = (*SCORER_PRESSES, "kvzip")
 
 
+# FAEDKV ranked by KVzip compresses after the prefill, in its own __call__; a wrapper's hooks see no scores
+KVZIP_OUTSIDE = ("FAEDKV ranked by KVzip (the default) scores and compresses after the prefill, inside its own "
+                 "`with press(model):`, so it cannot run inside another press's hooks (PerLayerCompressionPress, "
+                 "ComposedPress, ...): use it on its own, or pick an exact_scorer the hooks can run (keydiff, say, "
+                 "with exact_pool='layer'), or variant='iwdft'")
+
+
 def check_fraction(name: str, value, meaning: str) -> None:
     """A number in [0, 1) (bools refused), else ValueError naming the field."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -94,12 +101,26 @@ def split_hybrid(mid_keys: torch.Tensor, mid_values: torch.Tensor, exact: torch.
         "coefficients": [head_mean(m) for m in (key_m, value_m)]}
 
 
+# FAEDKVPress()'s hybrid knobs (issue 15's search winner on Qwen2.5-Coder-1.5B, docs/RESULTS.md): the dimension
+# split behind KVzip's ranking over every layer and head, 90% of the middle's budget as whole tokens, a recent
+# window of half the kept rows. The slot variants keep their own defaults: no exact tokens, a fixed window.
+SHIPPED_HYBRID = {"exact_share": 0.9, "exact_scorer": "kvzip", "exact_pool": "global", "window_share": 0.5}
+SLOT_HYBRID = {"exact_share": 0.0, "exact_scorer": "expected_attention", "exact_pool": "head", "window_share": 0.0}
+
+
 @dataclass
 class FAEDKVPress(BasePress):
     """Frequency-domain compression of the middle of the prefill cache (FAEDKV and comparators).
 
+    The default, FAEDKVPress(compression_ratio=r), is the search's winner (SHIPPED_HYBRID): the
+    dimension split, KVzip's top tokens over the whole model kept whole (90% of the middle's
+    budget), a recent window of half the kept rows. KVzip's scoring needs the model's tokenizer
+    at model.config.name_or_path and costs extra passes after the prefill (faedkv.kvzip). A
+    hybrid knob left None takes the variant's default: SHIPPED_HYBRID for dimsplit (exact_pool
+    "global" only with the kvzip scorer, else "head"), SLOT_HYBRID for the slot variants.
+
     compression_ratio: fraction of the cache removed (kvpress convention); 0 is a no-op.
-    variant: "iwdft" | "resample" | "dct-iterative" (faedkv.variants), or "dimsplit"
+    variant: "dimsplit" (default) or "iwdft" | "resample" | "dct-iterative" (faedkv.variants); "dimsplit"
         (FourierAttention-style dimension split, arXiv 2506.11886: in the middle, the head dims
         whose energy lies most outside the kept low band stay exact for every token, the others
         keep only their lowest rfft bins along the tokens and are reconstructed at every
@@ -115,7 +136,7 @@ class FAEDKVPress(BasePress):
         the window as its re-compression step).
     window_share: a recent window that grows with the budget: the window asked for is
         max(window, floor(window_share x kept rows)) (faedkv.budget.asked_window); 0: `window`
-        tokens at every budget. Not with dct-iterative (its window is its re-compression step).
+        tokens at every budget; None: 0.5 for dimsplit, 0 otherwise. Not with dct-iterative (its window is its re-compression step).
     plan: FrequencyPlan choosing which of the M bins each layer keeps; None keeps every bin.
     key_space: "post_rope" compresses keys as cached; "pre_rope" undoes RoPE at each token's
         position, compresses, and re-rotates each slot at its representative position.
@@ -126,9 +147,10 @@ class FAEDKVPress(BasePress):
     exact_share: hybrid budget: this fraction of the rows left after sink and window keeps exact
         middle tokens chosen by `exact_scorer` (a kvpress scorer: expected_attention, knorm,
         keydiff, snapkv, tova; or kvzip: KVzip's context-reconstruction scores, 2-3 extra
-        prefill passes after the prefill, batch size 1); the slots summarise every other middle
-        token, so what eviction would throw away is averaged in instead of lost (with dimsplit,
-        the split stores every other middle token). 0: no exact middle tokens.
+        prefill passes after the prefill); the slots summarise every other middle token, so what
+        eviction would throw away is averaged in instead of lost (with dimsplit, the split stores
+        every other middle token). 0: no exact middle tokens. None: 0.9 and kvzip for dimsplit,
+        0 and expected_attention otherwise.
     exact_pool: where a hybrid's exact tokens compete: "head" (the top E of each KV head);
         "layer" (the top E x kv_heads of the layer's heads together, as KVzip's layerwise
         budget); dimsplit only: "global" (the top E x kv_heads x layers of every layer and head,
@@ -136,7 +158,8 @@ class FAEDKVPress(BasePress):
         once). Every head's split keeps R rows' worth, so a layer (or, for "global", the model)
         stores kvpress's budget; heads with more exact tokens leave fewer tokens to split. With
         slots ("layer"), every head keeps E + M rows: head h E_h exact tokens (at most E + M - 1)
-        and E + M - E_h slots (`compress_pooled`).
+        and E + M - E_h slots (`compress_pooled`). None: "global" for dimsplit ranked by kvzip,
+        "head" otherwise.
     slot_fit: "mean" (slots are class means with log-count mass) or "probes" (attention-matched:
         each slot's logit bias and value refit so the prompt's last `fit_probes` queries give it
         the mass and weighted value its tokens had; faedkv.fit; iwdft, post-RoPE keys).
@@ -152,17 +175,17 @@ class FAEDKVPress(BasePress):
     """
 
     compression_ratio: float = 0.0
-    variant: str = "iwdft"
+    variant: str = DIMSPLIT
     sink_tokens: int = 4
     window: int = 64
-    window_share: float = 0.0
+    window_share: float | None = None
     plan: FrequencyPlan | None = None
     key_space: str = "post_rope"
     mass_correction: bool = True
     slot_normalization: str = "mean"
-    exact_share: float = 0.0
-    exact_scorer: str = "expected_attention"
-    exact_pool: str = "head"
+    exact_share: float | None = None
+    exact_scorer: str | None = None
+    exact_pool: str | None = None
     slot_fit: str = "mean"
     fit_probes: int = 64
     dim_share: float = DIM_SHARE
@@ -174,6 +197,7 @@ class FAEDKVPress(BasePress):
         check_fraction("compression_ratio", self.compression_ratio, "fraction removed")
         if self.variant not in PRESS_VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; use one of {', '.join(PRESS_VARIANTS)}")
+        self.fill_hybrid_defaults()
         check_fraction("dim_share", self.dim_share, "the share of the middle budget spent on exact dims")
         if self.variant != DIMSPLIT and self.dim_share != DIM_SHARE:
             raise ValueError(f"dim_share is the dimension split's knob; variant {self.variant!r} "
@@ -243,6 +267,16 @@ class FAEDKVPress(BasePress):
 
             # the scorer's own ratio is unused: we call score() and pick the top E ourselves
             self.scorer = getattr(kvpress, SCORER_PRESSES[self.exact_scorer])()
+
+    def fill_hybrid_defaults(self) -> None:
+        """The hybrid knobs left None take the variant's defaults (SHIPPED_HYBRID, SLOT_HYBRID)."""
+        defaults = SHIPPED_HYBRID if self.variant == DIMSPLIT else SLOT_HYBRID
+        for name in ("exact_share", "exact_scorer", "window_share"):
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[name])
+        if self.exact_pool is None:
+            shipped = self.variant == DIMSPLIT and self.exact_share and self.exact_scorer == "kvzip"
+            self.exact_pool = SHIPPED_HYBRID["exact_pool"] if shipped else "head"
 
     def post_init_from_model(self, model):
         self.last_stats = {}
@@ -446,6 +480,8 @@ class FAEDKVPress(BasePress):
         `exact_pool` (faedkv.budget.exact_token_masks); for "global", what was chosen across
         every layer before this one was compressed."""
         if self.exact_pool == "global":
+            if self.global_masks is None:
+                raise ValueError(KVZIP_OUTSIDE)
             return self.global_masks[module.layer_idx]
         scores = self.token_scores(module, hidden_states, keys, values, attentions, kwargs)
         # slots: a head keeps at least one slot for its other tokens
@@ -460,6 +496,8 @@ class FAEDKVPress(BasePress):
         """(batch, kv_heads, T) scores of the prefill's tokens: KVzip's (computed after the
         prefill) or the kvpress scorer's."""
         if self.exact_scorer == "kvzip":
+            if module.layer_idx not in self.layer_scores:
+                raise ValueError(KVZIP_OUTSIDE)
             return self.layer_scores[module.layer_idx]
         return self.scorer.score(module, hidden_states, keys, values, attentions, kwargs)
 
@@ -496,7 +534,7 @@ class FAEDKVScorerPress(ScorerPress):
     """Adapter for kvpress wrappers that require a ScorerPress (PerLayerCompressionPress):
     the wrapper sets `compression_ratio` per layer, the wrapped FAEDKVPress compresses.
 
-        PerLayerCompressionPress(FAEDKVPress(window=64).as_scorer(), compression_ratios=[...])
+        PerLayerCompressionPress(FAEDKVPress(variant="iwdft").as_scorer(), compression_ratios=[...])
 
     Per-layer ratios give layers different cache lengths; transformers builds its causal mask
     from layer 0, so this adapter switches an sdpa model to "faedkv_sdpa", which re-aligns the
@@ -504,12 +542,14 @@ class FAEDKVScorerPress(ScorerPress):
     """
 
     compression_ratio: float = 0.0
-    press: FAEDKVPress = field(default_factory=FAEDKVPress)
+    press: FAEDKVPress = field(default_factory=lambda: FAEDKVPress(variant="iwdft"))
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.press, FAEDKVPress):
             raise ValueError("FAEDKVScorerPress wraps a FAEDKVPress")
+        if self.press.exact_share and self.press.exact_scorer == "kvzip":
+            raise ValueError(KVZIP_OUTSIDE)
 
     @property
     def last_stats(self) -> dict:

@@ -231,9 +231,17 @@ def _lab(fake):
     return at
 
 
+def _lab_iwdft(fake):
+    """The lab on the iwdft slot variant (plans, slots; the default is the dimension split)."""
+    at = _lab(fake)
+    at.selectbox(key="lab.variant").set_value("iwdft").run()
+    no_exception(at)
+    return at
+
+
 def test_lab_reruns_generation_with_the_edited_plan():
     fake = FakeClient()
-    at = _lab(fake)
+    at = _lab_iwdft(fake)
     assert at.button(key="lab.run") is not None
     at.button(key="lab.run").click().run()
     no_exception(at)
@@ -289,8 +297,18 @@ def test_needle_starts_a_grid_of_methods_times_ratios():
     assert kind == "needle" and params["lengths"] == [512]
     assert [(m["name"], m["compression_ratio"]) for m in params["methods"]] == [
         ("faedkv", 0.5), ("faedkv", 0.75), ("snapkv", 0.5), ("snapkv", 0.75)]
+    from analysis.api.params import FAEDKV_DEFAULT
+
+    assert params["methods"][0]["params"] == FAEDKV_DEFAULT and params["methods"][2]["params"] == {}
     assert any("needle grid queued" in (p.proto.text or "") for p in at.get("progress"))
     assert fake.called("job")
+
+    fake = FakeClient()
+    at = app_for("pages/needle.py", fake)
+    at.selectbox(key="needle.variant").set_value("resample")          # a variant, plain
+    at.button[0].click().run()
+    no_exception(at)
+    assert fake.called("submit")[-1][1]["methods"][0]["params"] == {"variant": "resample"}
 
 
 def test_needle_shows_a_finished_grid_per_method():
@@ -509,7 +527,7 @@ def _ablation_run(key, chunks, layers=LAYERS, model="tiny-random-llama"):
 def test_lab_plan_from_an_ablation_with_another_chunk_count_loads():
     run, arrays = _ablation_run("a" * 16, 11)
     fake = FakeClient(runs=[run], arrays=arrays)
-    at = _lab(fake)
+    at = _lab_iwdft(fake)
     at.segmented_control(key="lab.start").set_value("ablation").run()
     no_exception(at)
     assert not at.warning
@@ -637,7 +655,7 @@ def test_lab_keeps_a_history_marks_stale_results_and_compares_two():
 
 def test_lab_runs_both_slot_normalisations_side_by_side():
     fake = FakeClient()
-    at = _lab(fake)
+    at = _lab_iwdft(fake)
     assert at.toggle(key="lab.mass").value is True                 # the mass is on by default
     at.button(key="lab.run_both").click().run()
     no_exception(at)
@@ -672,7 +690,7 @@ def test_lab_link_with_a_bad_plan_says_so(bad):
 
 
 def test_lab_plan_grid_headers_fit_two_digits_and_an_empty_plan_errs_once():
-    at = _lab(FakeClient())
+    at = _lab_iwdft(FakeClient())
     at.multiselect(key="lab.bulk").set_value(list(range(CHUNKS))).run()
     at.button(key="lab.drop_all").click().run()
     no_exception(at)
@@ -786,7 +804,7 @@ def titled(at, text):
 
 def test_lab_search_knobs_reach_the_request_the_url_and_the_table():
     fake = FakeClient()
-    at = _lab(fake)
+    at = _lab_iwdft(fake)
     assert at.selectbox(key="lab.exact_scorer").disabled            # no exact tokens by default
     assert at.number_input(key="lab.fit_probes").disabled           # class-mean slots by default
     at.button(key="lab.run").click().run()
@@ -815,7 +833,7 @@ def test_lab_search_knobs_reach_the_request_the_url_and_the_table():
 
 def test_lab_slot_hybrid_can_pool_exact_tokens_across_a_layer():
     fake = FakeClient()
-    at = _lab(fake)
+    at = _lab_iwdft(fake)
     assert at.selectbox(key="lab.exact_pool").disabled              # no exact tokens by default
     at.slider(key="lab.exact_share").set_value(0.5).run()
     at.selectbox(key="lab.exact_scorer").set_value("keydiff").run()
@@ -838,12 +856,13 @@ def test_lab_slot_hybrid_can_pool_exact_tokens_across_a_layer():
 
 def test_lab_dimension_split_sends_dim_share_and_no_plan():
     fake = FakeClient()
-    at = _lab(fake)
-    assert at.slider(key="lab.dim_share").disabled                 # a slot variant by default
+    at = _lab_iwdft(fake)
+    assert at.slider(key="lab.dim_share").disabled                 # a slot variant has no dim share
     at.button(key="lab.run").click().run()
     assert "dim_share" not in fake.called("generate")[-1][0]["method"]["params"]
     at.selectbox(key="lab.variant").set_value("dimsplit").run()
     at.slider(key="lab.dim_share").set_value(0.3).run()
+    at.slider(key="lab.exact_share").set_value(0.0).run()        # the split alone, no exact tokens
     no_exception(at)
     assert at.toggle(key="lab.use_plan").disabled
     at.button(key="lab.run").click().run()
@@ -851,39 +870,40 @@ def test_lab_dimension_split_sends_dim_share_and_no_plan():
     params = fake.called("generate")[-1][0]["method"]["params"]
     assert params["variant"] == "dimsplit" and params["dim_share"] == 0.3
     assert "plan" not in params and "exact_share" not in params and "slot_fit" not in params
-    assert at.query_params["dim_share"] == "0.3"
-    assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30%"
-    # the hybrid: exact tokens by KVzip ranked across the whole model, the split for the rest
-    assert at.selectbox(key="lab.exact_pool").disabled                 # no exact tokens yet
-    at.slider(key="lab.exact_share").set_value(0.5).run()
-    at.selectbox(key="lab.exact_scorer").set_value("kvzip").run()
-    at.selectbox(key="lab.exact_pool").set_value("global").run()
-    at.button(key="lab.run").click().run()
-    no_exception(at)
-    params = fake.called("generate")[-1][0]["method"]["params"]
-    assert (params["exact_share"], params["exact_scorer"], params["exact_pool"]) == (0.5, "kvzip", "global")
-    assert at.query_params["exact_pool"] == "global"
-    assert at.dataframe[-1].value["exact share"].tolist()[0] == "dims 30% + 50% kvzip (global)"
 
 
-def test_lab_loads_the_search_winner_in_one_click():
-    from analysis.api.params import SEARCH_WINNER
+def test_lab_starts_on_faedkvs_default_and_the_button_brings_it_back():
+    """The lab's FAEDKV is FAEDKVPress()'s configuration; the hybrid knobs follow the variant while
+    untouched (a slot variant plain), a changed knob stays unless the variant cannot take it."""
+    from analysis.api.params import FAEDKV_DEFAULT, SLOT_HYBRID
 
     fake = FakeClient()
     at = _lab(fake)
+    at.button(key="lab.run").click().run()
+    no_exception(at)
+    method = fake.called("generate")[-1][0]["method"]
+    assert method["name"] == "faedkv" and method["compression_ratio"] == 0.5
+    assert {k: method["params"][k] for k in FAEDKV_DEFAULT} == FAEDKV_DEFAULT and "plan" not in method["params"]
+
+    at.selectbox(key="lab.variant").set_value("iwdft").run()      # untouched knobs: iwdft plain
+    no_exception(at)
+    assert {k: at.session_state[f"lab.{k}"] for k in SLOT_HYBRID} == SLOT_HYBRID
     at.slider(key="lab.ratio").set_value(0.75).run()
-    at.number_input(key="lab.window").set_value(256).run()     # the winner's window floor replaces it
-    at.button(key="lab.winner").click().run()
+    at.number_input(key="lab.window").set_value(256).run()       # the default's window replaces it
+    at.button(key="lab.default").click().run()
     no_exception(at)
     assert at.selectbox(key="lab.variant").value == "dimsplit" and at.toggle(key="lab.use_plan").disabled
     at.button(key="lab.run").click().run()
     no_exception(at)
     method = fake.called("generate")[-1][0]["method"]
-    assert method["name"] == "faedkv" and method["compression_ratio"] == 0.75     # the ratio is kept
-    params = method["params"]
-    assert {k: params[k] for k in SEARCH_WINNER} == SEARCH_WINNER and "plan" not in params
-    assert params["window"] == 64 and params["window_share"] == 0.5
+    assert method["compression_ratio"] == 0.75                                       # the ratio is kept
+    assert {k: method["params"][k] for k in FAEDKV_DEFAULT} == FAEDKV_DEFAULT and "plan" not in method["params"]
     assert at.query_params["window_share"] == "0.5" and at.query_params["exact_pool"] == "global"
+
+    at.slider(key="lab.exact_share").set_value(0.5).run()         # a changed knob stays; global does not
+    at.selectbox(key="lab.variant").set_value("resample").run()
+    no_exception(at)
+    assert (at.session_state["lab.exact_share"], at.session_state["lab.exact_pool"]) == (0.5, "layer")
 
 
 def test_lab_window_share_is_sent_and_comes_back_from_a_link():

@@ -36,6 +36,26 @@ def test_method_specs_from_the_command_line(tmp_path):
         parse_methods("snapkv:window", [0.5])
 
 
+def test_faedkv_default_expands_to_the_press_defaults_and_takes_overrides():
+    """`faedkv-default` is FAEDKVPress()'s configuration, stored as `faedkv` with explicit params (so a
+    stored run keeps its meaning when the default moves); later pairs override it."""
+    import dataclasses
+
+    from analysis.api.params import FAEDKV_DEFAULT
+    from analysis.harness import methods
+    from faedkv import FAEDKVPress
+
+    plain, wider = parse_methods("faedkv-default,faedkv-default:window_share=0.25:ratio=0.75", [0.5])
+    assert plain == MethodSpec(name="faedkv", compression_ratio=0.5, params=FAEDKV_DEFAULT)
+    assert wider.params == {**FAEDKV_DEFAULT, "window_share": 0.25} and wider.compression_ratio == 0.75
+    from analysis.harness.models import load_model
+
+    built = methods.build_press(plain, load_model("tiny-random-llama").model)
+    default = FAEDKVPress(compression_ratio=0.5)
+    assert {f.name: getattr(built, f.name) for f in dataclasses.fields(FAEDKVPress)} == {
+        f.name: getattr(default, f.name) for f in dataclasses.fields(FAEDKVPress)}
+
+
 def test_needle_grid_end_to_end_then_store_list(tmp_path):
     out = tmp_path / "res"
     r = _run("needle", "--model", "tiny-random-llama", "--methods", "knorm", "--ratios", "0.5",

@@ -18,6 +18,7 @@ from faedkv.variants import compress_dimsplit, dimsplit_sizes, lowpass, lowpass_
 from tests.conftest import prefill
 
 ROOT = Path(__file__).resolve().parent.parent
+PLAIN = {"exact_share": 0.0, "window_share": 0.0}   # the split alone (the default adds KVzip's tokens, a wider window)
 
 
 def _split(press, keys, values, layer=0, kwargs=None):
@@ -26,7 +27,7 @@ def _split(press, keys, values, layer=0, kwargs=None):
 
 def test_exact_dims_are_bit_exact_copies_and_the_rest_is_low_passed():
     keys, values = torch.randn(2, 2, 400, 16), torch.randn(2, 2, 400, 16)
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.6, window=16)
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.6, window=16, **PLAIN)
     out_k, out_v = _split(press, keys, values)
     stats = press.last_stats[0]
     assert out_k.shape == keys.shape and stats["cache_len"] == 400 and stats["slots"] == 0
@@ -56,7 +57,7 @@ def test_every_frequency_kept_reconstructs_the_middle():
 def test_equivalent_bytes_never_exceed_kvpress_budget(ratio):
     for tokens in (1, 2, 30, 81, 300, 1001):
         for share in (0.0, 0.3, 0.9):
-            press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=share, window=16)
+            press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=share, window=16, **PLAIN)
             for space_kwargs in ({},):
                 keys = torch.randn(1, 2, tokens, 16)
                 out_k, _ = _split(press, keys, keys.clone(), kwargs=space_kwargs)
@@ -73,7 +74,7 @@ def test_equivalent_bytes_never_exceed_kvpress_budget(ratio):
 
 def test_dim_share_zero_is_a_plain_low_pass_at_every_position():
     keys, values = torch.randn(1, 2, 333, 16), torch.randn(1, 2, 333, 16)
-    press = FAEDKVPress(compression_ratio=0.75, variant="dimsplit", dim_share=0.0, window=8, sink_tokens=4)
+    press = FAEDKVPress(compression_ratio=0.75, variant="dimsplit", dim_share=0.0, window=8, sink_tokens=4, **PLAIN)
     out_k, out_v = _split(press, keys, values)
     stats = press.last_stats[0]
     assert stats["exact_dims"] == [0, 0]
@@ -95,7 +96,7 @@ def test_the_exact_dims_are_the_high_frequency_ones():
     planted = (5, 11)
     x[0, 0, :, planted[0]] += 3 * torch.cos(2.9 * t)                 # fast, in head 0
     x[0, 1, :, planted[1]] += 3 * torch.sign(torch.sin(2.5 * t))     # fast, in head 1
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.3, window=16)
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.3, window=16, **PLAIN)
     _split(press, x, x.clone())
     dims = press.last_stats[0]["key_exact_dims"][0]
     assert press.last_stats[0]["exact_dims"][0] == 2        # floor(0.3 * 236 * 16 / 492)
@@ -108,7 +109,7 @@ def test_pre_rope_keys_split_rotate_half_pairs_and_copy_them():
     model = build_tiny_llama(seed=0, vocab_size=128, num_layers=2)
     ids = torch.randint(0, 128, (1, 200))
     full = prefill(model, ids)
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", key_space="pre_rope", window=8)
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", key_space="pre_rope", window=8, **PLAIN)
     cache = prefill(model, ids, press)
     stats = press.last_stats[1]
     dims = torch.tensor(stats["key_exact_dims"])
@@ -127,7 +128,7 @@ def test_hybrid_keeps_the_scorers_tokens_whole_and_splits_the_rest(ratio, share)
     tokens, d = 400, 16
     keys, values = torch.randn(1, 2, tokens, d), torch.randn(1, 2, tokens, d)
     press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, window=16,
-                        exact_share=share, exact_scorer="knorm")
+                        exact_share=share, exact_scorer="knorm", window_share=0.0)
     press.scorer = MinusKeyNorm()
     out_k, out_v = _split(press, keys, values)
     stats, kept = press.last_stats[0], press.layout(tokens)
@@ -240,7 +241,7 @@ def test_global_pool_ranks_every_layer_and_keeps_the_models_bytes():
      "only the dimension split can store"),
     ({"variant": "iwdft", "exact_share": 0.5, "exact_pool": "layer", "slot_fit": "probes"},
      "plan=None and slot_fit='mean'"),
-    ({"exact_pool": "layer"}, "exact_share > 0"),
+    ({"exact_pool": "layer", "exact_share": 0.0}, "exact_share > 0"),
     ({"exact_share": 0.5, "exact_pool": "global", "exact_scorer": "keydiff"}, "use exact_scorer='kvzip'"),
     ({"exact_share": 0.5, "exact_pool": "everywhere"}, "exact_pool must be one of head, layer, global"),
 ])
@@ -257,13 +258,13 @@ def test_it_adds_no_mass_bias_and_leaves_an_eager_model_alone(tiny_lm):
     from faedkv.attention import BIAS_ATTR
 
     ids = torch.randint(0, 128, (1, 150))
-    prefill(tiny_lm, ids, FAEDKVPress(compression_ratio=0.5, window=8))        # iwdft records a bias
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", window=8)
+    prefill(tiny_lm, ids, FAEDKVPress(variant="iwdft", compression_ratio=0.5, window=8))        # iwdft records a bias
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", window=8, **PLAIN)
     cache = prefill(tiny_lm, ids, press)
     assert all(getattr(layer.self_attn, BIAS_ATTR, None) is None for layer in tiny_lm.model.layers)
     assert [cache.get_seq_length(i) for i in range(len(cache))] == [150] * 3
     tiny_lm.config._attn_implementation = "eager"
-    prefill(tiny_lm, ids, FAEDKVPress(compression_ratio=0.5, variant="dimsplit", window=8))
+    prefill(tiny_lm, ids, FAEDKVPress(compression_ratio=0.5, variant="dimsplit", window=8, **PLAIN))
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -326,7 +327,7 @@ def test_kvpress_pipeline_answers_with_dimsplit(tiny_loaded):
 
     pipe = pipeline("kv-press-text-generation", model=tiny_loaded.model, tokenizer=tiny_loaded.tokenizer)
     context = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(300))
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.3, window=16)
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.3, window=16, **PLAIN)
     result = pipe(context, question="Which word comes first?", press=press, max_new_tokens=4)
     assert isinstance(result["answer"], str) and result["answer"]
     assert press.last_stats[0]["equivalent_rows"] < press.last_stats[0]["tokens"]

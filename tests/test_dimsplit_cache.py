@@ -115,7 +115,8 @@ def generate(model, ids, cache, press=None, new_tokens=24):
 def test_generation_matches_the_press_end_to_end(tiny_lm, ratio, share):
     ids = torch.randint(0, VOCAB, (2, random.randint(120, 200)))
     cache = DimsplitCache(ratio, dim_share=share, sink_tokens=4, window=8)
-    press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=share, sink_tokens=4, window=8)
+    press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=share, sink_tokens=4, window=8,
+                        exact_share=0.0, window_share=0.0)
     tokens, logits = generate(tiny_lm, ids, cache)
     press_tokens, press_logits = generate(tiny_lm, ids, DynamicCache(), press)
     assert torch.equal(tokens, press_tokens)
@@ -140,7 +141,8 @@ def test_generation_matches_the_press_end_to_end(tiny_lm, ratio, share):
 def test_multi_token_decode_calls_match_the_press(tiny_lm):
     # calls of several tokens: causal among themselves, every stored row in their past
     ids = torch.randint(0, VOCAB, (1, 160))
-    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.5, window=8)
+    press = FAEDKVPress(compression_ratio=0.5, variant="dimsplit", dim_share=0.5, window=8, exact_share=0.0,
+                        window_share=0.0)
     press_cache = prefill(tiny_lm, ids, press)
     cache = DimsplitCache(0.5, dim_share=0.5, window=8)
     with torch.no_grad():
@@ -159,7 +161,8 @@ def test_memory_is_kvpress_budget_plus_the_dim_indices(tiny_lm, ratio):
     tokens = random.randint(150, 300)
     ids = torch.randint(0, VOCAB, (2, tokens))
     cache = DimsplitCache(ratio, dim_share=0.5, window=16)
-    press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, window=16)
+    press = FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, window=16, exact_share=0.0,
+                        window_share=0.0)
     with torch.no_grad():
         tiny_lm(input_ids=ids, past_key_values=cache)
     full = prefill(tiny_lm, ids)

@@ -51,7 +51,7 @@ def test_fitted_press_restores_the_middle_mass_and_keeps_the_budget():
     model = make_tiny_llama()
     tokens = int(torch.randint(150, 250, (1,), generator=gen))
     ids = torch.randint(0, VOCAB, (2, tokens), generator=gen)
-    press = FAEDKVPress(compression_ratio=0.6, window=16, slot_fit="probes", fit_probes=16)
+    press = FAEDKVPress(variant="iwdft", compression_ratio=0.6, window=16, slot_fit="probes", fit_probes=16)
     cache = DynamicCache()
     with torch.no_grad(), press(model):
         model.model(input_ids=ids, past_key_values=cache)
@@ -79,7 +79,7 @@ def test_diagnostics_are_zero_for_the_full_cache_and_show_the_slots_mass(tiny_lo
     assert full["probes"] == 7 and len(full["output_error"]) == 3 and len(full["output_error"][0]) == 2
     assert max(max(layer) for layer in full["output_error"]) < 1e-5, seed
     assert full["slot_mass"] == [None] * 3
-    press = FAEDKVPress(compression_ratio=0.5, window=16)
+    press = FAEDKVPress(variant="iwdft", compression_ratio=0.5, window=16)
     got = attention_diagnostics(tiny_loaded, press, context, probes)
     assert min(min(layer) for layer in got["output_error"]) > 1e-4, seed
     for layer in range(3):

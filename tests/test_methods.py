@@ -304,18 +304,64 @@ def test_faedkv_ranked_by_kvzip_needs_a_tokenizer_folder_in_the_config():
                         make_tiny_llama())     # other scorers need no tokenizer
 
 
-@pytest.mark.parametrize("params", [None, {"exact_share": 0.5, "exact_scorer": "kvzip", "window": 16}])
-def test_kvzip_scoring_refuses_a_batch_with_a_clear_error(tiny, params):
-    """kvpress's KVzip passes take one sequence (on a batch they fail with a bare size mismatch):
-    the kvzip baseline and FAEDKV ranked by KVzip say so before the passes run."""
+def test_the_kvzip_baseline_refuses_a_batch_with_a_clear_error(tiny):
+    """kvpress's KVzip masking takes one sequence (on a batch its passes fail with a bare size
+    mismatch, and its budget would be counted over the batch): say so before the passes run."""
     from transformers import DynamicCache
 
-    name = "kvzip" if params is None else "faedkv"
-    press = methods.build_press(MethodSpec(name=name, compression_ratio=0.5, params=params or {}), tiny.model)
+    press = methods.build_press(MethodSpec(name="kvzip", compression_ratio=0.5), tiny.model)
     ids = torch.tensor([needle.haystack.text_tokens(tiny.tokenizer, 200, 2)] * 2)
     with pytest.raises(ValueError, match="take one sequence, got a batch of 2"):
         with torch.inference_mode(), press(tiny.model):
             tiny.model.model(input_ids=ids, past_key_values=DynamicCache())
+
+
+@pytest.mark.parametrize("params", [{}, {"variant": "iwdft", "exact_share": 0.5, "exact_scorer": "kvzip"}],
+                         ids=["default", "iwdft-hybrid"])
+def test_faedkv_ranked_by_kvzip_compresses_a_batch_as_each_sequence_alone(tiny, params):
+    """FAEDKV's default (and any FAEDKV ranked by KVzip) takes a batch, as kvpress's other presses do:
+    each row gets its own reconstruction prompt and its own budget."""
+    import faedkv
+    from transformers import DynamicCache
+
+    rows = [needle.haystack.text_tokens(tiny.tokenizer, 200, seed) for seed in (2, 7)]
+    tokens = min(map(len, rows))
+    ids = torch.tensor([r[:tokens] for r in rows])
+
+    def compressed(batch):
+        press = faedkv.FAEDKVPress(compression_ratio=0.5, window=16, **params)
+        cache = DynamicCache()
+        with torch.inference_mode(), press(tiny.model):
+            tiny.model.model(input_ids=batch, past_key_values=cache)
+        return cache
+
+    together = compressed(ids)
+    for row in range(2):
+        alone = compressed(ids[row:row + 1])
+        for a, b in zip(together.layers, alone.layers):
+            torch.testing.assert_close(a.keys[row:row + 1], b.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.values[row:row + 1], b.values, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(together.layers[0].keys[0], together.layers[0].keys[1])
+
+
+def test_the_default_press_on_a_model_without_a_tokenizer_is_refused_before_the_prefill():
+    """KVzip's reconstruction prompt needs the tokenizer at model.config.name_or_path; a model built
+    from a config has none: a clear error naming the fixes, before any forward pass."""
+    import faedkv
+    from conftest import make_tiny_llama
+    from transformers import DynamicCache
+
+    model = make_tiny_llama()
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=r"(?s)tokenizer.*name_or_path \(''\).*save_pretrained.*exact_scorer"):
+        with torch.inference_mode(), faedkv.FAEDKVPress(compression_ratio=0.5)(model):
+            model.model(input_ids=torch.zeros(1, 64, dtype=torch.long), past_key_values=DynamicCache())
+    hook.remove()
+    assert not calls
+    # inside a wrapper's hooks there are no KVzip scores: refused with what to use instead
+    with pytest.raises(ValueError, match="inside another press's hooks"):
+        faedkv.FAEDKVPress(compression_ratio=0.5).as_scorer()
 
 
 def test_compactor_is_seeded_and_leaves_the_global_rng_alone(tiny):

@@ -25,12 +25,29 @@ def lengths(cache):
 
 def test_defaults_and_zero_ratio_is_a_no_op():
     press = FAEDKVPress()
-    assert press.compression_ratio == 0.0 and press.variant == "iwdft"
-    assert (press.sink_tokens, press.window, press.plan, press.key_space, press.mass_correction,
-            press.slot_normalization, press.exact_share) == (4, 64, None, "post_rope", True, "mean", 0.0)
+    assert press.compression_ratio == 0.0
+    assert (press.sink_tokens, press.plan, press.key_space, press.slot_fit) == (4, None, "post_rope", "mean")
     keys, values = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
-    out = press.compress(SimpleNamespace(layer_idx=0), None, keys, values, None, {})
-    assert out[0] is keys and out[1] is values
+    for press in (press, FAEDKVPress(variant="iwdft")):
+        out = press.compress(SimpleNamespace(layer_idx=0), None, keys, values, None, {})
+        assert out[0] is keys and out[1] is values
+
+
+def test_the_default_is_the_searchs_winner_and_the_slot_variants_keep_theirs():
+    """FAEDKVPress() is what the app's lab and the CLI's faedkv-default send (analysis.api.params.FAEDKV_DEFAULT);
+    a hybrid knob left out takes its variant's default, so naming a slot variant gives that variant plain."""
+    from analysis.api.params import FAEDKV_DEFAULT
+
+    press = FAEDKVPress()
+    assert {name: getattr(press, name) for name in FAEDKV_DEFAULT} == FAEDKV_DEFAULT
+    for variant in VARIANTS:
+        plain = FAEDKVPress(variant=variant)
+        assert (plain.exact_share, plain.exact_scorer, plain.exact_pool, plain.window_share, plain.window) == (
+            0.0, "expected_attention", "head", 0.0, 64), variant
+    # the global pool needs KVzip's scores of every layer: another scorer competes per head
+    assert FAEDKVPress(exact_scorer="keydiff").exact_pool == "head"
+    assert FAEDKVPress(exact_share=0.0).exact_pool == "head"
+    assert FAEDKVPress(variant="iwdft", exact_share=0.5, exact_scorer="kvzip").exact_pool == "head"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -108,14 +125,14 @@ def test_slots_with_their_mass_attend_like_the_class_mean_cache(planned, arch):
     kept = layout(tokens, ratio, 4, 16)
     keep = (lambda layer, name: plan_keep(plan, layer, name[:-1], 2)) if planned else None
     reference = next_logits(model, class_mean_cache(prefill(model, ids), 4, 16, kept.slots, keep), follow, tokens)
-    press = FAEDKVPress(compression_ratio=ratio, sink_tokens=4, window=16, plan=plan)
+    press = FAEDKVPress(variant="iwdft", compression_ratio=ratio, sink_tokens=4, window=16, plan=plan)
     cache = prefill(model, ids, press)
     assert lengths(cache) == [kept_rows(tokens, ratio)] * 3, seed
     assert model.config._attn_implementation == FAEDKV_SDPA
     got = next_logits(model, cache, follow, tokens)
     assert relative_error(got, reference) < 1e-5, (seed, relative_error(got, reference))
     # without the mass the slots are not that cache (unequal classes weigh their tokens less)
-    plain = prefill(model, ids, FAEDKVPress(compression_ratio=ratio, sink_tokens=4, window=16, plan=plan,
+    plain = prefill(model, ids, FAEDKVPress(variant="iwdft", compression_ratio=ratio, sink_tokens=4, window=16, plan=plan,
                                             mass_correction=False))
     assert relative_error(next_logits(model, plain, follow, tokens), reference) > 1e-4, seed
     # a fresh prefill without the press clears the recorded bias
@@ -149,7 +166,7 @@ def test_a_small_ratio_stays_close_to_the_full_cache_and_the_old_sums_do_not(dty
     full = next_logits(model, prefill(model, ids), follow, tokens)
 
     def error(**kwargs):
-        press = FAEDKVPress(compression_ratio=0.05, sink_tokens=4, window=16, **kwargs)
+        press = FAEDKVPress(variant="iwdft", compression_ratio=0.05, sink_tokens=4, window=16, **kwargs)
         return relative_error(next_logits(model, prefill(model, ids, press), follow, tokens), full)
 
     means, sums = error(), error(slot_normalization="sum", mass_correction=False)
@@ -189,7 +206,7 @@ def test_hybrid_keeps_scored_tokens_exact_and_summarises_the_rest():
     tokens = int(torch.randint(200, 300, (1,), generator=gen))
     ids = torch.randint(0, VOCAB, (2, tokens), generator=gen)
     full = prefill(model, ids)
-    press = FAEDKVPress(compression_ratio=0.5, sink_tokens=4, window=16, exact_share=0.5, exact_scorer="knorm")
+    press = FAEDKVPress(variant="iwdft", compression_ratio=0.5, sink_tokens=4, window=16, exact_share=0.5, exact_scorer="knorm")
     cache = prefill(model, ids, press)
     kept = press.layout(tokens)
     assert kept.exact > 0 and kept.slots > 0 and kept.rows == kept_rows(tokens, 0.5)
@@ -227,20 +244,20 @@ def test_plan_for_another_model_and_eager_mass_correction_are_refused():
     model = make_tiny_llama()
     with pytest.raises(ValueError, match="plan .* has 2 layers but the model has 3"):
         prefill(model, torch.randint(0, VOCAB, (1, 100)),
-                FAEDKVPress(compression_ratio=0.5, window=8, plan=FrequencyPlan.low_pass(0.5, 2)))
+                FAEDKVPress(variant="iwdft", compression_ratio=0.5, window=8, plan=FrequencyPlan.low_pass(0.5, 2)))
     eager = make_tiny_llama(attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         prefill(eager, torch.randint(0, VOCAB, (1, 100)),
-                FAEDKVPress(compression_ratio=0.5, window=8, mass_correction=True))
+                FAEDKVPress(variant="iwdft", compression_ratio=0.5, window=8, mass_correction=True))
 
 
 def test_reconstruction_error_stats():
     keys, values = torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
     module = SimpleNamespace(layer_idx=0)
-    lossless = FAEDKVPress(compression_ratio=0.4 / 200, window=16)   # one class of two tokens
+    lossless = FAEDKVPress(variant="iwdft", compression_ratio=0.4 / 200, window=16)   # one class of two tokens
     lossless.compress(module, None, keys, values, None, {})
     assert lossless.last_stats[0]["reconstruction_error"] < 0.1
-    press = FAEDKVPress(compression_ratio=0.5, window=16)
+    press = FAEDKVPress(variant="iwdft", compression_ratio=0.5, window=16)
     press.compress(module, None, keys, values, None, {})
     stats = press.last_stats[0]
     # random tokens: the member mean of ~2 tokens keeps about 1/2 of the energy
@@ -254,7 +271,7 @@ def test_per_layer_compression_press_composes():
     tokens = random.randint(150, 220)
     ids, question = torch.randint(0, VOCAB, (1, tokens)), torch.randint(0, VOCAB, (1, 7))
     ratios = [0.25, 0.6, 0.0]
-    press = PerLayerCompressionPress(FAEDKVPress(window=16).as_scorer(), compression_ratios=ratios)
+    press = PerLayerCompressionPress(FAEDKVPress(variant="iwdft", window=16).as_scorer(), compression_ratios=ratios)
     cache = prefill(model, ids, press)
     assert lengths(cache) == [kept_rows(tokens, r) for r in ratios]
     assert model.config._attn_implementation == FAEDKV_SDPA
@@ -276,15 +293,20 @@ def tiny_loaded():
     return load_model("tiny-random-llama", dtype="float32")
 
 
-@pytest.mark.parametrize("wrap", ["plain", "per-layer"])
+@pytest.mark.parametrize("wrap", ["default", "plain", "per-layer"])
 def test_kvpress_pipeline_answers_a_string(tiny_loaded, wrap):
+    """The default (KVzip's passes, then the split) and the slot variants, through kvpress's pipeline."""
     press = FAEDKVPress(compression_ratio=0.5, window=16, variant=random.choice(VARIANTS))
+    if wrap == "default":
+        press = FAEDKVPress(compression_ratio=0.5)
     if wrap == "per-layer":
         press = PerLayerCompressionPress(press.as_scorer(), compression_ratios=[0.5, 0.3, 0.7])
     pipe = pipeline("kv-press-text-generation", model=tiny_loaded.model, tokenizer=tiny_loaded.tokenizer)
     context = " ".join(random.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(300))
     result = pipe(context, question="Which word comes first?", press=press, max_new_tokens=5)
     assert isinstance(result["answer"], str) and result["answer"]
+    if wrap == "default":      # the split ran on KVzip's ranking: whole tokens and split dims in every layer
+        assert all(stats["exact"] > 0 and stats["exact_dims"] for stats in press.last_stats.values())
 
 
 # --- FrequencyFilterPress -------------------------------------------------------------------
@@ -349,18 +371,18 @@ def test_fused_path_assembles_the_same_cache_as_the_torch_path(monkeypatch):
     tokens = random.randint(300, 500)
     keys = torch.randn(2, 2, tokens, 16, dtype=torch.bfloat16)
     values = torch.randn(2, 2, tokens, 16, dtype=torch.bfloat16)
-    slow = FAEDKVPress(compression_ratio=0.75, window=16, record_errors=False, fused=False)
+    slow = FAEDKVPress(variant="iwdft", compression_ratio=0.75, window=16, record_errors=False, fused=False)
     expected_k, expected_v = slow.compress(module, None, keys, values, None, {})
     monkeypatch.setattr(fused, "can_fuse", lambda x: True)
     monkeypatch.setattr(fused, "fold_into", reference_fold_into)
-    fast = FAEDKVPress(compression_ratio=0.75, window=16, record_errors=False)
+    fast = FAEDKVPress(variant="iwdft", compression_ratio=0.75, window=16, record_errors=False)
     assert fast.fusable(keys, values)
     got_k, got_v = fast.compress(module, None, keys, values, None, {})
     assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
     assert fast.last_stats[1]["cache_len"] == slow.last_stats[1]["cache_len"] == got_k.shape[2]
     # Plans, pre-RoPE keys and recorded errors need the torch path.
     for kwargs in ({"record_errors": True}, {"key_space": "pre_rope"}, {"fused": False}):
-        press = FAEDKVPress(compression_ratio=0.75, window=16, **{"record_errors": False, **kwargs})
+        press = FAEDKVPress(variant="iwdft", compression_ratio=0.75, window=16, **{"record_errors": False, **kwargs})
         assert not press.fusable(keys, values)
 
 
@@ -381,6 +403,8 @@ def test_the_torch_free_option_lists_match_the_press():
     assert params.SLOT_NORMALIZATIONS == variants.SLOT_NORMALIZATIONS
     assert params.KEY_SPACES == press.KEY_SPACES and params.VARIANTS == press.PRESS_VARIANTS
     assert press.PRESS_VARIANTS[:len(VARIANTS)] == VARIANTS and params.DIM_SHARE == press.DIM_SHARE
+    assert params.SLOT_HYBRID == press.SLOT_HYBRID
+    assert {k: params.FAEDKV_DEFAULT[k] for k in press.SHIPPED_HYBRID} == press.SHIPPED_HYBRID
 
 
 def test_last_stats_have_one_shape_on_every_path():
@@ -391,7 +415,7 @@ def test_last_stats_have_one_shape_on_every_path():
     x = torch.randn(1, 2, 300, 8)
     for kwargs, tokens in (({}, 300), ({"record_errors": False}, 300), ({"window": 16}, 300),
                            ({}, 1)):
-        press = FAEDKVPress(compression_ratio=0.5, **kwargs)
+        press = FAEDKVPress(variant="iwdft", compression_ratio=0.5, **kwargs)
         press.compress(module, None, x[:, :, :tokens], x[:, :, :tokens], None, {})
         stats = press.last_stats[0]
         assert tuple(stats) == STAT_KEYS, (kwargs, tokens)
@@ -510,8 +534,8 @@ def test_a_window_share_press_is_the_press_with_that_window(variant):
     ratio = random.Random(seed).choice([0.5, 0.75])
     ids = torch.randint(0, VOCAB, (1, tokens), generator=gen)
     window = int(0.5 * kept_rows(tokens, ratio))
-    shared = FAEDKVPress(compression_ratio=ratio, variant=variant, window=8, window_share=0.5)
-    fixed = FAEDKVPress(compression_ratio=ratio, variant=variant, window=window)
+    shared = FAEDKVPress(compression_ratio=ratio, variant=variant, window=8, window_share=0.5, exact_share=0.0)
+    fixed = FAEDKVPress(compression_ratio=ratio, variant=variant, window=window, window_share=0.0, exact_share=0.0)
     got, expected = prefill(model, ids, shared), prefill(model, ids, fixed)
     assert shared.last_stats[0]["window"] == window and shared.layout(tokens).window == window, seed
     for a, b in zip(got.layers, expected.layers):

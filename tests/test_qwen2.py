@@ -84,7 +84,7 @@ def test_real_qwen25_head_geometry_through_press_and_cache(heads, head_dim):
     assert model.model.layers[0].self_attn.head_dim == head_dim
     tokens = int(torch.randint(150, 220, (1,), generator=gen))
     ids = torch.randint(0, VOCAB, (1, tokens), generator=gen)
-    press = FAEDKVPress(compression_ratio=0.5, sink_tokens=4, window=16)
+    press = FAEDKVPress(variant="iwdft", compression_ratio=0.5, sink_tokens=4, window=16)
     cache = prefill(model, ids, press)
     assert [layer.keys.shape for layer in cache.layers] == \
         [(1, 2, faedkv_cache_length(press, tokens), head_dim)] * 2, seed

@@ -90,8 +90,8 @@ def fused_agreement(lengths, ratio: float = 0.75) -> list[dict]:
     for tokens in lengths:
         keys = torch.randn(1, config.num_key_value_heads, tokens, config.head_dim, device="cuda",
                            dtype=torch.bfloat16)
-        fast = FAEDKVPress(compression_ratio=ratio, record_errors=False)
-        slow = FAEDKVPress(compression_ratio=ratio, record_errors=False, fused=False)
+        fast = FAEDKVPress(compression_ratio=ratio, variant="iwdft", record_errors=False)
+        slow = FAEDKVPress(compression_ratio=ratio, variant="iwdft", record_errors=False, fused=False)
         with torch.no_grad():
             a, _ = fast.compress(module, None, keys, keys, None, {})
             b, _ = slow.compress(module, None, keys, keys, None, {})

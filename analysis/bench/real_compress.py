@@ -35,9 +35,9 @@ SNAPKV_WINDOW = 64
 FAEDKV_METHODS = ("faedkv", "faedkv-dimsplit", "faedkv-hybrid")
 # what each row's press is, for the table
 METHOD_NOTES = {
-    "faedkv": "FAEDKVPress(compression_ratio=0.75, record_errors=False): the shipped default (fused Triton fold on CUDA)",
-    "faedkv-dimsplit": "FAEDKVPress(variant='dimsplit', dim_share=0.5): every row kept virtually; floor with its stored bytes",
-    "faedkv-hybrid": "FAEDKVPress(exact_share=0.9, exact_scorer='keydiff'): 90% of the middle budget exact (KeyDiff's top tokens)",
+    "faedkv": "FAEDKVPress(compression_ratio=0.75, variant='iwdft', record_errors=False): iwdft class means (fused Triton fold on CUDA)",
+    "faedkv-dimsplit": "FAEDKVPress(variant='dimsplit', dim_share=0.5, exact_share=0): every row kept virtually; floor with its stored bytes",
+    "faedkv-hybrid": "FAEDKVPress(variant='iwdft', exact_share=0.9, exact_scorer='keydiff'): 90% of the middle budget exact (KeyDiff's top tokens)",
     "snapkv": "kvpress SnapKVPress(compression_ratio=0.75, window_size=64): scores with the last 64 queries",
     "keydiff": "kvpress KeyDiffPress(compression_ratio=0.75)",
     "streamingllm": "kvpress StreamingLLMPress(compression_ratio=0.75, n_sink=4)",
@@ -55,11 +55,13 @@ def real_press(method: str, ratio: float = RATIO):
     from faedkv import FAEDKVPress
 
     if method == "faedkv":
-        return FAEDKVPress(compression_ratio=ratio, record_errors=False)
+        return FAEDKVPress(compression_ratio=ratio, variant="iwdft", record_errors=False)
     if method == "faedkv-dimsplit":
-        return FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, record_errors=False)
+        return FAEDKVPress(compression_ratio=ratio, variant="dimsplit", dim_share=0.5, exact_share=0.0, window_share=0.0,
+                           record_errors=False)
     if method == "faedkv-hybrid":
-        return FAEDKVPress(compression_ratio=ratio, exact_share=0.9, exact_scorer="keydiff", record_errors=False)
+        return FAEDKVPress(compression_ratio=ratio, variant="iwdft", exact_share=0.9, exact_scorer="keydiff",
+                           record_errors=False)
     if method == "snapkv":
         return SnapKVPress(compression_ratio=ratio, window_size=SNAPKV_WINDOW)
     if method == "keydiff":

@@ -9,7 +9,9 @@ Method specs (`--methods`): comma-separated `name[:key=value[:key=value]]`, e.g.
 `full,snapkv,faedkv:variant=resample,faedkv:variant=iwdft:key_space=pre_rope`. Values are
 parsed as true/false/null, integers, floats, else strings; `plan=@plans/x.json` reads a
 FrequencyPlan JSON file; `ratio=0.5` gives that method its own compression ratio instead of
-`--ratios`. Every other method is run at every ratio of `--ratios`; `full` once.
+`--ratios`. Every other method is run at every ratio of `--ratios`; `full` once. `faedkv-default`
+is FAEDKVPress()'s configuration: `faedkv` with analysis.api.params.FAEDKV_DEFAULT's params
+(later pairs override them), stored as that expansion.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.api.params import QUERY_MODES, MethodSpec
+from analysis.api.params import PRESETS, QUERY_MODES, MethodSpec
 
 DEFAULT_OUT = "results"
 
@@ -91,6 +93,9 @@ def parse_methods(text: str, ratios: list[float]) -> list[MethodSpec]:
             continue
         name, *pairs = item.split(":")
         params, own_ratio = {}, None
+        if name in PRESETS:      # faedkv-default: the registry's faedkv with FAEDKVPress()'s params
+            name, preset = PRESETS[name]
+            params = dict(preset)
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:
@@ -131,8 +136,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser, ratios: str = "0.5,0.75") -> None:
-    p.add_argument("--methods", default="full,streaming_llm,snapkv,faedkv",
-                   help="comma-separated name[:key=value...] (full is always included)")
+    p.add_argument("--methods", default="full,streaming_llm,snapkv,faedkv-default",
+                   help="comma-separated name[:key=value...] (full is always included); faedkv-default is "
+                        "FAEDKVPress()'s configuration (faedkv with the search winner's params, which key=value "
+                        "pairs after it override); bare faedkv is the iwdft base every knob starts from")
     p.add_argument("--ratios", type=float_list, default=float_list(ratios),
                    help=f"compression ratios, fraction of the cache removed (default {ratios})")
 

@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.api.params import (DIM_SHARE, EXACT_POOLS, EXACT_SCORERS, KEY_SPACES, METHODS, NEEDLE_KINDS, PLANNED,  # noqa: E402
-                                 QUERY_MODES, SEARCH_WINNER, SLOT_FITS, SLOT_NORMALIZATIONS, VARIANTS, WINDOW, GenerateParams,
-                                 MethodSpec, TaskPrompt)
+from analysis.api.params import (DIM_SHARE, EXACT_POOLS, EXACT_SCORERS, FAEDKV_DEFAULT, KEY_SPACES, METHODS,  # noqa: E402
+                                 NEEDLE_KINDS, PLANNED, QUERY_MODES, SLOT_FITS, SLOT_HYBRID, SLOT_NORMALIZATIONS,
+                                 VARIANTS, WINDOW, GenerateParams, MethodSpec, TaskPrompt)
 from analysis.api import plans  # noqa: E402
 from app import figures, state, ui, views  # noqa: E402
 
@@ -221,21 +221,48 @@ def prompt_form(context: int) -> tuple[TaskPrompt | None, dict]:
                    context_length=int(length), depth=float(depth), seed=int(seed)), values
 
 
-def load_search_winner() -> None:
-    """Set the method's widgets to the search's best configuration (a button callback: it runs
-    before the widgets are drawn again); the ratio and the query mode stay as they are."""
+def load_default() -> None:
+    """Set the method's widgets to FAEDKV's default (a button callback: it runs before the widgets
+    are drawn again); the ratio and the query mode stay as they are."""
     st.session_state[f"{PAGE}.method"] = "faedkv"
-    for name, value in SEARCH_WINNER.items():
+    for name, value in FAEDKV_DEFAULT.items():
         st.session_state[f"{PAGE}.{name}"] = value
     st.session_state[f"{PAGE}.use_plan"] = False
 
 
+def hybrid_defaults(variant: str) -> dict:
+    """The hybrid knobs' defaults for a variant, as FAEDKVPress fills them."""
+    return {k: FAEDKV_DEFAULT[k] for k in SLOT_HYBRID} if variant == "dimsplit" else SLOT_HYBRID
+
+
+def variant_changed() -> None:
+    """The hybrid knobs follow the variant while they are at the previous variant's defaults (the
+    dimension split's are FAEDKV_DEFAULT's; a slot variant's, SLOT_HYBRID, keep no exact tokens), as
+    FAEDKVPress fills the knobs left out. Knobs you changed stay, except what the new variant cannot
+    take: the global pool (the split's alone) and exact tokens under dct-iterative. A toast says so."""
+    variant = st.session_state[f"{PAGE}.variant"]
+    knobs = {k: st.session_state.get(f"{PAGE}.{k}") for k in SLOT_HYBRID}
+    target = hybrid_defaults(variant)
+    if knobs in (hybrid_defaults("dimsplit"), SLOT_HYBRID) and knobs != target:
+        for name, value in target.items():
+            st.session_state[f"{PAGE}.{name}"] = value
+        st.toast(f"hybrid knobs: {variant}'s defaults" + (" (FAEDKV's default)" if variant == "dimsplit" else
+                                                          " (no exact tokens)"), icon=":material/info:")
+        return
+    if variant != "dimsplit" and knobs["exact_pool"] == "global":
+        st.session_state[f"{PAGE}.exact_pool"] = "layer"
+        st.toast(f"exact pool: global is the dimension split's; {variant} pools per layer", icon=":material/info:")
+    if variant == "dct-iterative" and knobs["exact_share"]:
+        st.session_state[f"{PAGE}.exact_share"] = 0.0
+        st.toast("exact share: dct-iterative keeps no exact tokens; set to 0", icon=":material/info:")
+
+
 def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[MethodSpec | None, dict]:
-    st.button("load the search's winner", key=f"{PAGE}.winner", on_click=load_search_winner,
-              help="FAEDKV's best configuration on Qwen2.5-Coder-1.5B (docs/RESULTS.md): the dimension split "
-                   "behind KVzip's ranking over every layer and head, 90% of the middle's budget as whole "
-                   "tokens, a recent window of half the kept rows. KVzip's scoring runs extra passes over "
-                   "the prompt (slow on a CPU).")
+    st.button("FAEDKV's default", key=f"{PAGE}.default", on_click=load_default, icon=":material/restart_alt:",
+              help="Back to FAEDKV's default, the search's winner on Qwen2.5-Coder-1.5B (docs/RESULTS.md): the "
+                   "dimension split behind KVzip's ranking over every layer and head, 90% of the middle's budget "
+                   "as whole tokens, a recent window of half the kept rows. KVzip's scoring runs extra passes "
+                   "over the prompt (slow on a CPU).")
     c1, c2, c3 = st.columns([2, 2, 2])
     name = c1.selectbox("method", METHODS, key=state.bind(PAGE, "method", "faedkv",
                                                           valid=state.options_valid(METHODS)))
@@ -250,7 +277,8 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
         c1, c2, c3, c4, c5, c6 = st.columns(6)
         if name == "faedkv":
             params["variant"] = c1.selectbox("variant", VARIANTS, key=state.bind(
-                PAGE, "variant", "iwdft", valid=state.options_valid(VARIANTS)))
+                PAGE, "variant", FAEDKV_DEFAULT["variant"], valid=state.options_valid(VARIANTS)),
+                on_change=variant_changed)
             params["slot_normalization"] = c6.selectbox(
                 "slots", SLOT_NORMALIZATIONS, format_func=NORM_LABEL.get,
                 key=state.bind(PAGE, "norm", "mean", valid=state.options_valid(SLOT_NORMALIZATIONS)),
@@ -292,30 +320,32 @@ def method_form(mask: np.ndarray, plan_name: str, problem: str | None) -> tuple[
 URL_NAMES = {"slot_normalization": "norm", "sink_tokens": "sink", "mass_correction": "mass"}
 
 
-def search_knobs(variant: str = "iwdft") -> tuple[dict, dict]:
+def search_knobs(variant: str) -> tuple[dict, dict]:
     """FAEDKV's hybrid budget, slot fit, dimension split and budget-scaled window (issue 15): (the
     params to send, every knob's value for the URL). A knob that does nothing at the chosen setting
     (the scorer without exact tokens, fit_probes without the probe fit, dim_share and the exact
     pool off dimsplit; the fit with dimsplit, which has no slots; a window share of 0) is not sent."""
     c1, c2, c3, c4, c5, c6, c7 = st.columns(7)
-    dimsplit = variant == "dimsplit"
+    dimsplit, hybrid = variant == "dimsplit", hybrid_defaults(variant)    # a link's variant brings its defaults
     window_share = c7.slider("window share", 0.0, 0.9, step=0.05, disabled=variant == "dct-iterative",
-                             key=state.bind(PAGE, "window_share", 0.0, float, lambda v: 0 <= v < 1),
+                             key=state.bind(PAGE, "window_share", hybrid["window_share"], float,
+                                            lambda v: 0 <= v < 1),
                              help="A recent window that grows with the budget: at least the recent window "
                                   "above, and this share of the kept rows when that is more (0.5 at 4K: "
                                   "1024 tokens at ratio 0.5, 512 at 0.75). 0: the window above at every "
                                   "budget. dct-iterative re-compresses every window, so it has none.")
     share = c1.slider("exact share", 0.0, 0.95, step=0.05, key=state.bind(
-        PAGE, "exact_share", 0.0, float, lambda v: 0 <= v < 1),
+        PAGE, "exact_share", hybrid["exact_share"], float, lambda v: 0 <= v < 1),
         help="Hybrid budget: this fraction of the rows left after sink and window keeps exact "
              "middle tokens (picked by the scorer); the slots average every other middle token "
              "in (with dimsplit, the split stores them). 0: no exact tokens.")
     scorer = c2.selectbox("exact-token scorer", EXACT_SCORERS, disabled=share == 0,
-                          key=state.bind(PAGE, "exact_scorer", "expected_attention",
+                          key=state.bind(PAGE, "exact_scorer", hybrid["exact_scorer"],
                                          valid=state.options_valid(EXACT_SCORERS)),
-                          help="The kvpress scorer that picks the exact middle tokens.")
+                          help="What picks the exact middle tokens: a kvpress scorer, or kvzip (KVzip's context-"
+                               "reconstruction passes after the prefill; the default).")
     pool = c6.selectbox("exact pool", EXACT_POOLS, disabled=share == 0, key=state.bind(
-        PAGE, "exact_pool", "head", valid=state.options_valid(EXACT_POOLS)),
+        PAGE, "exact_pool", hybrid["exact_pool"], valid=state.options_valid(EXACT_POOLS)),
         help="Where the exact tokens compete: per KV head; across the layer's heads (as KVzip's "
              "layerwise budget; with slots each head keeps its own number of exact tokens and the "
              "rest of its rows as slots); or, dimsplit only, across every layer and head (global, "
@@ -650,10 +680,11 @@ def with_normalisation(body: dict, norm: str) -> dict:
 # ----------------------------------------------------------------------------- page
 
 def main() -> None:
-    health = ui.page_setup("Frequency lab", "Choose which frequency chunks each layer keeps "
-                           "(a plan), re-run generation, and compare runs. FAEDKV's slots are "
-                           "class means with a log(count) mass in attention; a plan band-limits "
-                           "the sequence of means.")
+    health = ui.page_setup("Frequency lab", "Re-run generation with FAEDKV or a baseline and compare runs. "
+                           "FAEDKV's default is the search's winner: the dimension split (exact head dims plus "
+                           "each other dim's lowest token-axis frequencies) behind KVzip's ranking. The slot "
+                           "variants (iwdft, resample, dct-iterative) keep class means with a log(count) mass, "
+                           "and the plan chooses which frequency chunks each layer keeps.")
     if health is None:
         st.stop()
     info = health.get("model") or {}

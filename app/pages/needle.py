@@ -9,7 +9,8 @@ if ROOT not in sys.path:    # AppTest runs a page file on its own
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from analysis.api.params import METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS, NeedleParams  # noqa: E402
+from analysis.api.params import (FAEDKV_DEFAULT, METHODS, NEEDLE_KINDS, QUERY_MODES, VARIANTS,  # noqa: E402
+                                 NeedleParams)
 from app import figures, state, ui, views  # noqa: E402
 
 PAGE = "needle"
@@ -18,6 +19,11 @@ PENDING = "needle.pending"       # (params, cost sentence) of a grid waiting for
 METRICS = ("exact", "partial", "rouge_l")
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_METHODS = ["faedkv", "snapkv", "streaming_llm"]
+FAEDKV_CHOICES = ("default", *VARIANTS)     # FAEDKV's default configuration, or one variant plain
+
+
+def faedkv_params(choice: str) -> dict:
+    return dict(FAEDKV_DEFAULT) if choice == "default" else {"variant": choice}
 
 
 CONFIRM_ABOVE_S = 600            # ask before starting a grid estimated to take longer
@@ -101,11 +107,14 @@ def configure(context: int, summaries: list[dict]) -> None:
         needle = c1.selectbox("needle kind", NEEDLE_KINDS, key="needle.kind")
         query_mode = c2.selectbox("query mode", QUERY_MODES, key="needle.query_mode",
                                   help="query_aware: the question is part of the compressed context")
-        variant = c3.selectbox("faedkv variant", VARIANTS, key="needle.variant")
+        variant = c3.selectbox("faedkv", FAEDKV_CHOICES, key="needle.variant",
+                               help="default: FAEDKV's default (the search's winner: the dimension split behind "
+                                    "KVzip's ranking; extra passes after each prefill). A variant: that variant "
+                                    "plain, without exact tokens.")
         max_new = c4.number_input("max new tokens", 1, 256, 24, key="needle.max_new")
         if st.form_submit_button("Start grid", type="primary", icon=":material/play_arrow:"):
             specs = [{"name": m, "compression_ratio": float(r),
-                      "params": {"variant": variant} if m == "faedkv" else {}}
+                      "params": faedkv_params(variant) if m == "faedkv" else {}}
                      for m in methods for r in sorted(ratios)]
             params = ui.call("checking the grid", NeedleParams, methods=specs or [{"name": "full"}],
                              needle=needle, query_mode=query_mode, lengths=sorted(lengths),

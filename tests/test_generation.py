@@ -93,3 +93,36 @@ def test_diagnostics_come_with_the_generation_when_asked(tiny):
     assert diagnostics["probes"] > 0 and len(diagnostics["output_error"]) == 3
     assert all(0 < e for layer in diagnostics["output_error"] for e in layer)
     assert all(0 < m <= 1 for layer in diagnostics["slot_mass"] for m in layer)
+
+
+@pytest.mark.parametrize("params", [{"variant": "iwdft"}, {}], ids=["iwdft", "default"])
+def test_a_generation_compresses_once_and_reads_nll_and_diagnostics_from_that_cache(tiny, monkeypatch, params):
+    """The answer, its NLL and the attention diagnostics come from one compression (KVzip's passes
+    cost several prefills); each equals what a separate compression of the same context gives."""
+    import torch
+
+    from analysis.api.params import FAEDKV_DEFAULT
+    from analysis.harness.diagnostics import attention_diagnostics
+    from analysis.harness.generation import prompt_ids
+    from analysis.harness.methods import build_press
+    from analysis.tasks import needle as needle_task
+    from analysis.tasks.generate import answer_nll, generate
+    from faedkv import FAEDKVPress
+
+    params = params or FAEDKV_DEFAULT
+    method = MethodSpec(name="faedkv", compression_ratio=0.5, params=params)
+    calls = []
+    original = FAEDKVPress.__call__
+    monkeypatch.setattr(FAEDKVPress, "__call__", lambda self, model: calls.append(1) or original(self, model))
+    result = generate(tiny, GenerateParams(prompt=TaskPrompt(context_length=256, depth=50), method=method,
+                                           max_new_tokens=2, diagnostics=True))
+    assert len(calls) == 1
+    sample = needle_task.make_sample(tiny.tokenizer, "sentence", 256, 50, 0)
+    alone = answer_nll(tiny, build_press(method, tiny.model), sample.context, sample.question, "query_agnostic",
+                       sample.answer_prefix, sample.expected)
+    assert result["answer_nll"] == pytest.approx(alone, rel=1e-4)
+    ids = prompt_ids(tiny, sample.context, sample.question, "query_agnostic", sample.answer_prefix)
+    fresh = attention_diagnostics(tiny, build_press(method, tiny.model), ids["context_ids"], ids["questions_ids"][0])
+    for name in ("output_error", "middle_mass_compressed"):
+        torch.testing.assert_close(torch.tensor(result["diagnostics"][name]), torch.tensor(fresh[name]),
+                                   rtol=1e-4, atol=1e-6)

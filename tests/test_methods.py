@@ -344,6 +344,44 @@ def test_faedkv_ranked_by_kvzip_compresses_a_batch_as_each_sequence_alone(tiny, 
     assert not torch.equal(together.layers[0].keys[0], together.layers[0].keys[1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("block", [None, 10**6], ids=["blocks", "one-block"])
+def test_kvzip_scores_in_query_blocks_equal_kvpress_scores(dtype, block, monkeypatch):
+    """KVzipScores scores blocks of reconstruction queries with a running maximum on a CPU (which
+    holds each layer's whole attention tensor slowly), one block elsewhere: the scores are kvpress's,
+    bit for bit, over several chunks (kvpress's own chunking) and blocks, for a batch."""
+    from kvpress import KVzipPress
+    from transformers import DynamicCache
+
+    import faedkv.kvzip
+    from analysis.harness.models import load_model
+    from faedkv.kvzip import KVzipScores
+
+    if block:
+        monkeypatch.setattr(faedkv.kvzip, "QUERY_BLOCK", block)
+    QUERY_BLOCK = faedkv.kvzip.QUERY_BLOCK
+    model = load_model("tiny-random-qwen2", dtype=dtype)
+    ids = torch.tensor([needle.haystack.text_tokens(model.tokenizer, 700, seed) for seed in (3, 4)])
+    assert 300 > QUERY_BLOCK or block        # every chunk's queries span more than one block
+    got = {}
+
+    @dataclasses.dataclass
+    class Blocked(KVzipScores):
+        def compress_post(self, model):
+            got[type(self).__name__] = self.score_val.clone()
+
+    @dataclasses.dataclass
+    class Whole(Blocked):
+        def score_kvzip(self, *args, **kwargs):
+            return KVzipPress.score_kvzip(self, *args, **kwargs)
+
+    for scorer in (Blocked, Whole):
+        with torch.inference_mode(), scorer(compression_ratio=0.5, chunk_size=300)(model.model):
+            model.model.model(input_ids=ids, past_key_values=DynamicCache())
+    assert got["Blocked"].shape == (3, 2, 2, 700) and got["Blocked"].abs().sum() > 0
+    assert torch.equal(got["Blocked"], got["Whole"])
+
+
 def test_the_default_press_on_a_model_without_a_tokenizer_is_refused_before_the_prefill():
     """KVzip's reconstruction prompt needs the tokenizer at model.config.name_or_path; a model built
     from a config has none: a clear error naming the fixes, before any forward pass."""

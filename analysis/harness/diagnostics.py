@@ -85,10 +85,9 @@ def attention_diagnostics(loaded, press, context_ids: torch.Tensor, probe_ids: t
     from transformers import DynamicCache
 
     from analysis.harness.methods import attention_for
-    from faedkv.attention import column_bias
 
     model = loaded.model
-    queries, full, context = probe_queries(model, context_ids, probe_ids)
+    probes = probe_queries(model, context_ids, probe_ids)
     compressed = DynamicCache()
     with attention_for(press, model):
         if press is None:
@@ -96,8 +95,20 @@ def attention_diagnostics(loaded, press, context_ids: torch.Tensor, probe_ids: t
         else:
             with press(model):
                 model.model(input_ids=context_ids, past_key_values=compressed)
+    return compare_attention(model, press, probes, compressed)
+
+
+@torch.no_grad()
+def compare_attention(model, press, probes, compressed) -> dict:
+    """attention_diagnostics from probe_queries' (queries, full cache, context length), taken before
+    the press's prefill, and the press's cache of the same context, read before any other prefill
+    (the press's masks and slot biases live on the model's modules until the next one)."""
+    from faedkv.attention import column_bias
+
+    queries, full, context = probes
     stats = getattr(press, "last_stats", None) or {}
-    out = {"probes": int(probe_ids.shape[1]), "context_tokens": int(context), "output_error": [],
+    probe_count = next(iter(queries.values())).shape[2]
+    out = {"probes": int(probe_count), "context_tokens": int(context), "output_error": [],
            "middle_mass_full": [], "middle_mass_compressed": [], "slot_mass": []}
     for index, layer in enumerate(model.model.layers):
         module = layer.self_attn

@@ -129,8 +129,10 @@ def prompt_ids(loaded, context: str, question: str, query_mode: str,
 
 
 def answer_details(loaded, press, context: str, question: str, max_new_tokens: int = 32,
-                   query_mode: str = "query_agnostic", answer_prefix: str | None = None) -> Answer:
-    """Prefill `context` under `press` (None: full cache), ask `question`, decode greedily."""
+                   query_mode: str = "query_agnostic", answer_prefix: str | None = None,
+                   cache=None) -> Answer:
+    """Prefill `context` under `press` (None: full cache), ask `question`, decode greedily.
+    `cache` (an empty DynamicCache) is left holding the compressed context, answer removed."""
     import torch
     from transformers import DynamicCache
 
@@ -138,7 +140,7 @@ def answer_details(loaded, press, context: str, question: str, max_new_tokens: i
     text = compressed_context(context, question, query_mode)
     prompt_tokens = int(prompt_ids(loaded, context, question, query_mode,
                                    answer_prefix)["context_ids"].shape[1])
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     start = time.perf_counter()
     with attention_for(press, loaded.model), torch.inference_mode():
         out = pipe(text, question=question, answer_prefix=answer_prefix or None, press=press,

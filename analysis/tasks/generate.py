@@ -32,29 +32,45 @@ def _shortest(params: GenerateParams, tokenizer) -> tuple[int, str]:
 
 
 def answer_nll(loaded, press, context: str, question: str, query_mode: str,
-               answer_prefix: str | None, expected: str) -> float:
+                answer_prefix: str | None, expected: str) -> float:
     """Mean NLL (nats per token) of `expected`, teacher-forced after the context compressed by
     `press` (None: full cache), the question and the answer prefix: a graded score where exact
-    match is all or nothing. The context's last token is fed with the question (so the press
-    sees one token less than in `answer_details`)."""
-    import torch
-
+    match is all or nothing."""
     from analysis.harness.generation import prompt_ids
-    from analysis.tasks.ppl import continuation_token_nll
+    from analysis.tasks.ppl import prefill
 
     ids = prompt_ids(loaded, context, question, query_mode, answer_prefix)
+    cache, _ = prefill(loaded, press, ids["context_ids"].to(loaded.model.device))
+    return cached_answer_nll(loaded, press, cache, ids, expected)
+
+
+def cached_answer_nll(loaded, press, cache, ids: dict, expected: str) -> float:
+    """answer_nll over `cache`, the context of `ids` (prompt_ids) already compressed by `press`
+    (answer_details' cache, read before any other prefill); the cache grows by what is fed."""
+    import torch
+
+    from analysis.tasks.ppl import cached_token_nll
+
     answer = loaded.tokenizer(" " + expected.strip(), add_special_tokens=False,
                               return_tensors="pt").input_ids
-    tail = torch.cat([ids["questions_ids"][0].cpu(), answer], dim=1)
-    nll, _ = continuation_token_nll(loaded, press, ids["context_ids"], tail)
+    question = ids["questions_ids"][0].cpu()
+    fed = torch.cat([question, answer[:, :-1]], dim=1)
+    targets = torch.cat([question[:, 1:], answer], dim=1)
+    nll = cached_token_nll(loaded, press, cache, int(ids["context_ids"].shape[1]), fed, targets)
     return float(nll[-answer.shape[1]:].mean())
 
 
 def generate(loaded, params: GenerateParams) -> dict:
     """One interactive generation (the server's "generate" job): the prompt of `params.prompt`
     (a needle sample built from its seed, or free text) answered under `params.method`, and,
-    with compare_full, under the full cache too (skipped when the method is full)."""
-    from analysis.harness.generation import answer_details, cache_report, reconstruction_errors
+    with compare_full, under the full cache too (skipped when the method is full). The press
+    compresses once: the answer NLL and the diagnostics read the cache the answer came from
+    (a press like KVzip costs several prefills, so a second compression would double it)."""
+    import torch
+    from transformers import DynamicCache
+
+    from analysis.harness.diagnostics import compare_attention, probe_queries
+    from analysis.harness.generation import answer_details, cache_report, prompt_ids, reconstruction_errors
     from analysis.harness.methods import build_press, method_label
     from analysis.tasks import needle as needle_task
 
@@ -67,12 +83,26 @@ def generate(loaded, params: GenerateParams) -> dict:
     else:
         context, question, prefix = prompt.text, prompt.question or "", None
     press = build_press(params.method, loaded.model)
+    ids = prompt_ids(loaded, context, question, params.query_mode, prefix)
+    probes = None
+    if params.diagnostics:      # a full prefill: before the press's, whose state it would clear
+        device = loaded.model.device
+        with torch.inference_mode():
+            probes = probe_queries(loaded.model, ids["context_ids"].to(device), ids["questions_ids"][0].to(device))
+    main_cache = DynamicCache()
     main = answer_details(loaded, press, context, question, params.max_new_tokens,
-                          params.query_mode, prefix)
-    full = None
+                          params.query_mode, prefix, cache=main_cache)
+    diagnostics = compare_attention(loaded.model, press, probes, main_cache) if probes else None
+    nll = cached_answer_nll(loaded, press, main_cache, ids, sample.expected) if sample else None
+    del main_cache
+    full, full_nll = None, None
     if params.compare_full and press is not None:
+        full_cache = DynamicCache()
         full = answer_details(loaded, None, context, question, params.max_new_tokens,
-                              params.query_mode, prefix)
+                              params.query_mode, prefix, cache=full_cache)
+        full_nll = cached_answer_nll(loaded, None, full_cache, ids, sample.expected) if sample else None
+    elif params.compare_full:
+        full_nll = nll
     result = {
         "method": params.method.model_dump(mode="json"),
         "method_label": method_label(params.method),
@@ -99,23 +129,10 @@ def generate(loaded, params: GenerateParams) -> dict:
                       needle_positions=list(sample.needle_positions),
                       score=needle_task.score(sample, main.text),
                       full_score=needle_task.score(sample, result["full_answer"])
-                      if result["full_answer"] is not None else None)
-        nll = answer_nll(loaded, press, context, question, params.query_mode, prefix,
-                         sample.expected)
-        full_nll = None
-        if params.compare_full:
-            full_nll = nll if press is None else answer_nll(
-                loaded, None, context, question, params.query_mode, prefix, sample.expected)
-        result.update(answer_nll=nll, full_answer_nll=full_nll)
-    if params.diagnostics:
-        from analysis.harness.diagnostics import attention_diagnostics
-        from analysis.harness.generation import prompt_ids
-
-        ids = prompt_ids(loaded, context, question, params.query_mode, prefix)
-        device = loaded.model.device
-        result["diagnostics"] = attention_diagnostics(loaded, build_press(params.method, loaded.model),
-                                                      ids["context_ids"].to(device),
-                                                      ids["questions_ids"][0].to(device))
+                      if result["full_answer"] is not None else None,
+                      answer_nll=nll, full_answer_nll=full_nll)
+    if diagnostics is not None:
+        result["diagnostics"] = diagnostics
     return result
 
 

@@ -68,11 +68,7 @@ def continuation_token_nll(loaded, press, prefix_ids, continuation_ids):
     prefix; see the module docstring. Returns (nll, cache lengths after the prefill)."""
     import torch
 
-    from analysis.harness.generation import one_token_steps
-    from analysis.harness.methods import attention_for
-
-    model = loaded.model
-    device = model.device
+    device = loaded.model.device
     prefix = _as_ids(prefix_ids, device)
     cont = _as_ids(continuation_ids, device)
     t, n = prefix.shape[1], cont.shape[1]
@@ -80,20 +76,36 @@ def continuation_token_nll(loaded, press, prefix_ids, continuation_ids):
         raise ValueError(f"need at least 2 prefix tokens and 1 continuation token, got {t} and {n}")
     cache, lengths = prefill(loaded, press, prefix[:, :-1])
     inputs = torch.cat([prefix[:, -1:], cont[:, :-1]], dim=1)
+    return cached_token_nll(loaded, press, cache, t - 1, inputs, cont), lengths
+
+
+def cached_token_nll(loaded, press, cache, start: int, inputs, targets):
+    """Per-token NLL (float32, shape (N,)) of `targets` (1, N) when `inputs` (1, N) are fed at
+    positions start .. start + N - 1 over `cache`, a prefill of `start` tokens compressed by
+    `press` and read before any other prefill (its masks and slot biases live on the model's
+    modules until the next one). The cache grows by the N inputs."""
+    import torch
+
+    from analysis.harness.generation import one_token_steps
+    from analysis.harness.methods import attention_for
+
+    model = loaded.model
+    device = model.device
+    inputs, targets = _as_ids(inputs, device), _as_ids(targets, device)
+    n = inputs.shape[1]
     with attention_for(press, model), torch.inference_mode():
         if one_token_steps(model, cache):
             # One mask cannot serve layers of different lengths, nor one fake key many queries
             # (see generation.one_token_steps).
             logits = torch.cat([
                 model(input_ids=inputs[:, j:j + 1], past_key_values=cache,
-                      position_ids=torch.tensor([[t - 1 + j]], device=device)).logits
+                      position_ids=torch.tensor([[start + j]], device=device)).logits
                 for j in range(n)], dim=1)
         else:
-            positions = torch.arange(t - 1, t - 1 + n, device=device).unsqueeze(0)
+            positions = torch.arange(start, start + n, device=device).unsqueeze(0)
             logits = model(input_ids=inputs, past_key_values=cache, position_ids=positions).logits
     logp = logits[0].float().log_softmax(-1)
-    nll = -logp.gather(-1, cont[0].unsqueeze(-1)).squeeze(-1)
-    return nll, lengths
+    return -logp.gather(-1, targets[0].unsqueeze(-1)).squeeze(-1)
 
 
 def continuation_nll(loaded, press, prefix_ids, continuation_ids) -> float:

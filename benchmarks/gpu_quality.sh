@@ -104,12 +104,12 @@ case "$part" in
       --lengths 32768 --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows full full-static faedkv-cache \
       --fragment "$OUT/e2e-h200-qwen-static.md" > "$OUT/e2e-static.log" 2>&1
     echo "e2e-static exit $?"; tail -20 "$OUT/e2e-static.log" ;;
-  speed2|speed2-rest)   # issue 18: the graph-capturable FAEDKV cache end to end against full, full-static, SnapKV,
-    # DimsplitCache and the KVzip-ranked split stored physically (kvzip-split-cache, with the recent window of 512
-    # the search chose and with 64). speed2: 32K and the four rows that decide, so one call returns them (round 8's
+  speed2|speed2-rest)   # issue 18: FAEDKV's default stored physically (kvzip-split-cache:window_share=0.5, the
+    # KVzip-ranked split) end to end against full and SnapKV, with the graph-capturable FAEDKV cache, full-static,
+    # FAEDKVCache and DimsplitCache. speed2: 32K and 16K, the rows that decide, so one call returns them (round 8's
     # one call of every row was lost with the machine); speed2-rest: the other rows at 32K, then 16K
-    if [ "$part" = speed2 ]; then lengths=(32768); rows=(full faedkv-cache-static kvzip-split-cache:window=512 snapkv)
-    else lengths=(32768 16384); rows=(full full-static kvzip-split-cache faedkv-cache dimsplit-cache); fi
+    if [ "$part" = speed2 ]; then lengths=(32768 16384); rows=(full kvzip-split-cache:window_share=0.5 snapkv)
+    else lengths=(32768 16384); rows=(faedkv-cache-static full-static faedkv-cache dimsplit-cache); fi
     TORCH_LOGS=recompiles,graph_breaks timeout "$limit" $PYTHON -m analysis.bench e2e --model "$MODEL" --device "$DEVICE" \
       --lengths "${lengths[@]}" --new-tokens 256 --ratio 0.75 --repeats 2 --profile --rows "${rows[@]}" \
       --fragment "$OUT/e2e-h200-qwen-$part.md" > "$OUT/e2e-$part.log" 2>&1

@@ -153,9 +153,10 @@ class KVzipScores(TemplateAwareKVzip):
 
 def kvzip_prefill(model, context_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     """Prefill context_ids (1, T) into a DynamicCache and run KVzip's scoring passes over it
-    (kvpress states 2-3 prefills' worth of extra work; 5x a prefill on a 2-core CPU at 2K; batch size 1,
-    the tokenizer loaded from model.config.name_or_path as kvpress's KVzipPress loads it) -> (the cache, holding the T
-    tokens' keys and values unchanged, and KVzip's scores (layers, 1, kv_heads, T) float32)."""
+    (kvpress states 2-3 prefills' worth of extra work; 5x a prefill on a 2-core CPU at 2K; batch
+    size 1, the tokenizer loaded from model.config.name_or_path as kvpress's KVzipPress loads it)
+    -> (the cache, holding the T tokens' keys and values unchanged, and KVzip's scores (layers, 1,
+    kv_heads, T) float32)."""
     if context_ids.dim() != 2 or context_ids.shape[0] != 1:
         raise ValueError(f"KVzip scores one sequence: context_ids must be (1, tokens), got shape "
                          f"{tuple(context_ids.shape)}")

@@ -136,7 +136,8 @@ class FAEDKVPress(BasePress):
         the window as its re-compression step).
     window_share: a recent window that grows with the budget: the window asked for is
         max(window, floor(window_share x kept rows)) (faedkv.budget.asked_window); 0: `window`
-        tokens at every budget; None: 0.5 for dimsplit, 0 otherwise. Not with dct-iterative (its window is its re-compression step).
+        tokens at every budget; None: 0.5 for dimsplit, 0 otherwise. Not with dct-iterative (its
+        window is its re-compression step).
     plan: FrequencyPlan choosing which of the M bins each layer keeps; None keeps every bin.
     key_space: "post_rope" compresses keys as cached; "pre_rope" undoes RoPE at each token's
         position, compresses, and re-rotates each slot at its representative position.

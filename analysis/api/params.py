@@ -59,7 +59,7 @@ SLOT_NORMALIZATIONS = ("mean", "sum")
 # dimension split behind KVzip's ranking over every layer and head, 90% of the middle's budget as whole tokens, a
 # window of half the kept rows (at least 64). KVzip's ranking runs passes after the prefill and needs the model's
 # tokenizer. The method registry's bare "faedkv" stays the iwdft base that stored runs were written against; the CLI
-# and the app name this one "faedkv-default" (PRESETS), which expands to "faedkv" with these params.
+# names this one "faedkv-default" (PRESETS), and the app sends it as "faedkv" with these params.
 FAEDKV_DEFAULT = {"variant": "dimsplit", "dim_share": DIM_SHARE, "exact_share": 0.9, "exact_scorer": "kvzip",
                   "exact_pool": "global", "window": WINDOW, "window_share": 0.5}
 # the hybrid knobs a slot variant (iwdft, resample, dct-iterative) takes by default: none (faedkv.press.SLOT_HYBRID;

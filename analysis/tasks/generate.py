@@ -94,7 +94,7 @@ def generate(loaded, params: GenerateParams) -> dict:
                           params.query_mode, prefix, cache=main_cache)
     diagnostics = compare_attention(loaded.model, press, probes, main_cache) if probes else None
     nll = cached_answer_nll(loaded, press, main_cache, ids, sample.expected) if sample else None
-    del main_cache
+    del main_cache      # the compressed cache goes before the full run needs its memory
     full, full_nll = None, None
     if params.compare_full and press is not None:
         full_cache = DynamicCache()

@@ -24,6 +24,9 @@ ABOUT = (
     "Each layer keeps only some frequency chunks of that spectrum (a *plan*: low-pass, by "
     "spectral energy, or by a per-layer ablation of each chunk), and attention runs over the "
     "reconstructed slots plus exact sink and recent tokens. "
+    "FAEDKV's default here is what this lab's search found best on Qwen2.5-Coder-1.5B: the middle "
+    "summarised by head dimension instead (exact dims plus each other dim's lowest token-axis "
+    "frequencies), behind KVzip's ranking of the tokens to keep whole. "
     "This lab lets you look at per-layer spectra, edit plans and re-run generation, compare "
     "token contributions, watch needle-in-a-haystack grids fill in, and export every figure."
 )

@@ -9,7 +9,7 @@ resumes with the same command); the fragment goes to --out.
 
 `--qwen PATH` adds the CPU reference on a real model (Qwen2.5-Coder-0.5B-Instruct's GGUF, from
 `../shared/tools/qwen-gguf 0.5b`): a small needle grid and the continuation NLL after a prefix,
-full / SnapKV / StreamingLLM / FAEDKV (registry defaults) at one ratio, into its own fragment
+full / SnapKV / StreamingLLM / FAEDKV's default / iwdft (the registry's faedkv) at one ratio, into its own fragment
 (--qwen-out); `--qwen-only` skips the embedded model's part.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from analysis.bench.common import machine_description, write_fragment
 
-DEFAULT_METHODS = "full,streaming_llm,snapkv,knorm,faedkv,faedkv:variant=resample"
-QWEN_METHODS = "full,snapkv,streaming_llm,faedkv"
+DEFAULT_METHODS = "full,streaming_llm,snapkv,knorm,faedkv-default,faedkv,faedkv:variant=resample"
+QWEN_METHODS = "full,snapkv,streaming_llm,faedkv-default,faedkv"
 
 
 def rerun_rows(loaded, repeats: int) -> list[tuple[str, float, float]]:
@@ -146,7 +146,7 @@ def run_qwen(args) -> None:
     loaded, load_s = timed(load_model, args.qwen, device=args.device)
     info = loaded.info
     methods = parse_methods(args.qwen_methods, [args.qwen_ratio])
-    faedkv = [registry.method_params(m) for m in methods if m.name == "faedkv"]
+    faedkv = [f"{m.label}: {registry.method_params(m)}" for m in methods if m.name == "faedkv"]
     needle_params = NeedleParams(methods=methods, lengths=[args.qwen_length], depths=[0, 50, 100],
                                  samples=args.qwen_samples)
     needle_key, needle_s = timed(run_needle, loaded, store, needle_params)
@@ -159,7 +159,8 @@ def run_qwen(args) -> None:
              f"head_dim {info.head_dim}, context {info.context_length}; {info.dtype}), loaded in "
              f"{load_s:.1f} s.", "",
              f"Command: `{qwen_command(args)}`", "",
-             f"FAEDKV's parameters (the registry's defaults): `{faedkv[0] if faedkv else '-'}`.", "",
+             f"FAEDKV's parameters (the registry's defaults filled in): {'; '.join(f'`{p}`' for p in faedkv) or '-'}.",
+             "",
              "| step | what | seconds |", "|---|---|---:|",
              f"| needle grid | {needle_params.num_cells()} cells at {args.qwen_length} tokens | {needle_s:.0f} |",
              f"| ppl | {ppl_params.num_cells()} cells, {args.qwen_length}-token prefix | {ppl_s:.0f} |",

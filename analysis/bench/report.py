@@ -7,7 +7,7 @@ from analysis.bench.common import write_fragment
 
 # Fragments in the order BENCHMARKS.md shows them; any other *.md in the folder follows.
 REPORT_ORDER = ("gpu-h200-qwen-quality.md", "e2e-h200-qwen-speed2.md", "e2e-h200-qwen-speed2-rest.md", "e2e-h200-qwen-static.md", "e2e-h200-qwen-profile.md", "e2e-h200-qwen.md",
-                "gpu-h200-real-compress-qwen.md", "gpu-h200-fold.md", "gpu-h200-speed-recheck.md", "rerun-cpu-smollm2.md", "e2e-cpu-smollm2-compiled.md", "e2e-cpu-qwen05b-compiled.md", "e2e-cpu-qwen05b-kvzip-split.md", "e2e-cpu-qwen05b-window-share.md", "e2e-cpu-smollm2-dimsplit.md", "e2e-cpu-smollm2.md", "gpu-h200-class-means.md", "gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
+                "gpu-h200-real-compress-qwen.md", "gpu-h200-fold.md", "gpu-h200-speed-recheck.md", "rerun-cpu-smollm2.md", "e2e-cpu-qwen05b-default.md", "e2e-cpu-smollm2-compiled.md", "e2e-cpu-qwen05b-compiled.md", "e2e-cpu-qwen05b-kvzip-split.md", "e2e-cpu-qwen05b-window-share.md", "e2e-cpu-smollm2-dimsplit.md", "e2e-cpu-smollm2.md", "gpu-h200-class-means.md", "gpu-h200.md", "gpu-h200-decode.md", "gpu-h200-decode-repeat.md", "gpu-h200-decode-plan.md",
                 "gpu-h200-before-fusion.md",
                 "gpu-h200-grid.md", "gpu-h200-needle.md", "gpu-h200-needle-query-aware.md", "compress-cpu.md",
                 "tasks-cpu.md", "shipped-analyses.md", "server-h200-llama8b.md", "server-h200-smollm2.md",

@@ -100,9 +100,9 @@ class KVzipScores(TemplateAwareKVzip):
         reconstruction queries). On a CPU over blocks of QUERY_BLOCK queries: each block's
         softmax rows are kvpress's, and the running maximum gives the same scores (tested bit
         for bit) without a (queries x keys) attention tensor per layer, which made the passes
-        memory-bound there (2.5x faster at 2K); elsewhere one block, kvpress's shapes. KVzip+
-        normalisation keeps kvpress's own path."""
-        if self.kvzip_plus_normalization:
+        memory-bound there (2.5x faster at 2K). Elsewhere, and with KVzip+ normalisation,
+        kvpress's own path."""
+        if self.kvzip_plus_normalization or hidden_states.device.type != "cpu":
             return super().score_kvzip(module, hidden_states, keys, values, attentions, kwargs)
         from kvpress.utils import get_prerope_query_states
         from transformers.models.llama.modeling_llama import rotate_half
@@ -118,9 +118,9 @@ class KVzipScores(TemplateAwareKVzip):
         seen = torch.cat([keys[:, :, :sink], keys[:, :, self.start_idx:self.end_idx], keys[:, :, -q_len:]], dim=2)
         seen = seen.unsqueeze(2).transpose(-2, -1)
         before = seen.shape[-1] - q_len                      # keys every reconstruction query sees
-        scores, size = None, QUERY_BLOCK if hidden_states.device.type == "cpu" else q_len
-        for first in range(0, q_len, size):
-            block = queries[..., first:first + size, :]
+        scores = None
+        for first in range(0, q_len, QUERY_BLOCK):
+            block = queries[..., first:first + QUERY_BLOCK, :]
             logits = block @ seen / math.sqrt(module.head_dim)
             rows = torch.arange(first, first + block.shape[-2], device=logits.device)
             future = torch.arange(q_len, device=logits.device)[None, :] > rows[:, None]

@@ -348,8 +348,9 @@ def test_faedkv_ranked_by_kvzip_compresses_a_batch_as_each_sequence_alone(tiny, 
 @pytest.mark.parametrize("block", [None, 10**6], ids=["blocks", "one-block"])
 def test_kvzip_scores_in_query_blocks_equal_kvpress_scores(dtype, block, monkeypatch):
     """KVzipScores scores blocks of reconstruction queries with a running maximum on a CPU (which
-    holds each layer's whole attention tensor slowly), one block elsewhere: the scores are kvpress's,
-    bit for bit, over several chunks (kvpress's own chunking) and blocks, for a batch."""
+    holds each layer's whole attention tensor slowly; other devices take kvpress's path): the scores
+    are kvpress's, bit for bit, over several chunks (kvpress's own chunking) and blocks, or one block
+    larger than a chunk, for a batch."""
     from kvpress import KVzipPress
     from transformers import DynamicCache
 
